@@ -1,0 +1,242 @@
+"""Foundation commands: init, add, embed, status, errors, import-labels, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+from ..project import DEFAULT_SEED, DEFAULT_TEST_FRACTION, Project
+
+DEFAULT_MODEL = "efficientnet-lite0"  # same as raresift.embed.models.DEFAULT_MODEL (kept import-free)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "init",
+        help="create a project from a folder of photos (or from your own vectors)",
+        description="Create a project folder: register every image under --images (recursively) with a stable "
+        "id (its relative path), size and content hash, and hold out a random test split. "
+        "Or bring your own vectors with --embeddings FILE.npy --ids FILE.txt. "
+        "Running init again on a grown folder registers only the new files.",
+    )
+    p.add_argument("project", type=Path, help="project folder to create")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", type=Path, metavar="DIR", help="folder of photos (jpg, jpeg, png, webp, bmp, gif, tif, tiff)")
+    src.add_argument("--embeddings", type=Path, metavar="FILE.npy", help="2-D float matrix, row i = the image on line i of --ids")
+    p.add_argument("--ids", type=Path, metavar="FILE.txt", help="one id (path or URI) per line, with --embeddings")
+    p.add_argument(
+        "--test-fraction", type=float, default=DEFAULT_TEST_FRACTION,
+        help=f"share of photos held out as the test set (default {DEFAULT_TEST_FRACTION}, as in the reference write-up)",
+    )
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of the test split draw (default {DEFAULT_SEED})")
+    p.add_argument("--json", action="store_true", help="print the project status as JSON")
+    p.set_defaults(handler=cmd_init)
+
+    p = sub.add_parser("add", help="register new photos of the project's folder",
+                       description="Register the photos added to the project's images folder since the last scan.")
+    p.add_argument("project", type=Path)
+    p.add_argument("--json", action="store_true", help="print the project status as JSON")
+    p.set_defaults(handler=cmd_add)
+
+    p = sub.add_parser(
+        "embed",
+        help="compute the photos' vectors with a pretrained model (resumable)",
+        description="Embed every registered photo not embedded yet. Work is saved per batch: after an "
+        "interruption, run the same command again to continue. Unreadable files are recorded "
+        "(see `raresift errors`) and skipped.",
+    )
+    p.add_argument("project", type=Path)
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, metavar="NAME|PATH.onnx",
+        help="efficientnet-lite0 (default; 224 px, fast), efficientnet-lite2 (260 px, better, ~2.5x slower), "
+        "or your own image encoder exported to ONNX (input size read from the file)",
+    )
+    p.add_argument(
+        "--tiles", type=int, default=None, metavar="N",
+        help="also embed an N x N grid of overlapping tiles of each photo, so small objects are not lost "
+        "when the photo is squeezed to the model's size; 0 = whole photo only (default 0, see README)",
+    )
+    p.add_argument("--resize", choices=("squeeze", "crop"), default="squeeze",
+                   help="squeeze the whole photo to a square (default; keeps objects at the edges) or take the centre crop")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="photos per model call and per saved batch (default 32)")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="decoding threads (default: number of cores)")
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto",
+                   help="auto = ONNX Runtime (model exported once and cached), falling back to eager PyTorch")
+    p.add_argument("--reembed", action="store_true", help="discard the vectors and embed again (to change model, tiles or resize)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="embed at most N photos in this run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_embed)
+
+    p = sub.add_parser("status", help="counts: images, embedded, errors, labels, positives, test",
+                       description="Print the project's counts.")
+    p.add_argument("project", type=Path)
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("errors", help="list the files that could not be read, with reasons")
+    p.add_argument("project", type=Path)
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(handler=cmd_errors)
+
+    p = sub.add_parser(
+        "import-labels",
+        help="import labels from a CSV file (header path,label)",
+        description="Import labels from a CSV with header `path,label` (label 1 = shows the class, 0 = does "
+        "not; path = image id as shown by the project). All or nothing: a bad line is reported "
+        "with its number and nothing is imported.",
+    )
+    p.add_argument("project", type=Path)
+    p.add_argument("csv", type=Path, metavar="FILE.csv")
+    p.add_argument("--who", default=None, help="name recorded with the labels (default: your user name)")
+    p.set_defaults(handler=cmd_import_labels)
+
+    p = sub.add_parser(
+        "demo",
+        help="try raresift offline on sample photos that ship with the installed packages",
+        description="Build a small collection from the sample photos that ship inside installed packages "
+        "(scikit-image, scikit-learn): textures and scenes, a few with a small cat in them, "
+        "the rare class. Then register, embed, and show the project status.",
+    )
+    p.add_argument("--dir", type=Path, default=Path("raresift-demo"), help="working folder (default ./raresift-demo)")
+    p.add_argument("--images", type=int, default=240, metavar="N", help="photos in the sample collection (default 240)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_demo)
+
+
+# ---------------------------------------------------------------- helpers
+def _bar(total: int | None, desc: str, disable: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=disable or None, file=sys.stderr, dynamic_ncols=True)
+
+
+def print_status(status: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return
+    width = max(len(k) for k in status)
+    for key, value in status.items():
+        print(f"{key:<{width}}  {value}")
+
+
+# ---------------------------------------------------------------- commands
+def cmd_init(args: argparse.Namespace) -> int:
+    if args.embeddings is not None:
+        if args.ids is None:
+            raise InputError("--embeddings needs --ids FILE.txt (one id per line, line i = row i)")
+        project = Project.create(args.project, test_fraction=args.test_fraction, seed=args.seed)
+        try:
+            n = project.import_embeddings(args.embeddings, args.ids)
+            print(f"registered {n} images with their {project.embedding_info()['dim']}-d vectors", file=sys.stderr)
+            if args.json:
+                print_status(project.status(), True)
+        except BaseException:
+            project.close()
+            _remove_failed_project(args.project)
+            raise
+        project.close()
+        return 0
+    if args.ids is not None:
+        raise InputError("--ids goes with --embeddings")
+    with Project.create(args.project, images=args.images, test_fraction=args.test_fraction, seed=args.seed,
+                        exist_ok=True) as project:
+        _register(project, args)
+    return 0
+
+
+def _remove_failed_project(path: Path) -> None:
+    """A project whose creation failed half-way holds nothing of value: remove it so init can be re-run."""
+    import shutil
+
+    if (path / "raresift.sqlite").exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _register(project: Project, args: argparse.Namespace) -> None:
+    with _bar(None, "scanning", disable=getattr(args, "json", False)) as bar:
+        report = project.add_images(progress=bar.update)
+    status = project.status()
+    print(
+        f"{report.added} new images registered ({report.errors} unreadable), {report.total} in total, "
+        f"{status['test']} held out for testing",
+        file=sys.stderr,
+    )
+    if report.total == 0:
+        print(f"warning: no image files (jpg, jpeg, png, webp, bmp, gif, tif, tiff) under {project.images_root}",
+              file=sys.stderr)
+    if args.json:
+        print_status(status, True)
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    with Project.open(args.project) as project:
+        _register(project, args)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from ..embed.run import DEFAULT_TILES
+
+    with Project.open(args.project) as project:
+        info = project.embedding_info()
+        tiles = args.tiles
+        if tiles is None:  # continue with the project's setting, or the default
+            tiles = info["tiles"] if info and not args.reembed and info["model"] == args.model else DEFAULT_TILES
+        bar = None
+
+        def on_start(total: int) -> None:
+            nonlocal bar
+            bar = _bar(total, "embedding", disable=args.no_progress)
+
+        try:
+            report = project.embed(
+                model=args.model, tiles=tiles, resize=args.resize, batch_size=args.batch_size,
+                workers=args.workers, backend=args.backend, reembed=args.reembed, limit=args.limit,
+                on_start=on_start, progress=lambda n: bar.update(n) if bar else None,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        rate = report.embedded / report.seconds if report.seconds > 0 else 0.0
+        print(
+            f"embedded {report.embedded} photos ({report.errors} unreadable, see `raresift errors`) "
+            f"in {report.seconds:.1f} s, {rate:.1f} photos/s, {report.model} on {report.backend}; "
+            f"{report.remaining} pending",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with Project.open(args.project) as project:
+        print_status(project.status(), args.json)
+    return 0
+
+
+def cmd_errors(args: argparse.Namespace) -> int:
+    with Project.open(args.project) as project:
+        errors = project.errors()
+    if args.json:
+        print(json.dumps(errors, indent=2))
+    else:
+        for e in errors:
+            print(f"{e['path']}\t{e['stage']}\t{e['reason']}")
+        print(f"{len(errors)} unreadable files", file=sys.stderr)
+    return 0
+
+
+def cmd_import_labels(args: argparse.Namespace) -> int:
+    with Project.open(args.project) as project:
+        n = project.import_labels(args.csv, who=args.who)
+        s = project.status()
+    print(f"imported {n} labels; the project has {s['labels']} labels, {s['positives']} positive", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    return run_demo(args.dir, n_images=args.images, progress=not args.no_progress)

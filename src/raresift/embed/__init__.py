@@ -1,0 +1,1 @@
+"""Embedding photos with a pretrained model: decoding, models, the resumable pipeline."""

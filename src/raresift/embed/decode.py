@@ -1,0 +1,181 @@
+"""Reading a photo file into the fixed-size RGB arrays a model takes: whole photo plus optional tiles.
+
+Decoding is the CPU hot spot besides the model, so: JPEG files are decoded at a reduced scale in
+the DCT domain (Pillow's ``draft``) whenever that still leaves enough pixels, resizing uses
+Pillow's C code, and nothing here loops over pixels in Python.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+# We check the pixel count ourselves (after draft scaling), with a message that names the limit.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+DEFAULT_MAX_PIXELS = 120_000_000
+RESIZE_MODES = ("squeeze", "crop")
+
+
+class DecodeError(Exception):
+    """A file that cannot be turned into an image; the message is the reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class Views:
+    """How to cut a photo into model inputs."""
+
+    size: int  # model input side in pixels
+    tiles: int = 0  # N: an N x N grid of overlapping tiles besides the whole photo (0 = none)
+    resize: str = "squeeze"  # 'squeeze' (whole photo, aspect ignored) or 'crop' (centre square)
+
+    @property
+    def count(self) -> int:
+        return 1 + self.tiles * self.tiles
+
+    @property
+    def min_side(self) -> int:
+        """Pixels the decoded photo needs on each side so that every view has ``size`` pixels."""
+        if self.tiles <= 1:
+            return self.size
+        # Tiles cover 2/(N+1) of each side (50% overlap between neighbours).
+        return (self.size * (self.tiles + 1) + 1) // 2
+
+
+def open_rgb(path: str | os.PathLike | bytes, *, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open a file as an upright 8-bit RGB image, at least ``min_side`` pixels per side where the file has them.
+
+    Raises :class:`DecodeError` with a one-line reason for anything that is not a readable image.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im = Image.open(path)
+            try:
+                if im.format == "JPEG":
+                    # DCT-domain downscaling: decodes 1/2, 1/4 or 1/8 of the pixels when that is enough.
+                    im.draft("RGB", (min_side, min_side))
+                w, h = im.size
+                if w < 1 or h < 1:
+                    raise DecodeError(f"image has no pixels ({w}x{h})")
+                if w * h > max_pixels:
+                    raise DecodeError(
+                        f"image is {w}x{h} = {w * h / 1e6:.0f} megapixels, over the limit of "
+                        f"{max_pixels / 1e6:.0f} megapixels (a decompression bomb?)"
+                    )
+                if getattr(im, "n_frames", 1) > 1:
+                    im.seek(0)  # animated: the first frame stands for the file
+                im.load()
+                rgb = _to_rgb(ImageOps.exif_transpose(im) or im)
+            except BaseException:
+                im.close()
+                raise
+            if rgb is not im:
+                im.close()
+            return rgb
+    except DecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(f"decompression bomb refused: {exc}") from None
+    except FileNotFoundError:
+        raise DecodeError("file not found (deleted, or a broken symbolic link)") from None
+    except IsADirectoryError:
+        raise DecodeError("is a folder, not an image file") from None
+    except PermissionError:
+        raise DecodeError("permission denied") from None
+    except Image.UnidentifiedImageError:
+        size = _size_or_none(path)
+        if size == 0:
+            raise DecodeError("empty file (0 bytes)") from None
+        raise DecodeError(f"not an image file in a format Pillow can read ({_sniff(path)})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, Image.DecompressionBombWarning) as exc:
+        text = str(exc) or type(exc).__name__
+        if "truncated" in text:
+            text = f"truncated or corrupt image data ({text})"
+        raise DecodeError(text.splitlines()[0]) from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float32)
+        hi = float(a.max()) if a.size else 0.0
+        if mode.startswith("I;16") or (mode == "I" and hi > 255):
+            a = a / 257.0  # 16-bit range to 8-bit
+        elif mode == "F":
+            lo = float(a.min())
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in im.info:
+        im, mode = im.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode == "RGB":
+        return im
+    return im.convert("RGB")
+
+
+def cut_views(im: Image.Image, views: Views) -> np.ndarray:
+    """The model inputs of one photo: ``(views.count, size, size, 3)`` uint8, view 0 = whole photo."""
+    s = views.size
+    out = np.empty((views.count, s, s, 3), dtype=np.uint8)
+    out[0] = np.asarray(_fit(im, s, views.resize))
+    n = views.tiles
+    if n:
+        w, h = im.size
+        tw, th = 2 * w / (n + 1), 2 * h / (n + 1)
+        sx, sy = w / (n + 1), h / (n + 1)
+        k = 1
+        for i in range(n):
+            for j in range(n):
+                box = (j * sx, i * sy, j * sx + tw, i * sy + th)
+                tile = im.resize((s, s), Image.Resampling.BILINEAR, box=box, reducing_gap=2.0)
+                out[k] = np.asarray(tile)
+                k += 1
+    return out
+
+
+def _fit(im: Image.Image, s: int, resize: str) -> Image.Image:
+    w, h = im.size
+    if resize == "crop":
+        side = min(w, h)
+        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+        return im.resize((s, s), Image.Resampling.BILINEAR, box=box, reducing_gap=2.0)
+    return im.resize((s, s), Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
+def load_views(path: str | os.PathLike | bytes, views: Views, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode a file and cut its views; raises :class:`DecodeError` for unreadable files."""
+    im = open_rgb(path, min_side=views.min_side, max_pixels=max_pixels)
+    try:
+        return cut_views(im, views)
+    except (OSError, ValueError, MemoryError) as exc:
+        raise DecodeError(f"cannot resize image: {exc}") from None
+
+
+def _size_or_none(path) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+def _sniff(path) -> str:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError as exc:
+        return f"cannot read: {exc.strerror}"
+    lower = head.lstrip().lower()
+    if lower.startswith((b"<!doctype html", b"<html")) or b"<html" in lower[:256]:
+        return "looks like an HTML page"
+    if lower.startswith(b"<?xml") or b"<svg" in lower[:256]:
+        return "looks like XML/SVG, which is not supported"
+    return f"unknown header {head[:8].hex()}"

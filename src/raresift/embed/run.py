@@ -1,0 +1,205 @@
+"""The embedding pipeline: decode in worker threads while the model runs, save in batches, resume.
+
+Crash safety: a batch's vectors are written to the memory-mapped files and flushed *before* the
+database marks its images ``embedded`` in one transaction. A kill at any moment therefore loses
+at most the batches in flight, and a re-run embeds exactly the images not yet marked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import EmbeddingError, InputError, NotReadyError
+from ..store import vectors as _vectors
+from .decode import DEFAULT_MAX_PIXELS, RESIZE_MODES, DecodeError, Views, load_views
+from .models import DEFAULT_MODEL, default_threads, load_model
+
+if TYPE_CHECKING:
+    from ..project import Project
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TILES = 0
+DEFAULT_RESIZE = "squeeze"
+DEFAULT_BATCH_SIZE = 32
+MAX_TILES = 4
+
+
+@dataclass(frozen=True)
+class EmbedReport:
+    """What one `embed` run did."""
+
+    embedded: int
+    errors: int
+    remaining: int
+    seconds: float
+    model: str
+    backend: str
+
+
+def embed_project(
+    project: Project,
+    *,
+    model: str = DEFAULT_MODEL,
+    tiles: int = DEFAULT_TILES,
+    resize: str = DEFAULT_RESIZE,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
+    threads: int | None = None,
+    backend: str = "auto",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    reembed: bool = False,
+    limit: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> EmbedReport:
+    """Embed the project's registered images that are not embedded yet.
+
+    Parameters
+    ----------
+    model:
+        ``efficientnet-lite0`` (default), ``efficientnet-lite2`` or a path to an ``.onnx`` image encoder.
+    tiles:
+        N > 0 also embeds an N x N grid of overlapping tiles of each photo; 0 = whole photo only.
+    resize:
+        ``squeeze`` (whole photo to a square, aspect ignored) or ``crop`` (centre square).
+    batch_size:
+        Photos per model call; also the unit of saved work.
+    workers:
+        Decoding threads (default: number of cores).
+    reembed:
+        Discard existing vectors and start over (needed to change model, tiles or resize).
+    limit:
+        Embed at most this many photos in this run (the rest stay pending).
+    progress, on_start:
+        Callbacks: ``on_start(total_pending)`` once, then ``progress(n_done)`` after each batch.
+    """
+    if project.images_root is None:
+        raise InputError(f"{project.path} was made from an embeddings file; its vectors cannot be recomputed here")
+    if not 0 <= tiles <= MAX_TILES:
+        raise InputError(f"--tiles must be between 0 and {MAX_TILES}, got {tiles}")
+    if resize not in RESIZE_MODES:
+        raise InputError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    threads = threads or default_threads()
+    workers = workers or threads
+
+    wanted = {"embed.model": model, "embed.tiles": str(tiles), "embed.resize": resize}
+    info = project.embedding_info()
+    if info is not None and not reembed:
+        have = {"embed.model": info["model"], "embed.tiles": str(info["tiles"]), "embed.resize": info["resize"]}
+        if have != wanted:
+            raise InputError(
+                f"{project.path} is embedded with model={info['model']} tiles={info['tiles']} resize={info['resize']}; "
+                "pass the same settings to continue, or --reembed to start over with new ones"
+            )
+    if reembed:
+        project._reset_embeddings()
+
+    embedder = load_model(model, backend=backend, threads=threads)
+    views = Views(size=embedder.size, tiles=tiles, resize=resize)
+    n_rows = project.db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0]
+    if n_rows == 0:
+        raise NotReadyError(f"{project.path} has no images; add some with `raresift add`")
+    edir = project.path / "embeddings"
+    vec = _vectors.ensure(edir / "vectors.npy", n_rows, (views.count, embedder.dim), np.float16)
+    logit_arr = (
+        _vectors.ensure(edir / "logits.npy", n_rows, (views.count, 1000), np.float16) if embedder.has_logits else None
+    )
+    project._set_meta(
+        **wanted,
+        **{
+            "embed.dim": str(embedder.dim),
+            "embed.views": str(views.count),
+            "embed.logits": "1" if embedder.has_logits else "0",
+            "embed.dtype": "float16",
+        },
+    )
+
+    todo = [
+        (row[0], bytes(row[1]))
+        for row in project.db.execute("SELECT id, fs_path FROM images WHERE status = 'new' ORDER BY id")
+    ]
+    if limit is not None:
+        todo = todo[: max(0, limit)]
+    if on_start is not None:
+        on_start(len(todo))
+    root = os.fsencode(project.images_root)
+    start_time = time.perf_counter()
+    done = failed = 0
+
+    def decode(item: tuple[int, bytes]):
+        image_id, raw = item
+        try:
+            return image_id, load_views(os.path.join(root, raw), views, max_pixels=max_pixels), None
+        except DecodeError as exc:
+            return image_id, None, str(exc)
+        except Exception as exc:  # never let one odd file stop the run
+            return image_id, None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="raresift-decode") as pool:
+        pending: deque[list[Future]] = deque()
+        ahead = 2  # batches decoded ahead of the model: enough to keep it busy, bounded memory
+
+        def submit(k: int) -> None:
+            if k < len(batches):
+                pending.append([pool.submit(decode, item) for item in batches[k]])
+
+        for k in range(ahead):
+            submit(k)
+        for k in range(len(batches)):
+            results = [f.result() for f in pending.popleft()]
+            submit(k + ahead)
+            ok = [(i, a) for i, a, err in results if err is None]
+            bad = [(i, err) for i, a, err in results if err is not None]
+            if ok:
+                stack = np.concatenate([a for _, a in ok])  # (B * views, s, s, 3)
+                feats, logits = embedder(stack)
+                if feats.shape[1] != embedder.dim:
+                    raise EmbeddingError(f"model returned {feats.shape[1]} features, expected {embedder.dim}")
+                rows = np.array([i - 1 for i, _ in ok])
+                vec[rows] = feats.reshape(len(ok), views.count, -1).astype(np.float16)
+                if logit_arr is not None and logits is not None:
+                    logit_arr[rows] = logits.reshape(len(ok), views.count, -1).astype(np.float16)
+                vec.flush()
+                if logit_arr is not None:
+                    logit_arr.flush()
+            _commit(project, [i for i, _ in ok], bad)
+            done += len(ok)
+            failed += len(bad)
+            if progress is not None:
+                progress(len(results))
+    remaining = project.db.execute("SELECT COUNT(*) FROM images WHERE status = 'new'").fetchone()[0]
+    return EmbedReport(
+        embedded=done,
+        errors=failed,
+        remaining=remaining,
+        seconds=time.perf_counter() - start_time,
+        model=model,
+        backend=embedder.backend,
+    )
+
+
+def _commit(project: Project, ok_ids: list[int], bad: list[tuple[int, str]]) -> None:
+    now = time.time()
+    with project._tx() as db:
+        db.executemany("UPDATE images SET status = 'embedded' WHERE id = ?", [(i,) for i in ok_ids])
+        for image_id, reason in bad:
+            db.execute("UPDATE images SET status = 'error' WHERE id = ?", (image_id,))
+            db.execute(
+                "INSERT INTO errors (image_id, path, stage, reason, at) "
+                "SELECT id, path, 'embed', ?, ? FROM images WHERE id = ? "
+                "ON CONFLICT(image_id, stage) DO UPDATE SET reason = excluded.reason, at = excluded.at",
+                (reason, now, image_id),
+            )

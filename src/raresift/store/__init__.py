@@ -1,0 +1,1 @@
+"""Project storage: SQLite database, image registry, label events, vector files."""

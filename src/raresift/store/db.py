@@ -1,0 +1,179 @@
+"""The project's SQLite database: connection settings and versioned schema migrations.
+
+Migrations are applied in order and each one is recorded in ``schema_migrations``; a database
+whose newest recorded version is above what this code knows is refused untouched.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from ..errors import NotAProjectError, SchemaTooNewError
+
+DB_NAME = "raresift.sqlite"
+
+# Each entry: (version, description, SQL script). Never edit a released entry: append a new one.
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "initial schema",
+        """
+        CREATE TABLE meta (
+            key   TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        );
+        -- One row per registered image; row in the vector files = id - 1.
+        CREATE TABLE images (
+            id        INTEGER PRIMARY KEY,
+            path      TEXT NOT NULL UNIQUE,      -- stable id: path relative to the images root, or a URI
+            fs_path   BLOB,                      -- raw relative path bytes (non-UTF-8 names), NULL if external
+            size      INTEGER,
+            sha256    TEXT,
+            mtime     REAL,
+            width     INTEGER,
+            height    INTEGER,
+            split     TEXT NOT NULL CHECK (split IN ('pool', 'test')),
+            status    TEXT NOT NULL DEFAULT 'new' CHECK (status IN ('new', 'embedded', 'error')),
+            added_at  REAL NOT NULL
+        );
+        CREATE INDEX images_status ON images(status);
+        CREATE INDEX images_sha ON images(sha256);
+        -- Files that could not be registered or decoded, with the reason.
+        CREATE TABLE errors (
+            id        INTEGER PRIMARY KEY,
+            image_id  INTEGER REFERENCES images(id),
+            path      TEXT NOT NULL,
+            stage     TEXT NOT NULL,              -- 'register' or 'embed'
+            reason    TEXT NOT NULL,
+            at        REAL NOT NULL
+        );
+        CREATE UNIQUE INDEX errors_image_stage ON errors(image_id, stage);
+        -- Active-learning rounds: one row each time a batch is chosen.
+        CREATE TABLE rounds (
+            id         INTEGER PRIMARY KEY,
+            started_at REAL NOT NULL,
+            strategy   TEXT NOT NULL,
+            n          INTEGER NOT NULL,
+            seed       INTEGER,
+            purpose    TEXT NOT NULL DEFAULT 'label',   -- 'label' or 'evaluate'
+            params     TEXT                              -- JSON
+        );
+        -- Photos chosen in a round and waiting for a label (or already labelled).
+        CREATE TABLE queue (
+            round_id  INTEGER NOT NULL REFERENCES rounds(id),
+            image_id  INTEGER NOT NULL REFERENCES images(id),
+            position  INTEGER NOT NULL,
+            strategy  TEXT NOT NULL,
+            score     REAL,
+            PRIMARY KEY (round_id, image_id)
+        );
+        -- Labels are append-only events: a new event supersedes, never overwrites, an older one.
+        -- value 1 = shows the class, 0 = does not, NULL = label withdrawn (undo).
+        CREATE TABLE labels (
+            id        INTEGER PRIMARY KEY,
+            image_id  INTEGER NOT NULL REFERENCES images(id),
+            value     INTEGER CHECK (value IN (0, 1)),
+            who       TEXT NOT NULL,
+            at        REAL NOT NULL,
+            round_id  INTEGER REFERENCES rounds(id),
+            strategy  TEXT,
+            source    TEXT NOT NULL,              -- 'csv', 'web', 'api', 'python', 'simulate', ...
+            replaces  INTEGER REFERENCES labels(id),
+            conflict  INTEGER NOT NULL DEFAULT 0  -- 1: replaced a label given by someone else
+        );
+        CREATE INDEX labels_image ON labels(image_id, id);
+        CREATE VIEW current_labels AS
+            SELECT l.* FROM labels l
+            WHERE l.id = (SELECT MAX(id) FROM labels m WHERE m.image_id = l.image_id)
+              AND l.value IS NOT NULL;
+        """,
+    ),
+]
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def connect(path: Path, *, create: bool = False) -> sqlite3.Connection:
+    """Open the project database at ``path`` with the project's settings and run pending migrations.
+
+    Raises :class:`NotAProjectError` when the file does not exist (and ``create`` is false) and
+    :class:`SchemaTooNewError` when it was written by a newer raresift; in both cases nothing
+    is written.
+    """
+    if not create and not path.is_file():
+        raise NotAProjectError(f"{path.parent} is not a raresift project (no {DB_NAME}); create one with `raresift init`")
+    conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    try:
+        conn.execute("PRAGMA busy_timeout = 30000")
+        version = _current_version(conn)
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNewError(
+                f"{path} has schema version {version}, but this raresift understands up to {SCHEMA_VERSION}; "
+                "upgrade raresift to open it (the project was not changed)"
+            )
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if version < SCHEMA_VERSION:
+            _migrate(conn, version)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise NotAProjectError(f"{path} is not a readable raresift database ({exc})") from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _current_version(conn: sqlite3.Connection) -> int:
+    row = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    ).fetchone()
+    if row is None:
+        return 0
+    return conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
+
+
+def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Re-read under the write lock: another process may have migrated meanwhile.
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at REAL NOT NULL)"
+        )
+        version = _current_version(conn)
+        for number, description, script in MIGRATIONS:
+            if number <= version:
+                continue
+            for statement in _split_sql(script):
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
+                (number, description, time.time()),
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration script into statements (executescript would commit our transaction)."""
+    statements, buf = [], []
+    for line in script.splitlines():
+        if line.strip().startswith("--"):
+            continue
+        buf.append(line)
+        joined = "\n".join(buf)
+        if sqlite3.complete_statement(joined):
+            if joined.strip():
+                statements.append(joined.strip())
+            buf = []
+    rest = "\n".join(buf).strip()
+    if rest:
+        statements.append(rest)
+    return statements

@@ -1,0 +1,60 @@
+"""Vector files beside the database: ``.npy`` arrays opened as memory maps, row = image id - 1.
+
+Shapes are ``(rows, views, dim)``: view 0 is the whole photo, views 1.. are its tiles. Files grow
+by copy-and-rename, so a reader holding the old file never sees a half-written one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def open_read(path: Path) -> np.memmap | None:
+    """Open an array read-only as a memory map, or return None if it does not exist."""
+    if not path.exists():
+        return None
+    return np.load(path, mmap_mode="r")
+
+
+def ensure(path: Path, rows: int, tail: tuple[int, ...], dtype: str | np.dtype) -> np.memmap:
+    """Open ``path`` for writing with at least ``rows`` rows of shape ``tail``, creating or growing it.
+
+    A file with another row shape or dtype is an error of the caller (the project resets the
+    embedding files before switching models).
+    """
+    dtype = np.dtype(dtype)
+    if path.exists():
+        current = np.load(path, mmap_mode="r+")
+        if current.shape[1:] != tail or current.dtype != dtype:
+            raise ValueError(f"{path} holds {current.shape[1:]} {current.dtype}, expected {tail} {dtype}")
+        if current.shape[0] >= rows:
+            return current
+        tmp = path.with_suffix(".grow.npy")
+        grown = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, *tail))
+        step = 65536
+        for start in range(0, current.shape[0], step):
+            grown[start : start + step] = current[start : start + step]
+        grown.flush()
+        del grown, current
+        _fsync(tmp)
+        os.replace(tmp, path)
+        return np.load(path, mmap_mode="r+")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".new.npy")
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, *tail))
+    arr.flush()
+    del arr
+    _fsync(tmp)
+    os.replace(tmp, path)
+    return np.load(path, mmap_mode="r+")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
