@@ -1,0 +1,105 @@
+"""Shared fixtures: small real images made by the suite, projects embedded with the real model."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FLOWERS = SHARED / "datasets" / "flowers-daisy-dandelion"
+CALTECH = SHARED / "datasets" / "caltech101" / "101_ObjectCategories"
+
+
+def make_photo(rng: np.random.Generator, *, rare: bool, size: tuple[int, int] = (160, 120)) -> Image.Image:
+    """A small synthetic 'photo': a smooth coloured background with blobs; the rare class adds a
+    striped yellow-black beetle-like shape (what the rare class looks like is all that matters)."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = rng.uniform(40, 200, size=3)
+    grad = rng.uniform(-0.6, 0.6, size=(2, 3))
+    arr = base + xx[..., None] * grad[0] + yy[..., None] * grad[1] + rng.normal(0, 12, size=(h, w, 3))
+    im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    d = ImageDraw.Draw(im)
+    for _ in range(int(rng.integers(2, 6))):
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        r = int(rng.integers(8, 30))
+        colour = tuple(int(c) for c in rng.integers(0, 255, size=3))
+        if rng.random() < 0.5:
+            d.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+        else:
+            d.rectangle((x - r, y - r, x + r, y + r), fill=colour)
+    if rare:
+        cx, cy = int(rng.integers(w // 4, 3 * w // 4)), int(rng.integers(h // 4, 3 * h // 4))
+        rx, ry = w // 5, h // 7
+        d.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=(235, 200, 20))
+        for k in range(-rx, rx, max(3, rx // 3)):
+            d.line((cx + k, cy - ry, cx + k, cy + ry), fill=(10, 10, 10), width=max(2, rx // 8))
+        d.ellipse((cx + rx - 4, cy - 6, cx + rx + 10, cy + 6), fill=(10, 10, 10))
+    return im
+
+
+def make_collection(folder: Path, *, n: int = 40, n_rare: int = 6, seed: int = 0, fmt: str = "jpg") -> dict[str, int]:
+    """Write ``n`` photos (``n_rare`` of the rare class) under ``folder`` in two subfolders.
+
+    Returns the answer key: relative path -> 1/0.
+    """
+    rng = np.random.default_rng(seed)
+    rare = set(rng.choice(n, size=n_rare, replace=False).tolist())
+    truth = {}
+    for i in range(n):
+        sub = "a" if i % 2 else "b"
+        rel = f"{sub}/img_{i:04d}.{fmt}"
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        make_photo(rng, rare=i in rare).save(folder / rel)
+        truth[rel] = int(i in rare)
+    return truth
+
+
+def write_truth(path: Path, truth: dict[str, int]) -> Path:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        for p, v in truth.items():
+            w.writerow([p, v])
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_template(tmp_path_factory) -> tuple[Path, Path, dict[str, int]]:
+    """A project of 40 generated photos (6 rare), embedded once per session with the real model."""
+    from raresift import Project
+
+    root = tmp_path_factory.mktemp("embedded")
+    images = root / "images"
+    truth = make_collection(images, n=40, n_rare=6)
+    with Project.create(root / "project", images=images) as project:
+        project.add_images()
+        project.embed(batch_size=16)
+    return root / "project", images, truth
+
+
+@pytest.fixture
+def embedded_project(embedded_template, tmp_path) -> tuple[Path, Path, dict[str, int]]:
+    """A private copy of the embedded template: (project folder, images folder, answer key)."""
+    src, images, truth = embedded_template
+    dst = tmp_path / "project"
+    shutil.copytree(src, dst)
+    return dst, images, truth
+
+
+@pytest.fixture
+def flowers() -> Path:
+    if not FLOWERS.is_dir():
+        pytest.skip("../shared/datasets/flowers-daisy-dandelion is not beside this checkout")
+    return FLOWERS
+
+
+def pytest_configure(config):
+    # Keep exported model files in one cache per machine, like a user's.
+    os.environ.setdefault("RARESIFT_CACHE_DIR", str(Path.home() / ".cache" / "raresift"))
