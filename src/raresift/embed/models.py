@@ -24,7 +24,7 @@ from ..errors import EmbeddingError
 log = logging.getLogger(__name__)
 
 # Bump when the exported graph changes, so stale cached files are not reused.
-_EXPORT_VERSION = 1
+_EXPORT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,7 @@ def _torch_module(name: str):
 
     with contextlib.redirect_stdout(io.StringIO()):
         net = EfficientNet.from_pretrained(name, weights_path=weights)
-    net.eval()
-    net.set_swish(memory_efficient=False)  # the memory-efficient variant is a custom autograd op
+    net.eval()  # Lite models use ReLU6 throughout: never call set_swish(), which would replace it
 
     class _Wrapped(torch.nn.Module):
         def __init__(self, inner):

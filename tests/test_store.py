@@ -1,0 +1,81 @@
+"""The SQLite store: schema migrations, refusal of foreign or newer databases, label events."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from raresift import NotAProjectError, Project, SchemaTooNewError
+from raresift.store import db as store_db
+from raresift.store.labels import LabelConflict
+
+
+def test_create_records_migrations_and_uses_wal(tmp_path):
+    with Project.create(tmp_path / "p") as project:
+        rows = project.db.execute("SELECT version, description FROM schema_migrations ORDER BY version").fetchall()
+        assert [r[0] for r in rows] == [m[0] for m in store_db.MIGRATIONS]
+        assert project.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert project.meta("test_fraction") == "0.4"
+
+
+def test_open_refuses_a_folder_without_project(tmp_path):
+    with pytest.raises(NotAProjectError, match="not a raresift project"):
+        Project.open(tmp_path)
+    with pytest.raises(NotAProjectError, match="no such folder"):
+        Project.open(tmp_path / "missing")
+
+
+def test_open_refuses_a_file_that_is_not_sqlite(tmp_path):
+    (tmp_path / store_db.DB_NAME).write_bytes(b"this is not a database" * 100)
+    with pytest.raises(NotAProjectError, match="not a readable raresift database"):
+        Project.open(tmp_path)
+
+
+def test_newer_schema_is_refused_and_left_untouched(tmp_path):
+    Project.create(tmp_path / "p").close()
+    db_path = tmp_path / "p" / store_db.DB_NAME
+    conn = sqlite3.connect(db_path)
+    conn.execute("INSERT INTO schema_migrations VALUES (999, 'from the future', 0)")
+    conn.commit()
+    conn.close()
+    before = db_path.read_bytes()
+    with pytest.raises(SchemaTooNewError, match="schema version 999"):
+        Project.open(tmp_path / "p")
+    assert db_path.read_bytes() == before
+
+
+def test_label_events_are_appended_never_overwritten(embedded_project):
+    path, _images, truth = embedded_project
+    some = sorted(truth)[:3]
+    with Project.open(path) as project:
+        project.label([(some[0], 1), (some[1], 0)], who="ann")
+        project.label([(some[0], 0)], who="ann")  # ann changes her mind
+        project.label([(some[1], None)], who="ann")  # undo
+        assert project.labels() == {some[0]: 0}
+        events = project.db.execute("SELECT image_id, value FROM labels ORDER BY id").fetchall()
+        assert len(events) == 4  # every event kept
+        # Bob relabels Ann's photo: kept as a new event marked as a conflict.
+        project.label([(some[0], 1)], who="bob")
+        assert project.status()["conflicts"] == 1
+        assert project.labels()[some[0]] == 1
+
+
+def test_expected_previous_label_detects_concurrent_change(embedded_project):
+    path, _images, truth = embedded_project
+    photo = sorted(truth)[0]
+    with Project.open(path) as project:
+        image_id = project.image_id(photo)
+        (first,) = project.label([(photo, 1)], who="ann", expected={image_id: None})
+        project.label([(photo, 0)], who="bob", expected={image_id: first.id})
+        with pytest.raises(LabelConflict):
+            project.label([(photo, 1)], who="ann", expected={image_id: first.id})
+        assert project.labels()[photo] == 0
+
+
+def test_label_rejects_values_other_than_0_1(embedded_project):
+    path, _images, truth = embedded_project
+    with Project.open(path) as project:
+        with pytest.raises(Exception, match="1 or 0"):
+            project.label([(sorted(truth)[0], 2)])
+        assert project.labels() == {}
