@@ -333,11 +333,13 @@ class Project:
         return self.path / EMBED_DIR
 
     def _reset_embeddings(self) -> None:
-        for name in (VECTORS_FILE, LOGITS_FILE):
-            (self._embed_dir / name).unlink(missing_ok=True)
+        # Database first: a kill between the two steps must never leave images marked embedded
+        # without their vectors (a vector file without settings is discarded by the next `embed`).
         with self._tx():
             self.db.execute("UPDATE images SET status = 'new' WHERE status = 'embedded'")
             self.db.execute("DELETE FROM meta WHERE key LIKE 'embed.%'")
+        for name in (VECTORS_FILE, LOGITS_FILE):
+            (self._embed_dir / name).unlink(missing_ok=True)
 
     def embed(self, **options: Any):
         """Embed every registered image that is not embedded yet; see :func:`raresift.embed.run.embed_project`."""

@@ -95,6 +95,10 @@ def embed_project(
     workers = workers or threads
 
     wanted = {"embed.model": model, "embed.tiles": str(tiles), "embed.resize": resize}
+    if project.embedding_info() is None or not (project.path / "embeddings" / "vectors.npy").exists():
+        # Vectors without saved settings (killed before they were saved), or settings without vectors
+        # (killed while discarding them, or a deleted file): neither can be trusted, start over.
+        project._reset_embeddings()
     info = project.embedding_info()
     if info is not None and not reembed:
         have = {"embed.model": info["model"], "embed.tiles": str(info["tiles"]), "embed.resize": info["resize"]}
