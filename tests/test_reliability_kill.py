@@ -1,0 +1,228 @@
+"""Crash safety: SIGKILL the real `raresift` command at many moments, then check nothing finished was lost.
+
+After every kill the store must be consistent (``PRAGMA integrity_check``; every image the
+database calls embedded has its real vector in the vector file), nothing embedded before the kill
+may be lost, and a final re-run must embed exactly the images still pending, ending with every
+photo embedded once and no errors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_collection
+
+N_PHOTOS = 120
+BATCH = 4
+N_KILLS = 16
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "raresift", *args]
+
+
+def db_counts(project: Path) -> dict[str, int]:
+    """Image counts by status, read through a separate read-only connection (as a second process would)."""
+    conn = sqlite3.connect(f"file:{project / 'raresift.sqlite'}?mode=ro", uri=True, timeout=30)
+    try:
+        return dict(conn.execute("SELECT status, COUNT(*) FROM images GROUP BY status").fetchall())
+    finally:
+        conn.close()
+
+
+def check_store(project: Path, reference: np.ndarray) -> int:
+    """Assert the project is consistent; return how many images it calls embedded."""
+    conn = sqlite3.connect(project / "raresift.sqlite", timeout=30)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        rows = conn.execute("SELECT id, status FROM images ORDER BY id").fetchall()
+        n_err = conn.execute("SELECT COUNT(*) FROM errors").fetchone()[0]
+    finally:
+        conn.close()
+    assert len(rows) == reference.shape[0], "an image was lost or registered twice"
+    assert n_err == 0, "a kill must never turn a good photo into a recorded error"
+    embedded = np.array([i - 1 for i, s in rows if s == "embedded"], dtype=np.int64)
+    assert {s for _, s in rows} <= {"new", "embedded"}
+    if len(embedded):
+        vec = np.load(project / "embeddings" / "vectors.npy", mmap_mode="r")
+        assert vec.shape[0] >= len(rows)
+        got = np.asarray(vec[embedded, 0, :], dtype=np.float32)
+        want = reference[embedded]
+        assert (np.abs(got).sum(axis=1) > 0).all(), "an image marked embedded has an empty vector"
+        assert np.allclose(got, want, rtol=0.03, atol=0.03), "an embedded row does not hold its photo's vector"
+    return len(embedded)
+
+
+@pytest.fixture(scope="module")
+def kill_setup(tmp_path_factory):
+    """A registered (not embedded) project of N_PHOTOS photos, and the reference vectors of an uninterrupted run."""
+    from raresift import Project
+
+    root = tmp_path_factory.mktemp("kill")
+    images = root / "images"
+    make_collection(images, n=N_PHOTOS, n_rare=6, seed=11)
+    fresh = root / "fresh"
+    with Project.create(fresh, images=images) as p:
+        p.add_images()
+    ref = root / "reference"
+    shutil.copytree(fresh, ref)
+    with Project.open(ref) as p:
+        p.embed(batch_size=BATCH)
+        reference = np.asarray(p.vectors()[:, 0, :], dtype=np.float32)
+    assert (np.abs(reference).sum(axis=1) > 0).all()
+    return root, fresh, reference
+
+
+def _wait_for(proc: subprocess.Popen, project: Path, target: int, limit: float = 60.0) -> None:
+    end = time.monotonic() + limit
+    while time.monotonic() < end and proc.poll() is None:
+        if db_counts(project).get("embedded", 0) >= target:
+            return
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(420)
+def test_sigkill_embed_many_times_then_resume(kill_setup, tmp_path):
+    root, fresh, reference = kill_setup
+    project = tmp_path / "project"
+    shutil.copytree(fresh, project)
+    rng = np.random.default_rng(2026)
+    kills: list[tuple[str, int, int]] = []
+    before = 0
+    attempts = 0
+    while len(kills) < N_KILLS and before < N_PHOTOS and attempts < 3 * N_KILLS:
+        attempts += 1
+        proc = subprocess.Popen(
+            cli("embed", str(project), "--batch-size", str(BATCH), "--no-progress"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        # Half the kill points are at a random time (start-up, model load, file creation, the first
+        # batch); half wait for the run to save 1-6 more photos, then a few ms more (mid-batch, mid-commit).
+        if rng.random() < 0.4:
+            mode = "time"
+            time.sleep(float(rng.uniform(0.0, 1.5)))
+        else:
+            mode = "progress"
+            _wait_for(proc, project, before + int(rng.integers(1, 7)))
+            time.sleep(float(rng.uniform(0.0, 0.08)))
+        if proc.poll() is not None:  # finished on its own before the kill
+            proc.communicate()
+            assert proc.returncode == 0
+            before = check_store(project, reference)
+            continue
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        assert proc.returncode == -signal.SIGKILL
+        after = check_store(project, reference)
+        assert after >= before, f"kill #{len(kills) + 1} lost {before - after} embedded photos"
+        kills.append((mode, before, after))
+        before = after
+    assert len(kills) >= N_KILLS * 3 // 4, f"only {len(kills)} kill points landed: {kills}"
+    mid = [k for k in kills if 0 < k[2] < N_PHOTOS]
+    assert len(mid) >= N_KILLS // 2, f"too few kills landed mid-run: {kills}"
+
+    pending = N_PHOTOS - before
+    done = subprocess.run(cli("embed", str(project), "--no-progress"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    m = re.search(r"embedded (\d+) photos \((\d+) unreadable", done.stderr)
+    assert m, done.stderr
+    assert int(m.group(1)) == pending, "the re-run must embed exactly the photos still pending"
+    assert int(m.group(2)) == 0
+    assert check_store(project, reference) == N_PHOTOS
+    counts = db_counts(project)
+    assert counts == {"embedded": N_PHOTOS}
+    print(f"\nRELIABILITY kill points survived (embed): {len(kills)}; "
+          f"mid-run: {len(mid)}; photos embedded before the last kill: {before}; re-run embedded: {pending}")
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_init_then_rerun(tmp_path):
+    """Kill `raresift init` at random moments: the re-run registers every photo exactly once."""
+    images = tmp_path / "images"
+    make_collection(images, n=60, n_rare=3, seed=5)
+    rng = np.random.default_rng(7)
+    survived = 0
+    for k in range(6):
+        project = tmp_path / f"p{k}"
+        proc = subprocess.Popen(cli("init", str(project), "--images", str(images)),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(float(rng.uniform(0.2, 0.9)))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            survived += 1
+        proc.communicate()
+        again = subprocess.run(cli("init", str(project), "--images", str(images), "--json"),
+                               capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert "Traceback" not in again.stderr
+        conn = sqlite3.connect(project / "raresift.sqlite")
+        try:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT path) FROM images").fetchone() == (60, 60)
+            splits = dict(conn.execute("SELECT split, COUNT(*) FROM images GROUP BY split").fetchall())
+        finally:
+            conn.close()
+        assert set(splits) <= {"pool", "test"} and splits.get("test", 0) > 0
+    assert survived >= 3, "too few kills landed while init was running"
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_reembed_then_resume(kill_setup, tmp_path):
+    """Kill `embed --reembed` (which discards the old vectors first) at random moments; `embed` then finishes it."""
+    root, fresh, reference = kill_setup
+    project = tmp_path / "project"
+    shutil.copytree(root / "reference", project)
+    rng = np.random.default_rng(99)
+    for _ in range(5):
+        proc = subprocess.Popen(
+            cli("embed", str(project), "--reembed", "--batch-size", str(BATCH), "--no-progress"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        time.sleep(float(rng.uniform(0.3, 1.6)))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        check_store(project, reference)
+    done = subprocess.run(cli("embed", str(project), "--no-progress"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert check_store(project, reference) == N_PHOTOS
+
+
+def test_lost_vector_file_is_embedded_again(kill_setup, tmp_path):
+    """A crash between discarding the vector file and updating the database (or a user deleting the
+    file) must not leave images marked embedded with empty vectors: `embed` embeds them again."""
+    root, fresh, reference = kill_setup
+    project = tmp_path / "project"
+    shutil.copytree(root / "reference", project)
+    (project / "embeddings" / "vectors.npy").unlink()
+    done = subprocess.run(cli("embed", str(project), "--no-progress"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert check_store(project, reference) == N_PHOTOS
+
+
+def test_stale_vector_file_from_other_settings(kill_setup, tmp_path):
+    """A crash after the vector file was made but before the settings were saved, then a run with other
+    settings: the stale file is replaced, not a traceback."""
+    root, fresh, reference = kill_setup
+    project = tmp_path / "project"
+    shutil.copytree(fresh, project)
+    edir = project / "embeddings"
+    edir.mkdir()
+    np.lib.format.open_memmap(edir / "vectors.npy", mode="w+", dtype=np.float16, shape=(N_PHOTOS, 10, 1280)).flush()
+    done = subprocess.run(cli("embed", str(project), "--tiles", "0", "--no-progress"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert check_store(project, reference) == N_PHOTOS
