@@ -18,6 +18,7 @@ from .errors import RaresiftError
 # Order = order in `raresift --help`.
 COMMAND_MODULES = (
     "raresift.commands.core",
+    "raresift.commands.learn",
 )
 
 EXIT_ERROR = 2  # raresift refused bad input or state; nothing was lost
