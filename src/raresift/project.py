@@ -15,7 +15,6 @@ import csv
 import getpass
 import hashlib
 import io
-import json
 import logging
 import os
 import sqlite3
@@ -205,18 +204,18 @@ class Project:
             known.add(found.path)
             batch.append(found)
             if len(batch) >= 2000:
-                errors += self._insert_found(batch, first_init=False)
+                errors += self._insert_found(batch)
                 added += len(batch)
                 batch = []
         if batch:
-            errors += self._insert_found(batch, first_init=False)
+            errors += self._insert_found(batch)
             added += len(batch)
         if first and added:
             self._draw_test_split()
         total = self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
         return AddReport(added=added, errors=errors, total=total)
 
-    def _insert_found(self, batch: Sequence[_registry.FoundFile], *, first_init: bool) -> int:
+    def _insert_found(self, batch: Sequence[_registry.FoundFile]) -> int:
         now = time.time()
         n_err = 0
         with self._tx():
@@ -558,9 +557,6 @@ class Project:
             {"path": r["path"], "stage": r["stage"], "reason": r["reason"], "at": r["at"]}
             for r in self.db.execute("SELECT path, stage, reason, at FROM errors ORDER BY id")
         ]
-
-    def to_json(self) -> str:
-        return json.dumps(self.status())
 
 
 class _Transaction:
