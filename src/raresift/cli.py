@@ -8,7 +8,9 @@ command starts fast. Library errors become one line on stderr and a non-zero exi
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import sqlite3
 import sys
 from collections.abc import Sequence
 
@@ -59,6 +61,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 0
+    except (OSError, sqlite3.OperationalError) as exc:
+        # Disk full, read-only or vanished folder, locked database: the system's reason in one line.
+        # Every batch and label committed before stays committed.
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "disk is full" in text:
+            text += "; free some space and run the command again, work saved so far is kept"
+        print(f"raresift {args.command}: error: {text}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

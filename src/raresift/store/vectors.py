@@ -6,6 +6,7 @@ by copy-and-rename, so a reader holding the old file never sees a half-written o
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def ensure(path: Path, rows: int, tail: tuple[int, ...], dtype: str | np.dtype) 
             return current
         tmp = path.with_suffix(".grow.npy")
         grown = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, *tail))
+        _preallocate(tmp)
         step = 65536
         for start in range(0, current.shape[0], step):
             grown[start : start + step] = current[start : start + step]
@@ -45,11 +47,27 @@ def ensure(path: Path, rows: int, tail: tuple[int, ...], dtype: str | np.dtype) 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".new.npy")
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, *tail))
+    _preallocate(tmp)
     arr.flush()
     del arr
     _fsync(tmp)
     os.replace(tmp, path)
     return np.load(path, mmap_mode="r+")
+
+
+def _preallocate(path: Path) -> None:
+    """Reserve the disk blocks of a new (sparse) file now: a full disk is then an ``OSError`` here,
+    not a SIGBUS that kills the process later, when a page of the memory map is first written."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return  # the file system cannot reserve blocks ahead
+        path.unlink(missing_ok=True)  # do not leave a big half-made file on a full disk
+        raise
+    finally:
+        os.close(fd)
 
 
 def _fsync(path: Path) -> None:
