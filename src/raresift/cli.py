@@ -21,6 +21,7 @@ from .errors import RaresiftError
 COMMAND_MODULES = (
     "raresift.commands.core",
     "raresift.commands.learn",
+    "raresift.commands.web",
 )
 
 EXIT_ERROR = 2  # raresift refused bad input or state; nothing was lost

@@ -1,0 +1,567 @@
+// raresift labelling page: plain JavaScript, no dependencies.
+// Every action (key or click) goes through one queue, so keys pressed quickly are handled in
+// order and each label is committed by the server before the page moves on.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const body = document.body;
+const MODE = body.dataset.mode; // label | grid | evaluate
+const PURPOSE = MODE === "evaluate" ? "evaluate" : "label";
+const GRID = 16;
+
+const state = {
+  items: [],          // queued photos not labelled yet, in order; items[0] is on screen (single mode)
+  undo: [],           // stack of pages: [{item, event}] committed by this tab
+  skipped: new Set(), // photos skipped in this tab (they stay queued)
+  conflict: null,     // {item, value, current} while a conflict is shown
+  marks: new Set(),   // grid: image ids marked positive
+  cursor: 0,          // grid: focused tile
+  strategies: [],
+  status: null,
+  evalK: 50,
+};
+
+// ------------------------------------------------------------------ helpers
+function who() {
+  return ($("#who").value || "").trim() || body.dataset.who;
+}
+
+class ApiError extends Error {
+  constructor(status, error) {
+    super((error && error.message) || `HTTP ${status}`);
+    this.status = status;
+    this.code = (error && error.code) || "error";
+    this.details = error && error.details;
+  }
+}
+
+async function api(method, url, data) {
+  const opts = { method, credentials: "same-origin", headers: {} };
+  if (data !== undefined) {
+    opts.headers["Content-Type"] = "application/json";
+    opts.body = JSON.stringify(data);
+  }
+  const r = await fetch(url, opts);
+  let payload = null;
+  try { payload = await r.json(); } catch (e) { payload = null; }
+  if (!r.ok) throw new ApiError(r.status, payload && payload.error);
+  return payload;
+}
+
+let pending = 0;
+let chain = Promise.resolve();
+function run(fn) {
+  pending += 1;
+  body.dataset.busy = String(pending);
+  chain = chain.then(fn).catch(showError).finally(() => {
+    pending -= 1;
+    body.dataset.busy = String(pending);
+  });
+  return chain;
+}
+
+function banner(html, kind) {
+  const b = $("#banner");
+  if (!html) { b.hidden = true; b.innerHTML = ""; return; }
+  b.className = "banner " + (kind || "info");
+  b.innerHTML = html;
+  b.hidden = false;
+}
+
+function esc(s) {
+  return String(s == null ? "" : s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+}
+
+function showError(err) {
+  if (err instanceof ApiError && err.code === "label_conflict") return; // handled where it happens
+  banner(`<b>${esc(err.code || "error")}</b>: ${esc(err.message)}`, "error");
+}
+
+function fmtPct(x) { return x == null ? "–" : (100 * x).toFixed(x < 0.1 ? 1 : 0) + "%"; }
+function fmtInterval(iv) { return iv ? ` [${fmtPct(iv[0])}, ${fmtPct(iv[1])}]` : ""; }
+function photoUrl(item) { return `/api/images/${item.image_id}/file`; }
+function ago(t) {
+  const s = Math.max(0, Date.now() / 1000 - t);
+  return s < 60 ? `${Math.round(s)} s ago` : s < 3600 ? `${Math.round(s / 60)} min ago` : `${Math.round(s / 3600)} h ago`;
+}
+
+// ------------------------------------------------------------------ status, estimates, chart
+let statusTimer = null;
+function refreshStatusSoon() {
+  clearTimeout(statusTimer);
+  statusTimer = setTimeout(() => refreshStatus().catch(showError), 150);
+}
+
+async function refreshStatus() {
+  const s = await api("GET", "/api/status");
+  state.status = s;
+  showCounts(s.project);
+  const est = s.estimates;
+  const r = est.round;
+  $("#n-left").textContent = r ? String(Math.max(r.left, 0)) : "–";
+  $("#e-round").textContent = r && r.labelled
+    ? `${r.positives}/${r.labelled} positive (${r.strategy})` : r ? `round ${r.id}, ${r.strategy}` : "–";
+  $("#e-prevalence").textContent = est.prevalence
+    ? fmtPct(est.prevalence.estimate) + fmtInterval(est.prevalence.interval) : "needs random labels";
+  if (!state.strategies.length) fillStrategies(s.strategies);
+  drawChart(s.history, est.prevalence && est.prevalence.estimate);
+}
+
+function showCounts(p) {
+  $("#n-labels").textContent = String(p.labels);
+  $("#n-positives").textContent = String(p.positives);
+}
+
+function fillStrategies(names) {
+  state.strategies = names;
+  const sel = $("#strategy");
+  const saved = localStorage.getItem(`raresift.strategy.${MODE}`);
+  sel.innerHTML = names.map((n) => `<option>${esc(n)}</option>`).join("");
+  let pick = saved && names.includes(saved) ? saved : "default";
+  if (!saved && MODE === "grid") pick = names.find((n) => /^(top|exploit|greedy)/.test(n)) || pick;
+  sel.value = pick;
+}
+
+function drawChart(points, prevalence) {
+  const svg = $("#chart");
+  const W = 300, H = 170, L = 34, R = 8, T = 8, B = 24;
+  const maxX = Math.max(10, ...points.map((p) => p[0]));
+  const maxY = Math.max(2, ...points.map((p) => p[1]));
+  const x = (v) => L + (v / maxX) * (W - L - R);
+  const y = (v) => H - B - (v / maxY) * (H - T - B);
+  let out = `<line x1="${L}" y1="${H - B}" x2="${W - R}" y2="${H - B}" class="axis"/>`;
+  out += `<line x1="${L}" y1="${T}" x2="${L}" y2="${H - B}" class="axis"/>`;
+  for (const v of [0, Math.round(maxX / 2), maxX]) out += `<text x="${x(v)}" y="${H - 8}" class="tick" text-anchor="middle">${v}</text>`;
+  for (const v of [0, Math.round(maxY / 2), maxY]) out += `<text x="${L - 5}" y="${y(v) + 4}" class="tick" text-anchor="end">${v}</text>`;
+  if (prevalence) {
+    const endX = Math.min(maxX, maxY / Math.max(prevalence, 1e-9));
+    out += `<line x1="${x(0)}" y1="${y(0)}" x2="${x(endX)}" y2="${y(prevalence * endX)}" class="random"><title>random sampling at the estimated prevalence</title></line>`;
+  }
+  const pts = points.map((p) => `${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" ");
+  out += `<polyline points="${pts}" class="found"/>`;
+  out += `<text x="${W - R}" y="${T + 10}" class="legend" text-anchor="end">— found${prevalence ? "  ┄ random" : ""}</text>`;
+  svg.innerHTML = out;
+}
+
+// ------------------------------------------------------------------ queue
+async function loadQueue(limit) {
+  const data = await api("GET", `/api/queue?purpose=${PURPOSE}&limit=${limit}`);
+  const fresh = data.items.filter((it) => !state.skipped.has(it.image_id));
+  const skipped = data.items.filter((it) => state.skipped.has(it.image_id));
+  state.items = fresh.concat(skipped);
+  if (!fresh.length) state.skipped.clear();
+  return state.items;
+}
+
+async function newRound(extra) {
+  const n = parseInt($("#batch").value, 10) || (MODE === "label" ? 20 : GRID);
+  const req = Object.assign({ n, strategy: $("#strategy").value || "default", who: who() }, extra || {});
+  const q = ($("#query").value || "").trim();
+  if (q && req.query === undefined && !req.examples && !req.evaluate) req.query = q;
+  banner("Training and choosing the next photos…", "info");
+  const data = await api("POST", "/api/rounds", req);
+  banner(null);
+  refreshStatusSoon();
+  return data.items;
+}
+
+async function ensureItems(limit) {
+  if (state.items.length) return;
+  await loadQueue(limit);
+  if (!state.items.length && PURPOSE === "label" && ($("#auto").checked || !state.status || !state.status.project.labels)) {
+    await newRound();
+    await loadQueue(limit);
+  }
+}
+
+// ------------------------------------------------------------------ single-photo mode
+function preload(items) {
+  for (const it of items) { const im = new Image(); im.src = photoUrl(it); }
+}
+
+function showCurrent() {
+  const it = state.items[0];
+  const img = $("#photo");
+  if (!it) {
+    img.removeAttribute("src");
+    img.dataset.imageId = "";
+    $("#photo-caption").textContent = "";
+    const e = $("#empty");
+    e.innerHTML = "Nothing left to label in this round. Press <kbd>t</kbd> to train and queue the next round.";
+    e.hidden = false;
+    $("#single").classList.add("idle");
+    return;
+  }
+  $("#empty").hidden = true;
+  $("#single").classList.remove("idle");
+  img.src = photoUrl(it);
+  img.dataset.imageId = String(it.image_id);
+  $("#photo-caption").textContent = it.path;
+  $("#f-score").textContent = it.score == null ? "–" : it.score.toFixed(3);
+  $("#f-strategy").textContent = it.strategy || "–";
+  $("#f-round").textContent = it.round == null ? "–" : String(it.round);
+  $("#f-split").textContent = it.split || "–";
+  preload(state.items.slice(1, 4));
+}
+
+async function commit(pairs) {
+  // pairs: [{item, value}]; resolves to the events, or null after a conflict (shown to the person)
+  const items = pairs.map((p) => ({ image_id: p.item.image_id, value: p.value, expected: p.item.event }));
+  try {
+    const res = await api("POST", "/api/labels", { items, who: who() });
+    showCounts(res.status);
+    refreshStatusSoon();
+    return res.events;
+  } catch (err) {
+    if (err instanceof ApiError && err.code === "label_conflict") {
+      const d = err.details || {};
+      const p = pairs.find((x) => x.item.image_id === d.image_id) || pairs[0];
+      state.conflict = { item: p.item, value: p.value, current: d.current, pairs };
+      const cur = d.current;
+      const what = !cur || cur.value == null ? "had its label withdrawn" : `was labelled <b>${cur.value ? "yes" : "no"}</b>`;
+      banner(`Photo <code>${esc(p.item.path)}</code> ${what}${cur ? ` by <b>${esc(cur.who)}</b> ${ago(cur.at)}` : ""}
+        since you loaded it. Nothing was overwritten.
+        <button data-key="k">Keep theirs <kbd>k</kbd></button> <button data-key="r">Use mine <kbd>r</kbd></button>`, "conflict");
+      return null;
+    }
+    throw err;
+  }
+}
+
+async function labelCurrent(value) {
+  const it = state.items[0];
+  if (!it) return;
+  const events = await commit([{ item: it, value }]);
+  if (!events) return;
+  banner(null);
+  state.undo.push([{ item: it, event: events[0].id }]);
+  state.items.shift();
+  await ensureItems(50);
+  showCurrent();
+}
+
+async function resolveConflict(useMine) {
+  const c = state.conflict;
+  if (!c) return;
+  state.conflict = null;
+  banner(null);
+  if (useMine) {
+    for (const p of c.pairs) if (p.item.image_id === c.item.image_id) p.item.event = c.current ? c.current.id : null;
+    const events = await commit(c.pairs);
+    if (!events) return;
+    state.undo.push(c.pairs.map((p, i) => ({ item: p.item, event: events[i].id })));
+  } else if (MODE !== "label") {
+    // keep theirs: drop that photo from this page; the rest of the page is not written yet
+    state.items = state.items.filter((x) => x.image_id !== c.item.image_id);
+    renderGrid();
+    return;
+  }
+  if (MODE === "label") {
+    state.items = state.items.filter((x) => x.image_id !== c.item.image_id);
+    await ensureItems(50);
+    showCurrent();
+  } else {
+    state.items = state.items.filter((x) => !c.pairs.some((p) => p.item.image_id === x.image_id));
+    await nextGridPage();
+  }
+}
+
+async function undoLast() {
+  const page = state.undo.pop();
+  const back = [];
+  if (!page) {
+    // nothing undone in this tab yet: withdraw this person's newest label
+    const res = await api("POST", "/api/undo", { who: who() });
+    back.push(res.item);
+  } else {
+    for (const entry of page.slice().reverse()) {
+      try {
+        const res = await api("POST", "/api/undo", { who: who(), image_id: entry.item.image_id, expected: entry.event });
+        back.unshift(res.item);
+      } catch (err) {
+        if (err instanceof ApiError && err.code === "label_conflict") {
+          const cur = err.details && err.details.current;
+          banner(`Not undone: <code>${esc(entry.item.path)}</code> was relabelled by <b>${esc(cur ? cur.who : "someone")}</b> since.`, "conflict");
+          continue;
+        }
+        throw err;
+      }
+    }
+  }
+  refreshStatusSoon();
+  const ids = new Set(back.map((x) => x.image_id));
+  state.items = back.concat(state.items.filter((x) => !ids.has(x.image_id)));
+  if (MODE === "label") showCurrent();
+  else { state.marks = new Set((page || []).filter((e) => e.item.label === 1).map((e) => e.item.image_id)); renderGrid(); }
+}
+
+function skipCurrent() {
+  const it = state.items.shift();
+  if (!it) return;
+  state.skipped.add(it.image_id);
+  state.items.push(it);
+  showCurrent();
+}
+
+async function moreLikeThis() {
+  const it = state.items[0];
+  if (!it) return;
+  const items = await newRound({ examples: [it.image_id], strategy: "default" });
+  const ids = new Set(items.map((x) => x.image_id));
+  state.items = [it].concat(items.filter((x) => x.image_id !== it.image_id), state.items.slice(1).filter((x) => !ids.has(x.image_id)));
+  showCurrent();
+}
+
+async function trainNext(extra) {
+  const k = parseInt(($("#eval-k") || {}).value, 10) || state.evalK;
+  const items = await newRound(MODE === "evaluate" ? Object.assign({ evaluate: true, n: k, strategy: "default" }, extra || {}) : {});
+  const ids = new Set(items.map((x) => x.image_id));
+  state.items = items.concat(state.items.filter((x) => !ids.has(x.image_id)));
+  state.skipped.clear();
+  if (MODE === "label") showCurrent(); else { state.marks.clear(); state.cursor = 0; renderGrid(); }
+}
+
+async function queueBaseline() {
+  const n = parseInt($("#eval-random").value, 10) || 100;
+  await trainNext({ strategy: "random", n });
+}
+
+// ------------------------------------------------------------------ grid mode
+function page() { return state.items.slice(0, GRID); }
+
+function renderGrid() {
+  const grid = $("#grid");
+  const items = page();
+  grid.innerHTML = items.map((it, i) => `
+    <figure class="tile${state.marks.has(it.image_id) ? " marked" : ""}${i === state.cursor ? " cursor" : ""}"
+            data-i="${i}" data-image-id="${it.image_id}">
+      <img src="${photoUrl(it)}" alt="" loading="eager">
+      <figcaption>${it.score == null ? "" : it.score.toFixed(2)} <span>${esc(it.strategy || "")}</span></figcaption>
+    </figure>`).join("");
+  const e = $("#empty");
+  if (!items.length) {
+    e.innerHTML = MODE === "evaluate"
+      ? "No test photos queued for evaluation. Press <kbd>e</kbd> to queue the model's top-K test photos."
+      : "Nothing left to label in this round. Press <kbd>t</kbd> to train and queue the next round.";
+    e.hidden = false;
+  } else e.hidden = true;
+  preload(state.items.slice(GRID, 2 * GRID));
+}
+
+function toggle(i, value) {
+  const it = page()[i];
+  if (!it) return;
+  const on = value === undefined ? !state.marks.has(it.image_id) : value;
+  if (on) state.marks.add(it.image_id); else state.marks.delete(it.image_id);
+  state.cursor = i;
+  renderGrid();
+}
+
+async function submitGrid() {
+  const items = page();
+  if (!items.length) return;
+  const pairs = items.map((it) => ({ item: it, value: state.marks.has(it.image_id) ? 1 : 0 }));
+  const events = await commit(pairs);
+  if (!events) return;
+  banner(null);
+  state.undo.push(pairs.map((p, i) => ({ item: Object.assign({}, p.item, { label: p.value }), event: events[i].id })));
+  const done = new Set(items.map((x) => x.image_id));
+  state.items = state.items.filter((x) => !done.has(x.image_id));
+  await nextGridPage();
+  if (MODE === "evaluate") loadEvaluation().catch(showError);
+}
+
+async function nextGridPage() {
+  state.marks.clear();
+  state.cursor = 0;
+  if (state.items.length < GRID) {
+    await loadQueue(GRID * 2);
+    if (!state.items.length && PURPOSE === "label" && $("#auto").checked) {
+      await newRound();
+      await loadQueue(GRID * 2);
+    }
+  }
+  renderGrid();
+}
+
+function moveCursor(dx, dy) {
+  const n = page().length;
+  if (!n) return;
+  const cols = 4;
+  let i = state.cursor + dx + dy * cols;
+  i = Math.max(0, Math.min(n - 1, i));
+  state.cursor = i;
+  renderGrid();
+}
+
+// ------------------------------------------------------------------ evaluation view
+async function loadEvaluation() {
+  const k = parseInt($("#eval-k").value, 10) || 50;
+  state.evalK = k;
+  const box = $("#eval-result");
+  let r;
+  try {
+    r = await api("GET", `/api/evaluation?k=${k}`);
+  } catch (err) {
+    box.innerHTML = `<p class="hint">${esc(err.message)}</p>`;
+    return;
+  }
+  box.innerHTML = renderEvaluation(r, k);
+  showPrecision(r, k);
+}
+
+function pick(obj, names) {
+  for (const n of names) if (obj && obj[n] !== undefined && obj[n] !== null) return obj[n];
+  return undefined;
+}
+
+function asInterval(v) {
+  if (Array.isArray(v) && v.length === 2) return v;
+  if (v && typeof v === "object") {
+    const lo = pick(v, ["low", "lo", "lower"]), hi = pick(v, ["high", "hi", "upper"]);
+    if (lo !== undefined && hi !== undefined) return [lo, hi];
+  }
+  return null;
+}
+
+function evalNumbers(r) {
+  // field names of raresift.evaluate.evaluate()
+  return {
+    prec: pick(r, ["precision_at_k"]),
+    precIv: asInterval(pick(r, ["precision_at_k_ci"])),
+    rnd: pick(r, ["random_precision"]),
+    rndIv: asInterval(pick(r, ["random_precision_ci"])),
+    lift: pick(r, ["lift"]),
+    liftIv: asInterval(pick(r, ["lift_ci"])),
+  };
+}
+
+function showPrecision(r, k) {
+  const n = evalNumbers(r);
+  $("#e-k").textContent = String(k);
+  $("#e-precision").textContent = typeof n.prec === "number" ? fmtPct(n.prec) + fmtInterval(n.precIv) : "–";
+}
+
+function renderEvaluation(r, k) {
+  const n = evalNumbers(r);
+  let html = "";
+  if (typeof n.prec === "number") {
+    const bars = [["model top-" + k, n.prec, n.precIv, "model"], ["random " + k, n.rnd, n.rndIv, "rand"]]
+      .filter((b) => typeof b[1] === "number");
+    const W = 420, H = 200, L = 40, B = 28, T = 10;
+    const y = (v) => H - B - v * (H - B - T);
+    let svg = `<svg class="bars" viewBox="0 0 ${W} ${H}" role="img" aria-label="precision at K, model against random">`;
+    for (const v of [0, 0.25, 0.5, 0.75, 1]) svg += `<line x1="${L}" x2="${W - 10}" y1="${y(v)}" y2="${y(v)}" class="gridline"/><text x="${L - 6}" y="${y(v) + 4}" class="tick" text-anchor="end">${v * 100}%</text>`;
+    bars.forEach((b, i) => {
+      const bx = L + 30 + i * 170, bw = 110;
+      svg += `<rect x="${bx}" y="${y(b[1])}" width="${bw}" height="${y(0) - y(b[1])}" class="bar ${b[3]}"/>`;
+      if (b[2]) svg += `<line x1="${bx + bw / 2}" x2="${bx + bw / 2}" y1="${y(b[2][0])}" y2="${y(b[2][1])}" class="whisker"/>
+        <line x1="${bx + bw / 2 - 12}" x2="${bx + bw / 2 + 12}" y1="${y(b[2][0])}" y2="${y(b[2][0])}" class="whisker"/>
+        <line x1="${bx + bw / 2 - 12}" x2="${bx + bw / 2 + 12}" y1="${y(b[2][1])}" y2="${y(b[2][1])}" class="whisker"/>`;
+      svg += `<text x="${bx + bw / 2}" y="${H - 8}" class="tick" text-anchor="middle">${esc(b[0])}: ${fmtPct(b[1])}</text>`;
+    });
+    svg += "</svg>";
+    html += svg;
+    html += `<p class="headline">precision@${k} = <b>${fmtPct(n.prec)}</b>${fmtInterval(n.precIv)}`;
+    if (typeof n.rnd === "number") html += ` against <b>${fmtPct(n.rnd)}</b>${fmtInterval(n.rndIv)} at random`;
+    if (typeof n.lift === "number") html += ` — <b>${n.lift.toFixed(1)}×</b> lift${n.liftIv ? ` [${n.liftIv[0]}×, ${n.liftIv[1]}×]` : ""}`;
+    html += "</p>";
+  }
+  if (Array.isArray(r.hints) && r.hints.length) html += `<ul class="hints">${r.hints.map((h) => `<li>${esc(h)}</li>`).join("")}</ul>`;
+  const rows = Object.entries(r).filter(([, v]) => v === null || ["number", "string", "boolean"].includes(typeof v) || asInterval(v));
+  html += `<table class="kv">${rows.map(([key, v]) => {
+    const iv = asInterval(v);
+    const txt = iv ? `[${iv.map((x) => (typeof x === "number" ? x.toFixed(3) : x)).join(", ")}]` : typeof v === "number" ? (Number.isInteger(v) ? v : v.toFixed(3)) : esc(v);
+    return `<tr><th>${esc(key)}</th><td>${txt}</td></tr>`;
+  }).join("")}</table>`;
+  return html;
+}
+
+// ------------------------------------------------------------------ keys and clicks
+function onKey(key) {
+  if (state.conflict) {
+    if (key === "k") return run(() => resolveConflict(false));
+    if (key === "r") return run(() => resolveConflict(true));
+  }
+  if (key === "t") return run(() => trainNext());
+  if (key === "Backspace" || key === "u") return run(undoLast);
+  if (MODE === "label") {
+    if (key === "1" || key === "y") return run(() => labelCurrent(1));
+    if (key === "0" || key === "n") return run(() => labelCurrent(0));
+    if (key === "s") return run(async () => skipCurrent());
+    if (key === "m") return run(moreLikeThis);
+    if (key === "g") { window.location.href = "/grid"; return; }
+    return;
+  }
+  if (key === "e" && MODE === "evaluate") return run(() => trainNext());
+  if (key === "b" && MODE === "evaluate") return run(queueBaseline);
+  if (key === "Enter") return run(submitGrid);
+  if (key === " " || key === "1" || key === "y") return run(async () => toggle(state.cursor, key === " " ? undefined : true));
+  if (key === "0" || key === "n") return run(async () => toggle(state.cursor, false));
+  if (key === "ArrowLeft" || key === "h") return run(async () => moveCursor(-1, 0));
+  if (key === "ArrowRight" || key === "l") return run(async () => moveCursor(1, 0));
+  if (key === "ArrowUp" || key === "k") return run(async () => moveCursor(0, -1));
+  if (key === "ArrowDown" || key === "j") return run(async () => moveCursor(0, 1));
+}
+
+const HANDLED = new Set(["1", "y", "0", "n", "Backspace", "u", "s", "m", "t", "g", "e", "b", "k", "r", "Enter", " ",
+  "ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown", "h", "j", "l"]);
+
+document.addEventListener("keydown", (ev) => {
+  const t = ev.target;
+  if (t && (t.tagName === "INPUT" || t.tagName === "SELECT" || t.tagName === "TEXTAREA")) {
+    if (ev.key === "Escape") t.blur();
+    return;
+  }
+  if (ev.ctrlKey || ev.metaKey || ev.altKey || !HANDLED.has(ev.key)) return;
+  ev.preventDefault(); // Backspace must not navigate back, Space must not scroll
+  onKey(ev.key);
+});
+
+document.addEventListener("click", (ev) => {
+  const btn = ev.target.closest("button[data-key]");
+  if (btn) { btn.blur(); onKey(btn.dataset.key); return; }
+  const tile = ev.target.closest(".tile");
+  if (tile) run(async () => toggle(parseInt(tile.dataset.i, 10)));
+});
+
+// ------------------------------------------------------------------ start
+function bindForms() {
+  const w = $("#who");
+  w.value = localStorage.getItem("raresift.who") || "";
+  w.placeholder = body.dataset.who;
+  w.addEventListener("change", () => localStorage.setItem("raresift.who", w.value.trim()));
+  $("#strategy").addEventListener("change", (e) => localStorage.setItem(`raresift.strategy.${MODE}`, e.target.value));
+  $("#next-round").addEventListener("click", (e) => { e.target.blur(); run(() => trainNext()); });
+  $("#export").addEventListener("click", (e) => {
+    e.target.blur();
+    run(async () => {
+      const top = parseInt($("#export-top").value, 10) || 100;
+      const res = await api("POST", "/api/export", { top, fmt: $("#export-fmt").value });
+      $("#export-result").textContent = `written to ${res.path}`;
+    });
+  });
+  if (MODE === "evaluate") {
+    $("#eval-start").addEventListener("click", (e) => { e.target.blur(); run(() => trainNext()); });
+    $("#eval-baseline").addEventListener("click", (e) => { e.target.blur(); run(queueBaseline); });
+    $("#eval-refresh").addEventListener("click", (e) => { e.target.blur(); run(loadEvaluation); });
+    $("#eval-k").addEventListener("change", () => run(loadEvaluation));
+  }
+}
+
+async function start() {
+  bindForms();
+  await refreshStatus();
+  if (MODE === "label") {
+    await ensureItems(50);
+    showCurrent();
+  } else {
+    await loadQueue(GRID * 2);
+    if (!state.items.length && MODE === "grid") { await newRound(); await loadQueue(GRID * 2); }
+    renderGrid();
+    if (MODE === "evaluate") await loadEvaluation();
+  }
+  body.dataset.ready = "1";
+}
+
+run(start);

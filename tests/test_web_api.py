@@ -1,0 +1,219 @@
+"""The JSON API under /api, in process (the same app `raresift serve` runs)."""
+
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from raresift import Project
+from raresift.web import create_app
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+
+@pytest.fixture
+def client(embedded_project):
+    project, images, truth = embedded_project
+    with TestClient(create_app(project, who="tester")) as c:
+        c.project_path = project
+        c.truth = truth
+        yield c
+
+
+def assert_error(resp, status: int, code: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert isinstance(err["message"], str) and err["message"]
+    if code:
+        assert err["code"] == code
+    return err
+
+
+def first_items(client, n: int = 5) -> list[dict]:
+    items = client.get("/api/queue").json()["items"]
+    if not items:
+        items = client.post("/api/rounds", json={"n": n}).json()["items"]
+    return items
+
+
+def test_pages_and_assets_are_local(client):
+    for path, mode in (("/", "label"), ("/grid", "grid"), ("/evaluate", "evaluate")):
+        r = client.get(path)
+        assert r.status_code == 200 and f'data-mode="{mode}"' in r.text
+        assert "http://" not in r.text and "https://" not in r.text  # no CDN, nothing remote
+    for name in ("app.js", "app.css", "favicon.svg"):
+        r = client.get(f"/static/{name}")
+        assert r.status_code == 200 and r.content
+        content = r.content.replace(b'xmlns="http://www.w3.org/2000/svg"', b"")  # a name, not a download
+        assert b"https://" not in content and b"http://" not in content
+    docs = client.get("/api/docs")
+    assert docs.status_code == 200 and "/api/labels" in docs.text and "cdn" not in docs.text.lower()
+
+
+def test_openapi_documents_every_api_route_and_the_error_shape(client):
+    spec = client.get("/api/openapi.json").json()
+    paths = set(spec["paths"])
+    assert {"/api/status", "/api/queue", "/api/rounds", "/api/labels", "/api/undo", "/api/images/{image_id}",
+            "/api/images/{image_id}/file", "/api/evaluation", "/api/export", "/api/strategies"} <= paths
+    api_routes = {r.path.replace(":int", "") for r in client.app.routes if getattr(r, "path", "").startswith("/api/")}
+    assert api_routes - {"/api/openapi.json", "/api/docs"} <= paths
+    assert "ErrorOut" in spec["components"]["schemas"]
+    assert "409" in spec["paths"]["/api/labels"]["post"]["responses"]
+
+
+def test_first_visit_queues_a_batch_and_labels_record_who_round_strategy(client):
+    assert client.get("/api/queue").json()["items"] == []
+    items = client.post("/api/rounds", json={"n": 6, "seed": 1}).json()["items"]
+    assert len(items) == 6 and all(it["label"] is None and it["event"] is None for it in items)
+    assert [it["image_id"] for it in client.get("/api/queue").json()["items"]] == [it["image_id"] for it in items]
+    it = items[0]
+    r = client.post("/api/labels", json={"items": [{"image_id": it["image_id"], "value": 1, "expected": None}],
+                                         "who": "ann"})
+    assert r.status_code == 200, r.text
+    ev = r.json()["events"][0]
+    assert (ev["value"], ev["who"], ev["source"], ev["round"], ev["strategy"]) == \
+        (1, "ann", "web", it["round"], it["strategy"])
+    assert r.json()["status"]["labels"] == 1
+    assert it["image_id"] not in [x["image_id"] for x in client.get("/api/queue").json()["items"]]
+    status = client.get("/api/status").json()
+    assert status["project"]["positives"] == 1
+    assert status["history"][-1] == [1, 1]
+    assert status["estimates"]["round"]["left"] == 5
+    with Project.open(client.project_path) as p:
+        row = p.db.execute("SELECT who, round_id, strategy, at FROM labels").fetchone()
+        assert row["who"] == "ann" and row["round_id"] == it["round"] and row["at"] > 0
+
+
+def test_conflicting_label_is_refused_and_shown(client):
+    it = first_items(client)[0]
+    ok = client.post("/api/labels", json={"items": [{"image_id": it["image_id"], "value": 1, "expected": None}],
+                                          "who": "ann"})
+    assert ok.status_code == 200
+    late = client.post("/api/labels", json={"items": [{"image_id": it["image_id"], "value": 0, "expected": None}],
+                                            "who": "bob"})
+    err = assert_error(late, 409, "label_conflict")
+    assert err["details"]["current"]["who"] == "ann" and err["details"]["current"]["value"] == 1
+    assert "ann" in err["message"]
+    with Project.open(client.project_path) as p:
+        assert p.db.execute("SELECT value FROM current_labels WHERE image_id = ?", (it["image_id"],)).fetchone()[0] == 1
+    # bob saw ann's label and decides to change it: recorded as a new event marked as a conflict
+    fixed = client.post("/api/labels", json={"items": [{"image_id": it["image_id"], "value": 0,
+                                                         "expected": err["details"]["current"]["id"]}], "who": "bob"})
+    assert fixed.status_code == 200 and fixed.json()["events"][0]["conflict"] is True
+
+
+def test_a_grid_page_with_one_conflict_writes_nothing(client):
+    items = first_items(client, 6)[:4]
+    with Project.open(client.project_path) as p:
+        p.label([(items[2]["image_id"], 1)], who="bob")
+    page = [{"image_id": it["image_id"], "value": 0, "expected": it["event"]} for it in items]
+    assert_error(client.post("/api/labels", json={"items": page, "who": "ann"}), 409, "label_conflict")
+    with Project.open(client.project_path) as p:
+        assert p.status()["labels"] == 1
+
+
+def test_undo_withdraws_only_what_it_names(client):
+    items = first_items(client)
+    a, b = items[0], items[1]
+    ev_a = client.post("/api/labels", json={"items": [{"image_id": a["image_id"], "value": 1}], "who": "ann"}).json()
+    client.post("/api/labels", json={"items": [{"image_id": b["image_id"], "value": 0}], "who": "ann"})
+    r = client.post("/api/undo", json={"who": "ann"})  # ann's newest label
+    assert r.status_code == 200 and r.json()["item"]["image_id"] == b["image_id"] and r.json()["event"]["value"] is None
+    r = client.post("/api/undo", json={"who": "ann", "image_id": a["image_id"], "expected": ev_a["events"][0]["id"]})
+    assert r.status_code == 200
+    with Project.open(client.project_path) as p:
+        assert p.status()["labels"] == 0
+        assert p.db.execute("SELECT COUNT(*) FROM labels").fetchone()[0] == 4  # nothing deleted, all events kept
+    assert_error(client.post("/api/undo", json={"who": "ann"}), 400)  # nothing left to undo
+
+
+def test_errors_have_one_shape(client):
+    assert_error(client.get("/api/nope"), 404, "not_found")
+    assert_error(client.get("/api/images/999"), 404, "not_found")
+    assert_error(client.get("/api/images/999/file"), 404, "not_found")
+    assert_error(client.get("/api/queue?limit=0"), 422, "invalid_request")
+    assert_error(client.post("/api/labels", json={"items": []}), 422, "invalid_request")
+    assert_error(client.post("/api/labels", json={"items": [{"image_id": 1, "value": 2}]}), 422, "invalid_request")
+    assert_error(client.post("/api/labels", content=b"{not json", headers={"content-type": "application/json"}), 422)
+    assert_error(client.post("/api/labels", json={"items": [{"image_id": 9999, "value": 1}]}), 400, "bad_request")
+    err = assert_error(client.post("/api/rounds", json={"n": 3, "strategy": "nonsense"}), 400, "bad_request")
+    assert "random" in err["message"]  # lists the valid names
+    assert_error(client.delete("/api/labels"), 405, "method_not_allowed")
+
+
+def test_oversized_bodies_are_refused(client):
+    big = b'{"items": [' + b'{"image_id": 1, "value": 1},' * 20000 + b'{"image_id": 1, "value": 1}]}'
+    assert len(big) > 256 * 1024
+    assert_error(client.post("/api/labels", content=big, headers={"content-type": "application/json"}), 413,
+                 "too_large")
+
+    def chunks():  # no Content-Length: the limit holds for streamed bodies too
+        for _ in range(40):
+            yield b"x" * 10_000
+
+    assert_error(client.post("/api/labels", content=chunks(), headers={"content-type": "application/json"}), 413)
+    with Project.open(client.project_path) as p:
+        assert p.status()["labels"] == 0
+
+
+def test_photos_are_served_by_registry_id(client):
+    with Project.open(client.project_path) as p:
+        expected = p.file_path(3).read_bytes()
+    r = client.get("/api/images/3/file")
+    assert r.status_code == 200 and r.content == expected and r.headers["content-type"] == "image/jpeg"
+    meta = client.get("/api/images/3").json()
+    assert meta["image_id"] == 3 and meta["path"].endswith(".jpg")
+
+
+def test_concurrent_labels_from_many_clients_are_all_kept(client):
+    with Project.open(client.project_path) as p:
+        ids = [r[0] for r in p.db.execute("SELECT id FROM images ORDER BY id")]
+
+    def post(i):
+        return client.post("/api/labels", json={"items": [{"image_id": i, "value": i % 2, "expected": None}],
+                                                "who": f"tab{i % 3}"}).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(post, ids))
+    assert codes == [200] * len(ids)
+    with Project.open(client.project_path) as p:
+        assert p.status()["labels"] == len(ids)
+        assert p.status()["positives"] == sum(i % 2 for i in ids)
+
+
+def test_cold_start_rounds_query_and_more_like_this(client):
+    truth = client.truth
+    items = client.post("/api/rounds", json={"n": 4, "query": "bee"}).json()["items"]
+    assert len(items) == 4 and all(it["round"] for it in items)
+    with Project.open(client.project_path) as p:
+        rare = next(p.image_id(path) for path, v in truth.items() if v and p.splits()[p.image_id(path) - 1] == "pool")
+    more = client.post("/api/rounds", json={"n": 4, "examples": [rare]})
+    assert more.status_code == 200, more.text
+    assert rare not in [it["image_id"] for it in more.json()["items"]]
+    assert_error(client.post("/api/rounds", json={"n": 4, "examples": [99999]}), 400)
+
+
+def test_evaluation_and_export_from_the_page(client):
+    items = client.post("/api/rounds", json={"n": 5, "evaluate": True}).json()["items"]
+    assert items and all(it["split"] == "test" for it in items)
+    assert [it["image_id"] for it in client.get("/api/queue?purpose=evaluate").json()["items"]] == \
+        [it["image_id"] for it in items]
+    truth = client.truth
+    page = [{"image_id": it["image_id"], "value": truth[it["path"]]} for it in items]
+    assert client.post("/api/labels", json={"items": page}).status_code == 200
+    ev = client.get("/api/evaluation?k=5").json()
+    from raresift.evaluate import evaluate
+
+    with Project.open(client.project_path) as p:
+        assert ev == evaluate(p, k=5)  # the page shows exactly what the library computes
+    assert ev["k"] == 5 and ev["top_k_labelled"] >= 1
+    assert_error(client.get("/api/evaluation?k=0"), 422)
+    out = client.post("/api/export", json={"top": 10, "fmt": "csv"})
+    assert out.status_code == 200, out.text
+    path = out.json()["path"]
+    assert path.startswith(str(client.project_path)) and open(path).read().startswith("rank,path")
+    assert_error(client.post("/api/export", json={"top": 10, "fmt": "xls"}), 400)
