@@ -98,7 +98,11 @@ def test_evaluate_serves_test_photos(tmp_path):
     again = next_batch(project, 20, evaluate=True, seed=0)
     assert len(again) == 19  # the labelled one is not served again
     rnd = next_batch(project, 15, evaluate=True, strategy="random", seed=0)
-    assert len(rnd) == 15 and {b["strategy"] for b in rnd} == {"random"}
+    # Drawn from all test photos (an unbiased sample); the one labelled already is not served.
+    queued = project.db.execute("SELECT COUNT(*) FROM queue WHERE round_id = ?", (rnd[0]["round"],)).fetchone()[0]
+    assert queued == 15 and 14 <= len(rnd) <= 15 and {b["strategy"] for b in rnd} == {"random"}
+    more = next_batch(project, 200, evaluate=True, strategy="random", seed=1)
+    assert not {b["image_id"] for b in more} & {b["image_id"] for b in rnd}, "a test photo drawn twice"
     assert {p["purpose"] for p in pending(project, purpose="evaluate")} == {"evaluate"}
     assert pending(project, purpose="label") == []
 

@@ -173,8 +173,9 @@ def next_batch(
     ``query`` (text) and ``examples`` (photo ids) set the cold start; they are remembered by the
     project and keep informing the ranking (with a weight that fades as labels come in).
     With ``evaluate`` the photos come from the test split: the unlabelled ones among the top ``n``
-    of the test ranking (for precision@K), or ``n`` random ones with ``strategy="random"`` (for the
-    random baseline). Returns one dict per photo: path, image_id, score, strategy, round, split.
+    of the test ranking (for precision@K), or, with ``strategy="random"``, ``n`` random test photos
+    not drawn before (for the random baseline; the ones that already have a label are recorded
+    but not returned). Returns one dict per photo: path, image_id, score, strategy, round, split.
     """
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
         raise InputError(f"--n must be a whole number of photos >= 1, got {n!r}")
@@ -208,6 +209,14 @@ def next_batch(
     features = _Rows(_Features(project.vectors(), model.pooling), cand)
     if evaluate:
         if strategy == "random":
+            # Draw from *all* test photos not drawn before, labelled or not: a sample that skipped the
+            # labelled top K would underestimate the prevalence. Already labelled ones are recorded
+            # in the queue (they count for the baseline) but need no new label.
+            drawn = {r[0] - 1 for r in project.db.execute(
+                "SELECT q.image_id FROM queue q JOIN rounds r ON r.id = q.round_id "
+                "WHERE r.purpose = 'evaluate' AND q.strategy = 'random'")}
+            cand = np.array([r for r in np.flatnonzero((splits == "test") & np.isfinite(z)) if r not in drawn],
+                            dtype=np.int64)
             picks, sources = get_strategy("random")(z[cand], n, rng=rng)
         else:
             # The top n of the whole test ranking; the ones already labelled need no new label.
@@ -248,6 +257,9 @@ def next_batch(
             [(round_id, int(r) + 1, i, s, None if not np.isfinite(p) else float(p))
              for i, (r, s, p) in enumerate(zip(rows, sources, proba))],
         )
+    if evaluate and strategy == "random":
+        keep = labels[rows] < 0
+        rows, sources, proba = rows[keep], [x for x, k in zip(sources, keep) if k], proba[keep]
     paths = _paths(project, rows + 1)
     return [
         {"path": paths[int(r) + 1], "image_id": int(r) + 1, "score": None if not np.isfinite(p) else round(float(p), 6),

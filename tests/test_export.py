@@ -1,0 +1,89 @@
+"""export(): ranked candidates and labelled positives as csv, jsonl, folder, Label Studio tasks."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from test_learn_loop import oracle, vectors_project
+
+from raresift import Project
+from raresift.cli import main
+from raresift.errors import InputError
+from raresift.export import export
+from raresift.learn.loop import next_batch
+
+
+@pytest.fixture
+def trained(tmp_path):
+    project, truth = vectors_project(tmp_path)
+    oracle(project, next_batch(project, 60, strategy="random", seed=0), truth)
+    yield project, truth
+    project.close()
+
+
+def test_csv_lists_positives_then_top_candidates(trained, tmp_path):
+    project, truth = trained
+    out = export(project, top=15, fmt="csv", out=tmp_path / "out" / "top.csv")
+    rows = list(csv.DictReader(open(out)))
+    positives = [p for p, v in project.labels().items() if v == 1]
+    assert [r["label"] for r in rows[: len(positives)]] == ["1"] * len(positives)
+    assert {r["path"] for r in rows[: len(positives)]} == set(positives)
+    cands = rows[len(positives):]
+    assert len(cands) == 15 and all(r["label"] == "" for r in cands)
+    assert [float(r["score"]) for r in cands] == sorted((float(r["score"]) for r in cands), reverse=True)
+    assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
+    negatives = {p for p, v in project.labels().items() if v == 0}
+    assert not negatives & {r["path"] for r in rows}
+    assert sum(truth[r["path"]] for r in cands) >= 8  # the model ranks the cluster first
+
+
+def test_jsonl_and_label_studio(trained, tmp_path):
+    project, _ = trained
+    lines = export(project, top=5, fmt="jsonl", out=tmp_path / "a.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    assert {"rank", "path", "score", "label", "split"} <= set(first)
+    tasks = json.loads(export(project, top=5, fmt="label-studio", out=tmp_path / "ls.json",
+                              url_prefix="http://host/img/").read_text())
+    assert len(tasks) == len(lines)
+    t = tasks[-1]
+    assert t["data"]["image"] == "http://host/img/" + t["data"]["raresift_path"]
+    pred = t["predictions"][0]
+    assert pred["result"][0]["type"] == "choices" and pred["result"][0]["from_name"] == "class"
+    assert pred["result"][0]["value"]["choices"][0] in ("positive", "negative")
+    assert 0 <= pred["score"] <= 1
+
+
+def test_bad_export_requests(trained, tmp_path):
+    project, _ = trained
+    with pytest.raises(InputError, match="valid: csv"):
+        export(project, top=5, fmt="xml", out=tmp_path / "x")
+    with pytest.raises(InputError):
+        export(project, top=5, fmt="csv", out=tmp_path)  # a folder
+    with pytest.raises(InputError, match="no file"):
+        export(project, top=5, fmt="folder", out=tmp_path / "f")  # external vectors: no photo files
+    with pytest.raises(InputError):
+        export(project, top=-1, fmt="csv", out=tmp_path / "y.csv")
+
+
+def test_folder_export_copies_or_links_photos(embedded_project, tmp_path):
+    project_dir, images, truth = embedded_project
+    with Project.open(project_dir) as project:
+        project.label([(p, v) for p, v in truth.items() if v], who="t")
+        project.label([(p, 0) for p in list(truth)[:10] if not truth[p]], who="t")
+    assert main(["export", str(project_dir), "--top", "4", "--format", "folder", "--out", str(tmp_path / "f")]) == 0
+    pos = sorted((tmp_path / "f" / "positive").iterdir())
+    cand = sorted((tmp_path / "f" / "candidate").iterdir())
+    n_pos_pool = sum(truth.values())
+    assert len(pos) == n_pos_pool and len(cand) == 4
+    assert pos[0].read_bytes()[:2] == b"\xff\xd8" and not pos[0].is_symlink()
+    ranking = list(csv.DictReader(open(tmp_path / "f" / "ranking.csv")))
+    assert len(ranking) == n_pos_pool + 4
+    src = images / ranking[0]["path"]
+    assert (tmp_path / "f" / ranking[0]["file"]).read_bytes() == src.read_bytes()
+    assert main(["export", str(project_dir), "--top", "2", "--format", "folder", "--link",
+                 "--out", str(tmp_path / "g")]) == 0
+    linked = next((tmp_path / "g" / "candidate").iterdir())
+    assert linked.is_symlink() and linked.resolve().is_file()
+    assert main(["export", str(project_dir), "--top", "2", "--format", "folder", "--out", str(tmp_path / "g")]) == 2
