@@ -482,7 +482,7 @@ class Project:
             text = p.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             raise LabelImportError(f"{p} must be UTF-8 text ({exc})") from exc
-        rows = csv.reader(io.StringIO(text, newline=""))
+        rows = _csv_rows(text, p)
         header = next(rows, None)
         if header is None:
             raise LabelImportError(f"{p} is empty; expected a header line `path,label`")
@@ -557,6 +557,16 @@ class Project:
             {"path": r["path"], "stage": r["stage"], "reason": r["reason"], "at": r["at"]}
             for r in self.db.execute("SELECT path, stage, reason, at FROM errors ORDER BY id")
         ]
+
+
+def _csv_rows(text: str, p: Path) -> Iterable[list[str]]:
+    """The rows of a CSV text; a line the csv module rejects (e.g. a field over its size limit) is a
+    :class:`LabelImportError` naming the line."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        yield from reader
+    except csv.Error as exc:
+        raise LabelImportError(f"{p} line {reader.line_num}: cannot be read as CSV ({exc})") from None
 
 
 class _Transaction:
