@@ -67,6 +67,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto = ONNX Runtime (model exported once and cached), falling back to eager PyTorch")
     p.add_argument("--reembed", action="store_true", help="discard the vectors and embed again (to change model, tiles or resize)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="embed at most N photos in this run")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local (default: this machine) or ray (Ray Data with a pool of model actors, for "
+                   "collections that outgrow one machine; needs pip install 'raresift[ray]')")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --engine ray: address of a running Ray cluster (default: start a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_embed)
 
@@ -195,7 +200,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             report = project.embed(
                 model=args.model, tiles=tiles, resize=args.resize, batch_size=args.batch_size,
                 workers=args.workers, backend=args.backend, reembed=args.reembed, limit=args.limit,
-                on_start=on_start, progress=lambda n: bar.update(n) if bar else None,
+                engine=args.engine, ray_address=args.ray_address, on_start=on_start, progress=lambda n: bar.update(n) if bar else None,
             )
         finally:
             if bar is not None:

@@ -32,6 +32,8 @@ DEFAULT_TILES = 0
 DEFAULT_RESIZE = "squeeze"
 DEFAULT_BATCH_SIZE = 32
 MAX_TILES = 4
+MODEL_CHUNK = 64  # most inputs per model call
+ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ def embed_project(
     limit: int | None = None,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> EmbedReport:
     """Embed the project's registered images that are not embedded yet.
 
@@ -82,6 +86,11 @@ def embed_project(
         Embed at most this many photos in this run (the rest stay pending).
     progress, on_start:
         Callbacks: ``on_start(total_pending)`` once, then ``progress(n_done)`` after each batch.
+    engine:
+        ``local`` (default: this process) or ``ray`` (Ray Data with a pool of model actors, see
+        :mod:`raresift.scale.ray_engine`); both write the same vectors into the same files.
+    ray_address:
+        With ``engine="ray"``: the address of a running Ray cluster (default: start a local Ray).
     """
     if project.images_root is None:
         raise InputError(f"{project.path} was made from an embeddings file; its vectors cannot be recomputed here")
@@ -91,6 +100,8 @@ def embed_project(
         raise InputError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    if engine not in ENGINES:
+        raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     threads = threads or default_threads()
     workers = workers or threads
 
@@ -142,14 +153,27 @@ def embed_project(
     start_time = time.perf_counter()
     done = failed = 0
 
+    def store(ids: list[int], feats: np.ndarray | None, logits: np.ndarray | None, bad: list[tuple[int, str]]) -> None:
+        nonlocal done, failed
+        store_batch(project, vec, logit_arr, views, embedder.dim, ids, feats, logits, bad)
+        done += len(ids)
+        failed += len(bad)
+        if progress is not None:
+            progress(len(ids) + len(bad))
+
+    if engine == "ray":
+        from ..scale.ray_engine import embed_on_ray
+
+        embed_on_ray(
+            todo, root=root, views=views, model=model, backend=backend, threads=threads, workers=workers,
+            batch_size=batch_size, max_pixels=max_pixels, address=ray_address, store=store,
+        )
+        remaining = project.db.execute("SELECT COUNT(*) FROM images WHERE status = 'new'").fetchone()[0]
+        return EmbedReport(done, failed, remaining, time.perf_counter() - start_time, model, f"ray+{embedder.backend}")
+
     def decode(item: tuple[int, bytes]):
         image_id, raw = item
-        try:
-            return image_id, load_views(os.path.join(root, raw), views, max_pixels=max_pixels), None
-        except DecodeError as exc:
-            return image_id, None, str(exc)
-        except Exception as exc:  # never let one odd file stop the run
-            return image_id, None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return (image_id, *decode_item(root, raw, views, max_pixels))
 
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="raresift-decode") as pool:
@@ -167,23 +191,11 @@ def embed_project(
             submit(k + ahead)
             ok = [(i, a) for i, a, err in results if err is None]
             bad = [(i, err) for i, a, err in results if err is not None]
+            feats = logits = None
             if ok:
                 stack = np.concatenate([a for _, a in ok])  # (B * views, s, s, 3)
-                feats, logits = embedder(stack)
-                if feats.shape[1] != embedder.dim:
-                    raise EmbeddingError(f"model returned {feats.shape[1]} features, expected {embedder.dim}")
-                rows = np.array([i - 1 for i, _ in ok])
-                vec[rows] = feats.reshape(len(ok), views.count, -1).astype(np.float16)
-                if logit_arr is not None and logits is not None:
-                    logit_arr[rows] = logits.reshape(len(ok), views.count, -1).astype(np.float16)
-                vec.flush()
-                if logit_arr is not None:
-                    logit_arr.flush()
-            _commit(project, [i for i, _ in ok], bad)
-            done += len(ok)
-            failed += len(bad)
-            if progress is not None:
-                progress(len(results))
+                feats, logits = run_model(embedder, stack, max(batch_size, MODEL_CHUNK))
+            store([i for i, _ in ok], feats, logits, bad)
     remaining = project.db.execute("SELECT COUNT(*) FROM images WHERE status = 'new'").fetchone()[0]
     return EmbedReport(
         embedded=done,
@@ -193,6 +205,56 @@ def embed_project(
         model=model,
         backend=embedder.backend,
     )
+
+
+def run_model(embedder, stack: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Run the model over ``stack`` in chunks: with tiles a batch holds many views, and one huge call
+    makes ONNX Runtime's memory arena grow by gigabytes for no gain in speed."""
+    if len(stack) <= chunk:
+        return embedder(stack)
+    parts = [embedder(stack[i : i + chunk]) for i in range(0, len(stack), chunk)]
+    feats = np.concatenate([f for f, _ in parts])
+    logits = None if parts[0][1] is None else np.concatenate([lg for _, lg in parts])
+    return feats, logits
+
+
+def decode_item(root: bytes, raw: bytes, views: Views, max_pixels: int) -> tuple[np.ndarray | None, str | None]:
+    """``(views array, None)`` for a readable file under ``root``, else ``(None, reason)``; never raises."""
+    try:
+        return load_views(os.path.join(root, raw), views, max_pixels=max_pixels), None
+    except DecodeError as exc:
+        return None, str(exc)
+    except Exception as exc:  # never let one odd file stop the run
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def store_batch(
+    project: Project,
+    vec: np.ndarray,
+    logit_arr: np.ndarray | None,
+    views: Views,
+    dim: int,
+    ids: list[int],
+    feats: np.ndarray | None,
+    logits: np.ndarray | None,
+    bad: list[tuple[int, str]],
+) -> None:
+    """Write one batch's vectors (rows ``id - 1``), flush them, then mark the images in one transaction.
+
+    ``feats`` is ``(len(ids) * views.count, dim)`` in the order of ``ids``; ``bad`` holds (id, reason).
+    """
+    if ids:
+        if feats is None or feats.shape[1] != dim:
+            got = None if feats is None else feats.shape[1]
+            raise EmbeddingError(f"model returned {got} features, expected {dim}")
+        rows = np.array([i - 1 for i in ids])
+        vec[rows] = feats.reshape(len(ids), views.count, -1).astype(np.float16)
+        if logit_arr is not None and logits is not None:
+            logit_arr[rows] = logits.reshape(len(ids), views.count, -1).astype(np.float16)
+        vec.flush()
+        if logit_arr is not None:
+            logit_arr.flush()
+    _commit(project, ids, bad)
 
 
 def _commit(project: Project, ok_ids: list[int], bad: list[tuple[int, str]]) -> None:

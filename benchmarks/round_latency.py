@@ -1,0 +1,182 @@
+"""Latency of one labelling round, `raresift next --n 100 --json`, as a whole command, at 10^4..10^6 photos.
+
+For each size it makes (once, under ``--workdir``) a project with ``raresift init --embeddings``
+from synthetic 1280-d float32 vectors (clusters of non-negative vectors, like pooled CNN features;
+the rare class is one cluster, 1%), imports 200 labels from a CSV (20 positive), reads the vector
+file once (warm page cache), then times ``raresift next PROJECT --n 100 --json`` from outside.
+A second, in-process run of the same round splits the time into start-up (interpreter and imports,
+timed as ``raresift --version``), training, scoring and selection (everything else: reading labels
+and splits, choosing, recording the round). Usage::
+
+    python benchmarks/round_latency.py [--sizes 10000 100000 1000000] [--workdir /work/devdata/round-latency]
+        [--repeats 3] [--clean]
+
+The 10^6 project takes about 5 GB of disk (plus 5 GB while it is made); ``--clean`` removes it afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DIM = 1280
+N_LABELS = 200
+N_POSITIVE_LABELS = 20
+RARE_SHARE = 0.01
+CLUSTERS = 400
+_BLOCK = 50_000
+
+
+def raresift_cmd() -> list[str]:
+    exe = shutil.which("raresift", path=os.path.dirname(sys.executable))
+    return [exe] if exe else [sys.executable, "-m", "raresift"]
+
+
+def synthetic_vectors(path: Path, n: int, *, seed: int = 0) -> np.ndarray:
+    """Write an (n, DIM) float32 .npy of clustered non-negative vectors; returns the cluster of each row."""
+    rng = np.random.default_rng(seed)
+    centres = rng.gamma(0.6, 1.0, size=(CLUSTERS, DIM)).astype(np.float32)
+    cluster = rng.integers(1, CLUSTERS, size=n)
+    cluster[rng.random(n) < RARE_SHARE] = 0  # cluster 0 = the rare class
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, DIM))
+    for start in range(0, n, _BLOCK):
+        c = cluster[start : start + _BLOCK]
+        block = centres[c] + rng.standard_normal((len(c), DIM), dtype=np.float32) * np.float32(0.6)
+        np.maximum(block, 0, out=block)
+        out[start : start + len(c)] = block
+    out.flush()
+    del out
+    return cluster
+
+
+def make_project(workdir: Path, n: int) -> Path:
+    project = workdir / f"n{n}"
+    if (project / "raresift.sqlite").is_file() and (project / "labels-imported").is_file():
+        return project
+    shutil.rmtree(project, ignore_errors=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    matrix, ids = workdir / f"vectors-{n}.npy", workdir / f"ids-{n}.txt"
+    t0 = time.perf_counter()
+    cluster = synthetic_vectors(matrix, n)
+    with open(ids, "w") as fh:
+        fh.writelines(f"photos/{i // 1000:04d}/img_{i:07d}.jpg\n" for i in range(n))
+    t1 = time.perf_counter()
+    subprocess.run([*raresift_cmd(), "init", str(project), "--embeddings", str(matrix), "--ids", str(ids)],
+                   check=True, capture_output=True)
+    t2 = time.perf_counter()
+    matrix.unlink()
+    ids.unlink()
+    from raresift import Project
+
+    with Project.open(project) as p:
+        pool = np.flatnonzero(p.splits() == "pool")
+        paths = p.image_ids()
+    rng = np.random.default_rng(1)
+    pos = rng.choice(pool[cluster[pool] == 0], size=N_POSITIVE_LABELS, replace=False)
+    neg = rng.choice(pool[cluster[pool] != 0], size=N_LABELS - N_POSITIVE_LABELS, replace=False)
+    csv = workdir / f"labels-{n}.csv"
+    with open(csv, "w") as fh:
+        fh.write("path,label\n")
+        fh.writelines(f"{paths[r]},1\n" for r in pos)
+        fh.writelines(f"{paths[r]},0\n" for r in neg)
+    subprocess.run([*raresift_cmd(), "import-labels", str(project), str(csv)], check=True, capture_output=True)
+    (project / "labels-imported").write_text("")
+    print(f"  made {project}: vectors {t1 - t0:.0f} s, raresift init --embeddings {t2 - t1:.0f} s", flush=True)
+    return project
+
+
+def warm(project: Path) -> None:
+    with open(project / "embeddings" / "vectors.npy", "rb") as fh:
+        while fh.read(1 << 24):
+            pass
+
+
+def time_command(cmd: list[str]) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return time.perf_counter() - t0, out
+
+
+def split_round(project: Path, n: int) -> dict[str, float]:
+    """One round in this process, timed by part (wrapping the learning loop's train and scoring)."""
+    from raresift import Project
+    from raresift.learn import loop
+
+    parts = {"training": 0.0, "scoring": 0.0}
+    real_train, real_logits = loop.train, loop.Model.logits
+
+    def timed_train(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return real_train(*a, **k)
+        finally:
+            parts["training"] += time.perf_counter() - t0
+
+    def timed_logits(self, *a, **k):
+        t0 = time.perf_counter()
+        try:
+            return real_logits(self, *a, **k)
+        finally:
+            parts["scoring"] += time.perf_counter() - t0
+
+    loop.train, loop.Model.logits = timed_train, timed_logits
+    try:
+        t0 = time.perf_counter()
+        with Project.open(project) as p:
+            batch = loop.next_batch(p, n, seed=0)
+        total = time.perf_counter() - t0
+    finally:
+        loop.train, loop.Model.logits = real_train, real_logits
+    assert len(batch) == n
+    parts["selection"] = total - parts["training"] - parts["scoring"]
+    return parts
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--workdir", type=Path, default=Path("/work/devdata/round-latency"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--clean", action="store_true", help="delete the projects afterwards")
+    args = ap.parse_args(argv)
+
+    rows = []
+    for size in args.sizes:
+        project = make_project(args.workdir, size)
+        warm(project)
+        startup = statistics.median(time_command([*raresift_cmd(), "--version"])[0] for _ in range(3))
+        walls = []
+        for _ in range(args.repeats):
+            wall, out = time_command([*raresift_cmd(), "next", str(project), "--n", str(args.n), "--json"])
+            assert out.count('"path"') == args.n, out[:200]
+            walls.append(wall)
+        parts = split_round(project, args.n)
+        rows.append((size, statistics.median(walls), min(walls), startup, parts))
+        print(f"  {size:>9,}: median {rows[-1][1]:.2f} s over {args.repeats} runs", flush=True)
+        if args.clean:
+            shutil.rmtree(project, ignore_errors=True)
+    print()
+    print(f"`raresift next --n {args.n} --json`, {N_LABELS} labels, {DIM}-d float32 vectors, warm page cache")
+    print()
+    print("| photos | whole command (median) | best | start-up | training | scoring | selection + rest |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for size, med, best, startup, p in rows:
+        inproc = p["training"] + p["scoring"] + p["selection"]
+        share = {k: v / (inproc + startup) for k, v in p.items()}
+        print(f"| {size:,} | {med:.2f} s | {best:.2f} s | {startup:.2f} s ({startup / (inproc + startup):.0%}) | "
+              f"{p['training']:.2f} s ({share['training']:.0%}) | {p['scoring']:.2f} s ({share['scoring']:.0%}) | "
+              f"{p['selection']:.2f} s ({share['selection']:.0%}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""A FAISS index over a project's whole-photo vectors: candidate pools, "more like this", near-duplicates.
+
+Vectors are L2-normalised before they go in, so every score here is a cosine similarity
+(inner product of unit vectors). The index holds image *rows* (image id - 1) as its ids, so
+results index straight into :meth:`Project.vectors` and the label arrays.
+
+Kinds of index, chosen by ``kind="auto"`` from the number of vectors:
+
+``flat``
+    Exact search, a float32 copy of the vectors (4 bytes x dim per photo). Up to 200,000 photos.
+``ivf-sq8``
+    Inverted file (``sqrt(n)`` k-means cells) with 8-bit scalar-quantised vectors: 1 byte x dim per
+    photo, a search visits ``nprobe`` cells. Above 200,000 photos.
+``ivf-pq``
+    Inverted file with product quantisation (64 bytes per photo): for collections whose 8-bit
+    codes do not fit in memory (hundreds of millions of photos).
+
+The candidate pool follows Coleman et al., "Similarity Search for Efficient Active Learning and
+Search of Rare Concepts" (SEALS, AAAI 2022): each round scores only the unlabelled photos among
+the k nearest neighbours of the labelled ones, so round time depends on the number of labels, not
+on the size of the collection. Neighbour lists of a labelled photo never change while the index
+stays the same, so they are cached: a round searches only the photos labelled since the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import InputError, NotReadyError
+
+if TYPE_CHECKING:
+    from ..project import Project
+
+__all__ = [
+    "KINDS",
+    "VectorIndex",
+    "build_index",
+    "candidate_pool",
+    "more_like_this",
+    "near_duplicates",
+    "project_index",
+]
+
+log = logging.getLogger(__name__)
+
+KINDS = ("auto", "flat", "ivf-sq8", "ivf-pq")
+FLAT_MAX = 200_000  # above this, "auto" builds an inverted file (exact search gets slow and big)
+INDEX_FILE = "index.faiss"
+STAMP_FILE = "index.json"
+_BLOCK = 16384  # rows read from the memory map at a time while adding
+
+
+@dataclass
+class VectorIndex:
+    """A built index: ``search`` returns cosine similarities and image rows (-1 = no result)."""
+
+    index: Any  # faiss.Index
+    kind: str
+    dim: int
+    size: int
+    nprobe: int | None = None
+    stamp: dict = field(default_factory=dict)
+    _knn_cache: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
+
+    def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest rows of each query: ``(similarities (m, k) float32, rows (m, k) int64)``."""
+        q = _unit(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
+        if q.shape[1] != self.dim:
+            raise InputError(f"queries have {q.shape[1]} dimensions, the index {self.dim}")
+        k = int(min(max(k, 1), max(self.size, 1)))
+        if self.nprobe is not None:
+            import faiss
+
+            faiss.extract_index_ivf(self.index).nprobe = int(nprobe or self.nprobe)
+        sims, rows = self.index.search(q, k)
+        return sims, rows
+
+    def neighbours(self, vectors: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+        """``(len(rows), k)`` nearest rows of the given rows (themselves included), cached per row."""
+        rows = np.asarray(rows, dtype=np.int64)
+        todo = [r for r in dict.fromkeys(rows.tolist()) if (r, k) not in self._knn_cache]
+        if todo:
+            _, found = self.search(_gather(vectors, np.array(todo, dtype=np.int64)), k)
+            for r, nb in zip(todo, found):
+                self._knn_cache[(r, k)] = nb
+        if len(rows) == 0:
+            return np.empty((0, k), dtype=np.int64)
+        return np.stack([self._knn_cache[(r, k)] for r in rows.tolist()])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index (and its stamp beside it, ``.json``) atomically."""
+        import faiss
+
+        path = Path(path)
+        tmp = path.with_suffix(".tmp")
+        faiss.write_index(self.index, str(tmp))
+        os.replace(tmp, path)
+        meta = {"kind": self.kind, "dim": self.dim, "size": self.size, "nprobe": self.nprobe, **self.stamp}
+        stamp_path = path.with_suffix(".json")
+        stamp_path.with_suffix(".json.tmp").write_text(json.dumps(meta))
+        os.replace(stamp_path.with_suffix(".json.tmp"), stamp_path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> VectorIndex:
+        """Read an index written by :meth:`save`."""
+        import faiss
+
+        path = Path(path)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        index = faiss.read_index(str(path))
+        stamp = {k: v for k, v in meta.items() if k not in ("kind", "dim", "size", "nprobe")}
+        return cls(index, meta["kind"], meta["dim"], meta["size"], meta.get("nprobe"), stamp)
+
+
+def build_index(
+    vectors: np.ndarray,
+    rows: np.ndarray | None = None,
+    *,
+    kind: str = "auto",
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    threads: int | None = None,
+    random_state: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> VectorIndex:
+    """Build an index over ``vectors`` (``(n, dim)`` or a project's ``(n, views, dim)``; view 0 is used).
+
+    ``rows`` selects the rows to index (default: all); the index returns these row numbers.
+    ``nlist`` / ``nprobe`` tune the inverted-file kinds (defaults: ``sqrt(n)`` cells, visit
+    ``max(8, nlist // 64)``). ``progress(n_added)`` is called after each block.
+    """
+    import faiss
+
+    if kind not in KINDS:
+        raise InputError(f"unknown index kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if threads:
+        faiss.omp_set_num_threads(int(threads))
+    dim = int(vectors.shape[-1])
+    rows = np.arange(vectors.shape[0], dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    n = len(rows)
+    if kind == "auto":
+        kind = "flat" if n <= FLAT_MAX else "ivf-sq8"
+    if kind == "flat":
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        used_nprobe = None
+    else:
+        nlist = int(nlist or min(65536, max(16, round(np.sqrt(max(n, 1))))))
+        if n < nlist:
+            raise InputError(f"an {kind} index needs at least nlist={nlist} vectors, got {n}; use kind='flat'")
+        quantizer = faiss.IndexFlatIP(dim)
+        if kind == "ivf-sq8":
+            index = faiss.IndexIVFScalarQuantizer(
+                quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+            )
+        else:
+            m = _pq_subquantizers(dim)
+            index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = int(random_state)
+        # k-means needs ~30-256 points per cell; more only costs time.
+        rng = np.random.default_rng(random_state)
+        n_train = min(n, max(nlist * 40, 10000))
+        sample = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else np.arange(n)
+        index.train(_unit(_gather(vectors, rows[sample])))
+        used_nprobe = int(nprobe or max(8, nlist // 64))
+        index.nprobe = used_nprobe
+    added = 0
+    for start in range(0, n, _BLOCK):
+        chunk = rows[start : start + _BLOCK]
+        block = _gather(vectors, chunk)
+        keep = np.any(block != 0, axis=1)  # rows never embedded hold zeros: leave them out
+        if not keep.all():
+            block, chunk = block[keep], chunk[keep]
+        if len(chunk):
+            index.add_with_ids(_unit(block), chunk)
+            added += len(chunk)
+        if progress is not None:
+            progress(len(rows[start : start + _BLOCK]))
+    return VectorIndex(index, kind, dim, added, used_nprobe)
+
+
+def project_index(
+    project: Project,
+    *,
+    kind: str = "auto",
+    rebuild: bool = False,
+    save: bool = True,
+    **options: Any,
+) -> VectorIndex:
+    """The index of a project's embedded photos, built on first use and kept in ``embeddings/index.faiss``.
+
+    A saved index is reused while the vectors file and the set of embedded photos are unchanged
+    (and, unless ``kind`` is ``auto``, it is of the asked kind); otherwise it is rebuilt.
+    Other options go to :func:`build_index`.
+    """
+    vectors = project.vectors()
+    mask = project.embedded_mask()
+    stamp = _stamp(project, mask)
+    path = project.path / "embeddings" / INDEX_FILE
+    if not rebuild and path.is_file() and path.with_suffix(".json").is_file():
+        try:
+            cached = VectorIndex.load(path)
+        except Exception as exc:  # noqa: BLE001  a damaged file is rebuilt, never trusted
+            log.warning("cannot read %s (%s); rebuilding", path, exc)
+        else:
+            if cached.stamp == stamp and kind in ("auto", cached.kind):
+                return cached
+    rows = np.flatnonzero(mask)
+    if len(rows) == 0:
+        raise NotReadyError(f"{project.path} has no embedded photos to index; run `raresift embed` first")
+    t0 = time.perf_counter()
+    built = build_index(vectors, rows, kind=kind, **options)
+    built.stamp = stamp
+    log.info("built a %s index of %d vectors in %.1f s", built.kind, built.size, time.perf_counter() - t0)
+    if save:
+        built.save(path)
+    return built
+
+
+def candidate_pool(
+    index: VectorIndex,
+    vectors: np.ndarray,
+    labelled_rows: Sequence[int] | np.ndarray,
+    *,
+    k: int = 100,
+    exclude: np.ndarray | None = None,
+) -> np.ndarray:
+    """SEALS candidate pool: the sorted rows among the ``k`` nearest neighbours of any labelled row.
+
+    ``exclude`` is a boolean mask over rows (e.g. labelled or held-out photos) removed from the pool.
+    """
+    labelled_rows = np.asarray(labelled_rows, dtype=np.int64)
+    if len(labelled_rows) == 0:
+        return np.empty(0, dtype=np.int64)
+    nb = index.neighbours(vectors, labelled_rows, k + 1)  # +1: a photo is its own nearest neighbour
+    pool = np.unique(nb[nb >= 0])
+    if exclude is not None:
+        pool = pool[~np.asarray(exclude, dtype=bool)[pool]]
+    else:
+        pool = np.setdiff1d(pool, labelled_rows, assume_unique=False)
+    return pool
+
+
+def more_like_this(
+    index: VectorIndex,
+    vectors: np.ndarray,
+    rows: Sequence[int] | np.ndarray,
+    *,
+    n: int = 20,
+    exclude: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` photos most similar to the given example rows (their mean direction), best first.
+
+    Returns ``(rows, similarities)``; the examples themselves and rows set in ``exclude`` are left out.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        raise InputError("more_like_this needs at least one example photo")
+    query = _unit(_gather(vectors, rows)).mean(axis=0, keepdims=True)
+    skip = set(rows.tolist())
+    want = n + len(skip)
+    while True:
+        sims, found = index.search(query, want)
+        keep = [
+            (r, s)
+            for r, s in zip(found[0].tolist(), sims[0].tolist())
+            if r >= 0 and r not in skip and (exclude is None or not exclude[r])
+        ]
+        if len(keep) >= n or want >= index.size:
+            break
+        want = min(index.size, want * 4)
+    keep = keep[:n]
+    return (np.array([r for r, _ in keep], dtype=np.int64), np.array([s for _, s in keep], dtype=np.float32))
+
+
+def near_duplicates(
+    index: VectorIndex,
+    vectors: np.ndarray,
+    *,
+    threshold: float = 0.95,
+    k: int = 8,
+    rows: np.ndarray | None = None,
+    nprobe: int | None = 1,
+    block: int = 4096,
+) -> list[list[int]]:
+    """Groups of rows whose vectors have cosine similarity >= ``threshold`` (linked transitively).
+
+    Each photo is compared with its ``k`` nearest neighbours, so groups larger than ``k`` are
+    found through their links. Inverted-file indexes search ``nprobe`` cells (default 1: near
+    copies fall into the same cell). Groups are sorted, largest first.
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise InputError(f"threshold must be in (0, 1], got {threshold}")
+    rows = np.arange(vectors.shape[0], dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    parent: dict[int, int] = {}
+
+    def find(a: int) -> int:
+        root = a
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while parent.get(a, a) != root:  # path compression
+            parent[a], a = root, parent[a]
+        return root
+
+    for start in range(0, len(rows), block):
+        chunk = rows[start : start + block]
+        q = _gather(vectors, chunk)
+        keep = np.any(q != 0, axis=1)
+        if not keep.any():
+            continue
+        sims, found = index.search(q[keep], k + 1, nprobe=nprobe)
+        src = np.repeat(chunk[keep], found.shape[1])
+        hit = (sims.ravel() >= threshold) & (found.ravel() >= 0) & (found.ravel() != src)
+        for a, b in zip(src[hit].tolist(), found.ravel()[hit].tolist()):
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    groups: dict[int, list[int]] = {}
+    for r in list(parent):
+        groups.setdefault(find(r), []).append(r)
+    for root in list(groups):
+        if root not in parent:
+            groups[root].append(root)
+    out = [sorted(set(g)) for g in groups.values()]
+    return sorted((g for g in out if len(g) > 1), key=lambda g: (-len(g), g[0]))
+
+
+# ---------------------------------------------------------------- helpers
+def _gather(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Whole-photo vectors of ``rows`` as float32 (reads only those rows of a memory map)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if vectors.ndim == 3:
+        if len(rows) and rows[-1] - rows[0] + 1 == len(rows) and np.all(np.diff(rows) == 1):
+            part = vectors[rows[0] : rows[-1] + 1, 0, :]  # contiguous: a slice, no fancy-index copy
+        else:
+            part = vectors[rows, 0, :]
+    else:
+        if len(rows) and rows[-1] - rows[0] + 1 == len(rows) and np.all(np.diff(rows) == 1):
+            part = vectors[rows[0] : rows[-1] + 1]
+        else:
+            part = vectors[rows]
+    return np.ascontiguousarray(part, dtype=np.float32)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.maximum(norms, 1e-12, out=norms)
+    return x / norms
+
+
+def _pq_subquantizers(dim: int) -> int:
+    for m in (64, 48, 32, 16, 8, 4, 2, 1):
+        if dim % m == 0 and m <= dim:
+            return m
+    return 1
+
+
+def _stamp(project: Project, mask: np.ndarray) -> dict:
+    path = project.path / "embeddings" / "vectors.npy"
+    st = path.stat()
+    return {
+        "vectors_size": st.st_size,
+        "vectors_mtime_ns": st.st_mtime_ns,
+        "embedded": int(mask.sum()),
+        "rows": len(mask),
+    }
