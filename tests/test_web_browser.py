@@ -78,6 +78,7 @@ def test_keys_1_0_1_backspace_leave_two_labels_one_positive(browser, embedded_pr
         assert events[0]["image_id"] == first
         assert events[2]["image_id"] == events[3]["image_id"]  # the undo withdrew the third label
         assert all(e["source"] == "web" and e["who"] for e in events)
+        assert all(e["round_id"] is not None and e["strategy"] for e in events[:3])  # round, strategy recorded
         # after the undo the page shows the withdrawn photo again, ready to be labelled anew
         assert shown_id(page) == events[3]["image_id"]
         assert page.text_content("#n-labels") == "2"
@@ -120,6 +121,59 @@ def test_grid_page_marks_and_submits(browser, embedded_project):
         with Project.open(project) as p:
             labels = {r[0]: r[1] for r in p.db.execute("SELECT image_id, value FROM current_labels")}
         assert {i: labels.get(i) for i in ids} == {i: int(k in (1, 3)) for k, i in enumerate(ids)}
+        assert not page.errors
+
+
+def test_more_like_this_queues_similar_photos(browser, embedded_project):
+    project, _, _ = embedded_project
+    with running_server(project) as url:
+        page = open_page(browser, url)
+        example = shown_id(page)
+        page.keyboard.press("m")
+        settle(page)
+        with Project.open(project) as p:
+            rounds = p.db.execute("SELECT params FROM rounds ORDER BY id").fetchall()
+            assert len(rounds) == 2 and json.loads(rounds[-1][0])["examples"]
+            assert p.db.execute("SELECT value FROM current_labels WHERE image_id = ?", (example,)).fetchone()[0] == 1
+        assert shown_id(page) != example
+        assert "Queued" in page.text_content("#banner")
+        page.keyboard.press("u")  # the example's positive label can be undone like any other
+        settle(page)
+        assert shown_id(page) == example
+        with Project.open(project) as p:
+            assert p.status()["labels"] == 0
+        assert not page.errors
+
+
+def test_evaluation_view_queues_top_k_and_shows_precision(browser, embedded_project):
+    project, _, truth = embedded_project
+    with running_server(project) as url:
+        page = open_page(browser, url, "/evaluate")
+        page.fill("#eval-k", "4")
+        page.locator("#eval-k").blur()
+        page.keyboard.press("e")  # queue the model's top-4 test photos
+        settle(page)
+        tiles = page.locator(".tile")
+        assert tiles.count() == 4
+        with Project.open(project) as p:
+            paths = {i: p.db.execute("SELECT path, split FROM images WHERE id = ?", (i,)).fetchone()
+                     for i in (int(tiles.nth(k).get_attribute("data-image-id")) for k in range(4))}
+        assert all(split == "test" for _, split in paths.values())
+        for k in range(4):
+            if truth[paths[int(tiles.nth(k).get_attribute("data-image-id"))][0]]:
+                tiles.nth(k).click()
+        page.keyboard.press("Enter")
+        settle(page)
+        page.wait_for_selector("#eval-result svg.bars")
+        from raresift.evaluate import evaluate
+
+        with Project.open(project) as p:
+            assert {i: p.labels()[path] for i, (path, _) in paths.items()} == \
+                {i: truth[path] for i, (path, _) in paths.items()}
+            result = evaluate(p, k=4)
+        shown = page.text_content("#eval-result")
+        prec = result["precision_at_k"]
+        assert f"precision@4 = {100 * prec:.{1 if prec < 0.1 else 0}f}%" in shown  # what the library computes
         assert not page.errors
 
 

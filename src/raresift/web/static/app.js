@@ -131,7 +131,10 @@ function drawChart(points, prevalence) {
   const y = (v) => H - B - (v / maxY) * (H - T - B);
   let out = `<line x1="${L}" y1="${H - B}" x2="${W - R}" y2="${H - B}" class="axis"/>`;
   out += `<line x1="${L}" y1="${T}" x2="${L}" y2="${H - B}" class="axis"/>`;
-  for (const v of [0, Math.round(maxX / 2), maxX]) out += `<text x="${x(v)}" y="${H - 8}" class="tick" text-anchor="middle">${v}</text>`;
+  for (const v of [0, Math.round(maxX / 2), maxX]) {
+    const anchor = v === 0 ? "start" : v === maxX ? "end" : "middle";
+    out += `<text x="${x(v)}" y="${H - 8}" class="tick" text-anchor="${anchor}">${v}</text>`;
+  }
   for (const v of [0, Math.round(maxY / 2), maxY]) out += `<text x="${L - 5}" y="${y(v) + 4}" class="tick" text-anchor="end">${v}</text>`;
   if (prevalence) {
     const endX = Math.min(maxX, maxY / Math.max(prevalence, 1e-9));
@@ -139,7 +142,8 @@ function drawChart(points, prevalence) {
   }
   const pts = points.map((p) => `${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" ");
   out += `<polyline points="${pts}" class="found"/>`;
-  out += `<text x="${W - R}" y="${T + 10}" class="legend" text-anchor="end">— found${prevalence ? "  ┄ random" : ""}</text>`;
+  out += `<text x="${L + 6}" y="${T + 10}" class="legend found-text">— found</text>`;
+  if (prevalence) out += `<text x="${L + 6}" y="${T + 22}" class="legend">┄ random at the estimated prevalence</text>`;
   svg.innerHTML = out;
 }
 
@@ -308,7 +312,17 @@ async function moreLikeThis() {
   if (!it) return;
   const items = await newRound({ examples: [it.image_id], strategy: "default" });
   const ids = new Set(items.map((x) => x.image_id));
-  state.items = [it].concat(items.filter((x) => x.image_id !== it.image_id), state.items.slice(1).filter((x) => !ids.has(x.image_id)));
+  const now = await api("GET", `/api/images/${it.image_id}`);
+  const rest = state.items.slice(1).filter((x) => !ids.has(x.image_id));
+  if (now.label === 1) {
+    // an example photo is a positive: the learning loop records it as one (undo withdraws it)
+    state.undo.push([{ item: now, event: now.event }]);
+    state.items = items.filter((x) => x.image_id !== it.image_id).concat(rest);
+  } else {
+    state.items = [it].concat(items.filter((x) => x.image_id !== it.image_id), rest);
+  }
+  banner(`Queued ${items.length} photos like <code>${esc(it.path)}</code>.`, "info");
+  refreshStatusSoon();
   showCurrent();
 }
 
@@ -395,9 +409,19 @@ function moveCursor(dx, dy) {
 }
 
 // ------------------------------------------------------------------ evaluation view
+async function loadPrecision() {
+  // precision@K of the last evaluation, for the side panel (not queued: it must not hold up labelling)
+  const k = parseInt(localStorage.getItem("raresift.evalK"), 10) || 50;
+  try {
+    const r = await api("GET", `/api/evaluation?k=${k}`);
+    if (typeof r.precision_at_k === "number") showPrecision(r, r.k || k);
+  } catch (err) { /* no test labels yet: the panel keeps its dash */ }
+}
+
 async function loadEvaluation() {
   const k = parseInt($("#eval-k").value, 10) || 50;
   state.evalK = k;
+  localStorage.setItem("raresift.evalK", String(k));
   const box = $("#eval-result");
   let r;
   try {
@@ -446,7 +470,8 @@ function renderEvaluation(r, k) {
   const n = evalNumbers(r);
   let html = "";
   if (typeof n.prec === "number") {
-    const bars = [["model top-" + k, n.prec, n.precIv, "model"], ["random " + k, n.rnd, n.rndIv, "rand"]]
+    const nRand = typeof r.random_labels === "number" ? ` (${r.random_labels} photos)` : "";
+    const bars = [["model top-" + k, n.prec, n.precIv, "model"], ["random" + nRand, n.rnd, n.rndIv, "rand"]]
       .filter((b) => typeof b[1] === "number");
     const W = 420, H = 200, L = 40, B = 28, T = 10;
     const y = (v) => H - B - v * (H - B - T);
@@ -469,11 +494,11 @@ function renderEvaluation(r, k) {
   }
   if (Array.isArray(r.hints) && r.hints.length) html += `<ul class="hints">${r.hints.map((h) => `<li>${esc(h)}</li>`).join("")}</ul>`;
   const rows = Object.entries(r).filter(([, v]) => v === null || ["number", "string", "boolean"].includes(typeof v) || asInterval(v));
-  html += `<table class="kv">${rows.map(([key, v]) => {
+  html += `<details><summary>all numbers</summary><table class="kv">${rows.map(([key, v]) => {
     const iv = asInterval(v);
     const txt = iv ? `[${iv.map((x) => (typeof x === "number" ? x.toFixed(3) : x)).join(", ")}]` : typeof v === "number" ? (Number.isInteger(v) ? v : v.toFixed(3)) : esc(v);
     return `<tr><th>${esc(key)}</th><td>${txt}</td></tr>`;
-  }).join("")}</table>`;
+  }).join("")}</table></details>`;
   return html;
 }
 
@@ -559,9 +584,14 @@ async function start() {
     await loadQueue(GRID * 2);
     if (!state.items.length && MODE === "grid") { await newRound(); await loadQueue(GRID * 2); }
     renderGrid();
-    if (MODE === "evaluate") await loadEvaluation();
+    if (MODE === "evaluate") {
+      const saved = parseInt(localStorage.getItem("raresift.evalK"), 10);
+      if (saved) $("#eval-k").value = String(saved);
+      await loadEvaluation();
+    }
   }
   body.dataset.ready = "1";
+  if (MODE !== "evaluate") loadPrecision();
 }
 
 run(start);
