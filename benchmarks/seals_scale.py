@@ -1,0 +1,221 @@
+"""SEALS candidate pools: quality against the full scan on Caltech-101, round time against collection size.
+
+Part 1, quality (``--caltech PROJECT``, an embedded Caltech-101 project, read only): every small
+Caltech class in turn is the rare class. A simulated labelling session starts from 5 positives and
+20 random photos of the pool split, then runs ``--rounds`` rounds of ``--batch`` photos chosen by
+raresift's default strategy and head (``raresift.learn``), once scoring the whole pool ("full
+scan") and once scoring only the SEALS candidate pool: the unlabelled photos among the ``k``
+nearest neighbours of the labelled ones (FAISS index, ``raresift.scale.index``). Quality =
+average precision of the final model on the test split, and the share of the pool's positives
+found among the labels. Reported: means over classes and seeds, and the SEALS - full difference.
+
+Part 2, scale (``--scale-projects DIR...``, projects of synthetic vectors made by
+``benchmarks/round_latency.py``): time of one round (200 labels) with SEALS (neighbour search of
+the labelled photos, training, scoring the candidate pool, selection) next to the full scan's
+scoring alone, at each collection size. Usage::
+
+    python benchmarks/seals_scale.py --caltech /work/devdata/caltech \\
+        --scale-projects /work/devdata/round-latency/n10000 /work/devdata/round-latency/n100000 \\
+        /work/devdata/round-latency/n1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from raresift.learn.features import featurize
+from raresift.learn.model import fit_scorer, sigmoid
+from raresift.learn.strategies import get_strategy
+from raresift.scale.index import VectorIndex, build_index, candidate_pool
+
+SMALL_CLASSES = ("butterfly", "dragonfly", "ant", "scorpion", "crab", "starfish", "sunflower", "lotus",
+                 "wild_cat", "cougar_face", "llama", "kangaroo")
+
+
+def average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
+    order = np.argsort(-scores, kind="stable")
+    hits = truth[order].astype(np.float64)
+    if hits.sum() == 0:
+        return float("nan")
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float((precision * hits).sum() / hits.sum())
+
+
+def read_project(path: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(features (n, d) float32 unit rows, paths, split names) of an embedded project, read only."""
+    db = sqlite3.connect(f"file:{path / 'raresift.sqlite'}?mode=ro", uri=True)
+    rows = db.execute("SELECT id, path, split, status FROM images ORDER BY id").fetchall()
+    db.close()
+    vec = np.load(path / "embeddings" / "vectors.npy", mmap_mode="r")
+    keep = np.array([r[3] == "embedded" for r in rows])
+    X = featurize(np.asarray(vec[: len(rows)])[keep])
+    return X, [r[1] for r, k in zip(rows, keep) if k], np.array([r[2] for r, k in zip(rows, keep) if k])
+
+
+class _Matrix:
+    """Features by row, the way raresift.learn takes them."""
+
+    def __init__(self, X):
+        self.X = X
+
+    def __getitem__(self, rows):
+        return self.X[rows]
+
+
+def simulate(X, truth, pool, test, *, index: VectorIndex | None, k: int, rounds: int, batch: int,
+             seed: int) -> tuple[float, float, float]:
+    """One session; returns (test AP, share of pool positives found, mean candidate-pool share)."""
+    rng = np.random.default_rng(seed)
+    labelled = np.zeros(len(X), dtype=bool)
+    pos = pool[truth[pool] == 1]
+    labelled[rng.choice(pos, size=min(5, len(pos)), replace=False)] = True
+    labelled[rng.choice(pool, size=20, replace=False)] = True
+    is_test = np.zeros(len(X), dtype=bool)
+    is_test[test] = True
+    strategy = get_strategy("default")
+    pool_share = []
+    for _ in range(rounds):
+        lab = np.flatnonzero(labelled)
+        if index is None:
+            cand = pool[~labelled[pool]]
+        else:
+            cand = candidate_pool(index, X, lab, k=k, exclude=labelled | is_test)
+        pool_share.append(len(cand) / len(pool))
+        # Weak negatives: a random sample of the whole unlabelled pool (cheap at any size: random rows).
+        scorer = fit_scorer(_Matrix(X), lab, truth[lab], unlabeled=pool[~labelled[pool]], rng=rng)
+        proba = sigmoid(scorer.score(X[cand]))
+        picks, _ = strategy(proba, batch, rng=rng, features=_Matrix(X[cand]))
+        labelled[cand[picks]] = True
+    lab = np.flatnonzero(labelled)
+    scorer = fit_scorer(_Matrix(X), lab, truth[lab], unlabeled=pool[~labelled[pool]], rng=rng)
+    ap = average_precision(scorer.score(X[test]), truth[test])
+    found = truth[lab].sum() / max(1, truth[pool].sum())
+    return ap, float(found), float(np.mean(pool_share))
+
+
+def quality(args) -> None:
+    X, paths, splits = read_project(args.caltech)
+    classes = np.array([p.split("/")[0] for p in paths])
+    pool, test = np.flatnonzero(splits == "pool"), np.flatnonzero(splits == "test")
+    t0 = time.perf_counter()
+    index = build_index(X, kind="flat")
+    print(f"Caltech-101: {len(X)} photos ({len(pool)} pool, {len(test)} test); flat index in "
+          f"{time.perf_counter() - t0:.2f} s", flush=True)
+    names = [c for c in SMALL_CLASSES if c in set(classes)][: args.classes]
+    results: dict[str, list[tuple[float, float, float]]] = {"full": []}
+    for k in args.k:
+        results[f"seals k={k}"] = []
+    for name in names:
+        truth = (classes == name).astype(np.int64)
+        for seed in range(args.seeds):
+            results["full"].append(simulate(X, truth, pool, test, index=None, k=0, rounds=args.rounds,
+                                            batch=args.batch, seed=seed))
+            for k in args.k:
+                results[f"seals k={k}"].append(simulate(X, truth, pool, test, index=index, k=k,
+                                                        rounds=args.rounds, batch=args.batch, seed=seed))
+        line = ", ".join(f"{m} AP {100 * statistics.mean(r[0] for r in v[-args.seeds:]):.1f}"
+                         for m, v in results.items())
+        print(f"  {name:<12} ({truth.sum()} photos): {line}", flush=True)
+    print()
+    labels = 25 + args.rounds * args.batch
+    print(f"Caltech-101, {len(names)} rare classes x {args.seeds} seeds, {labels} labels "
+          f"(5 positives + 20 random, then {args.rounds} rounds of {args.batch}, default strategy)")
+    print()
+    print("| pool | test AP (points) | vs full scan | positives found | vs full scan | scored per round |")
+    print("|---|---:|---:|---:|---:|---:|")
+    full_ap = 100 * np.nanmean([r[0] for r in results["full"]])
+    full_found = 100 * np.mean([r[1] for r in results["full"]])
+    for m, v in results.items():
+        ap = 100 * np.nanmean([r[0] for r in v])
+        found = 100 * np.mean([r[1] for r in v])
+        share = 100 * np.mean([r[2] for r in v])
+        print(f"| {m} | {ap:.1f} | {ap - full_ap:+.1f} | {found:.1f}% | {found - full_found:+.1f} | {share:.0f}% |")
+
+
+def scale(args) -> None:
+    from raresift import Project
+    from raresift.learn.features import gather
+
+    print()
+    print("| photos | index (kind, build) | SEALS round: search | training | scoring | selection | "
+          "**total** | candidates | full scan: scoring alone |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for path in args.scale_projects:
+        with Project.open(path) as p:
+            vectors = p.vectors()
+            n = vectors.shape[0]
+            t0 = time.perf_counter()
+            from raresift.scale.index import project_index
+
+            index = project_index(p)
+            build = time.perf_counter() - t0
+            rows = p.db.execute(
+                "SELECT c.image_id - 1, c.value FROM current_labels c JOIN images i ON i.id = c.image_id "
+                "WHERE i.split = 'pool'").fetchall()
+        lab = np.array([r[0] for r in rows], dtype=np.int64)
+        y = np.array([r[1] for r in rows], dtype=np.int64)
+        rng = np.random.default_rng(0)
+        timings = []
+        for _ in range(args.repeats):
+            index._knn_cache.clear()  # a first round: every labelled photo is searched
+            t = [time.perf_counter()]
+            exclude = np.zeros(n, dtype=bool)
+            exclude[lab] = True
+            cand = candidate_pool(index, vectors, lab, k=args.k[-1], exclude=exclude)
+            with Project.open(path) as p:  # the test split of the candidates only: no O(n) read
+                test_ids = set()
+                for s in range(0, len(cand), 900):
+                    chunk = (cand[s : s + 900] + 1).tolist()
+                    q = f"SELECT id FROM images WHERE split = 'test' AND id IN ({','.join('?' * len(chunk))})"
+                    test_ids.update(r[0] - 1 for r in p.db.execute(q, chunk))
+            cand = cand[~np.isin(cand, np.fromiter(test_ids, dtype=np.int64, count=len(test_ids)))]
+            t.append(time.perf_counter())
+            weak = np.unique(rng.integers(0, n, size=2000))  # weak negatives: random rows of the collection
+            weak = weak[~exclude[weak]]
+            train_x = gather(vectors, np.concatenate([lab, weak]))
+            scorer = fit_scorer(_Matrix(train_x), np.arange(len(lab)), y,
+                                unlabeled=np.arange(len(lab), len(train_x)), rng=rng)
+            t.append(time.perf_counter())
+            cand_x = gather(vectors, cand)
+            proba = sigmoid(scorer.score(cand_x))
+            t.append(time.perf_counter())
+            picks, _ = get_strategy("default")(proba, 100, rng=rng, features=_Matrix(cand_x))
+            t.append(time.perf_counter())
+            timings.append(np.diff(t))
+        med = np.median(np.array(timings), axis=0)
+        # Full scan, scoring alone, for comparison (same head, every row).
+        t0 = time.perf_counter()
+        for start in range(0, n, 8192):
+            scorer.score(featurize(vectors[start : start + 8192]))
+        full = time.perf_counter() - t0
+        print(f"| {n:,} | {index.kind}, {build:.1f} s | {med[0]:.2f} s | {med[1]:.2f} s | {med[2]:.3f} s | "
+              f"{med[3]:.2f} s | **{med.sum():.2f} s** | {len(cand):,} | {full:.2f} s |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--caltech", type=Path, default=None, help="embedded Caltech-101 project (read only)")
+    ap.add_argument("--classes", type=int, default=8)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=25)
+    ap.add_argument("--k", type=int, nargs="+", default=[10, 30, 100], help="neighbours per labelled photo")
+    ap.add_argument("--scale-projects", type=Path, nargs="*", default=[])
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    if args.caltech:
+        quality(args)
+    if args.scale_projects:
+        scale(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

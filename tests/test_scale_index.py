@@ -1,0 +1,136 @@
+"""The FAISS index: exact and inverted-file search, SEALS candidate pools, more-like-this, near-duplicates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_collection
+from PIL import Image
+
+from raresift import Project
+from raresift.errors import InputError
+from raresift.scale.index import (
+    VectorIndex,
+    build_index,
+    candidate_pool,
+    more_like_this,
+    near_duplicates,
+    project_index,
+)
+
+
+def clustered(n: int, dim: int = 64, clusters: int = 40, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    return centres[rng.integers(0, clusters, n)] + 0.4 * rng.normal(size=(n, dim)).astype(np.float32)
+
+
+def test_flat_index_is_exact_and_returns_rows():
+    x = clustered(3000)
+    rows = np.arange(3000) * 2 + 5  # the index answers with the given row numbers
+    big = np.zeros((rows.max() + 1, 64), dtype=np.float32)
+    big[rows] = x
+    index = build_index(big, rows, kind="flat")
+    assert (index.kind, index.size) == ("flat", 3000)
+    sims, found = index.search(big[rows[:50]], 5)
+    assert (found[:, 0] == rows[:50]).all()
+    np.testing.assert_allclose(sims[:, 0], 1.0, atol=1e-5)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    exact = np.argsort(-(unit[:50] @ unit.T), axis=1)[:, :5]
+    assert (found == rows[exact]).mean() > 0.99
+
+
+def test_ivf_index_recall_against_exact_search():
+    x = clustered(6000, seed=1)
+    exact = build_index(x, kind="flat")
+    ivf = build_index(x, kind="ivf-sq8", nlist=32, nprobe=8)
+    assert ivf.kind == "ivf-sq8" and ivf.size == 6000
+    _, a = exact.search(x[:200], 10)
+    _, b = ivf.search(x[:200], 10)
+    recall = np.mean([len(set(p) & set(q)) / 10 for p, q in zip(a, b)])
+    assert recall >= 0.9, recall
+    with pytest.raises(InputError, match="at least nlist"):
+        build_index(x[:10], kind="ivf-sq8", nlist=32)
+    with pytest.raises(InputError, match="unknown index kind"):
+        build_index(x, kind="hnsw")
+
+
+def test_zero_rows_are_left_out():
+    x = clustered(500)
+    x[[3, 7]] = 0  # rows never embedded hold zeros
+    index = build_index(x, kind="flat")
+    assert index.size == 498
+    _, found = index.search(x[:20], 498)
+    assert not np.isin([3, 7], found).any()
+
+
+def test_candidate_pool_is_the_neighbourhood_of_the_labels_and_caches_searches():
+    x = clustered(4000, seed=2)
+    index = build_index(x, kind="flat")
+    labelled = np.array([0, 1, 2, 3])
+    exclude = np.zeros(4000, dtype=bool)
+    exclude[labelled] = True
+    exclude[10:2000] = True  # e.g. the test split
+    calls = []
+    real = index.search
+    index.search = lambda q, k, **kw: calls.append(len(q)) or real(q, k, **kw)
+    pool = candidate_pool(index, x, labelled, k=20, exclude=exclude)
+    assert len(pool) > 0 and not exclude[pool].any()
+    assert np.all(np.diff(pool) > 0)
+    _, nb = real(x[labelled], 21)
+    expected = np.setdiff1d(np.unique(nb), np.flatnonzero(exclude))
+    np.testing.assert_array_equal(pool, expected)
+    # Next round: two more labels; only they are searched.
+    candidate_pool(index, x, np.array([0, 1, 2, 3, 2500, 2600]), k=20)
+    assert calls == [4, 2]
+    assert len(candidate_pool(index, x, np.array([], dtype=np.int64), k=20)) == 0
+
+
+def test_more_like_this_and_near_duplicates_on_vectors():
+    x = clustered(2000, seed=3)
+    x[100] = x[50] * 1.5  # same direction: cosine 1
+    x[101] = x[50] + 0.01
+    x[700] = x[600] + 0.01
+    index = build_index(x, kind="flat")
+    rows, sims = more_like_this(index, x, [50], n=5)
+    assert set(rows[:2].tolist()) == {100, 101} and 50 not in rows
+    assert np.all(np.diff(sims) <= 1e-6)
+    exclude = np.zeros(2000, dtype=bool)
+    exclude[100] = True
+    rows, _ = more_like_this(index, x, [50], n=5, exclude=exclude)
+    assert 100 not in rows and rows[0] == 101
+    groups = near_duplicates(index, x, threshold=0.999)
+    assert groups == [[50, 100, 101], [600, 700]]
+
+
+def test_project_index_on_real_photos_finds_a_resized_copy(tmp_path):
+    images = tmp_path / "images"
+    make_collection(images, n=16, n_rare=3, seed=5)
+    src = Image.open(images / "b" / "img_0002.jpg")
+    src.resize((240, 180)).save(images / "b" / "copy_of_0002.jpg", quality=70)  # bigger, re-encoded
+    with Project.create(tmp_path / "p", images=images) as p:
+        p.add_images()
+        p.embed(batch_size=16)
+        index = project_index(p)
+        assert (p.path / "embeddings" / "index.faiss").is_file()
+        vectors = p.vectors()
+        a, b = p.image_id("b/img_0002.jpg") - 1, p.image_id("b/copy_of_0002.jpg") - 1
+        groups = near_duplicates(index, vectors, threshold=0.95)
+        assert [sorted([a, b])] == groups
+        rows, sims = more_like_this(index, vectors, [a], n=3)
+        assert rows[0] == b and sims[0] > 0.95
+        # Reused while nothing changes; rebuilt when the vectors change.
+        again = project_index(p)
+        assert again.stamp == index.stamp and again.size == 17
+        p.embed(reembed=True, limit=10)
+        smaller = project_index(p)
+        assert smaller.size == 10 and smaller.stamp != index.stamp
+
+
+def test_index_save_and_load_roundtrip(tmp_path):
+    x = clustered(3000, seed=4)
+    index = build_index(x, kind="ivf-sq8", nlist=16, nprobe=4)
+    index.save(tmp_path / "i.faiss")
+    back = VectorIndex.load(tmp_path / "i.faiss")
+    assert (back.kind, back.size, back.nprobe) == ("ivf-sq8", 3000, 4)
+    np.testing.assert_array_equal(back.search(x[:10], 5)[1], index.search(x[:10], 5)[1])
