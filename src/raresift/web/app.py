@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs
 
 from fastapi import Body, Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.templating import Jinja2Templates
@@ -87,6 +88,12 @@ ERRORS = {status: {"model": ErrorOut, "description": code} for status, code in _
 
 
 # ---------------------------------------------------------------------- models
+MAX_ID = 2**62  # SQLite integers are 64-bit; anything larger is no id of ours
+ImageId = Annotated[int, Field(ge=1, le=MAX_ID, description="database id of a photo")]
+EventId = Annotated[int, Field(ge=1, le=MAX_ID, description="id of a label event")]
+ImageIdPath = Annotated[int, PathParam(ge=1, le=MAX_ID, description="database id of a photo")]
+
+
 class Item(BaseModel):
     image_id: int = Field(description="database id of the photo (its URL is /api/images/{image_id}/file)")
     path: str = Field(description="the photo's id in the project (path relative to the images folder)")
@@ -106,9 +113,9 @@ class ItemsOut(BaseModel):
 
 
 class LabelIn(BaseModel):
-    image_id: int
+    image_id: ImageId
     value: Literal[0, 1] | None = Field(description="1 = shows the class, 0 = does not, null = withdraw the label")
-    expected: int | None = Field(
+    expected: EventId | None = Field(
         None, description="id of the newest label event the client saw (null: it saw none). When given, a label "
         "made by someone else since then is reported as a 409 label_conflict instead of being replaced. "
         "Leave the field out to skip the check.")
@@ -138,8 +145,8 @@ class LabelsOut(BaseModel):
 
 class UndoIn(BaseModel):
     who: str | None = Field(None, max_length=200)
-    image_id: int | None = Field(None, description="photo whose label to withdraw (default: your newest label)")
-    expected: int | None = Field(None, description="the label event you are undoing (conflict check)")
+    image_id: ImageId | None = Field(None, description="photo whose label to withdraw (default: your newest label)")
+    expected: EventId | None = Field(None, description="the label event you are undoing (conflict check)")
 
 
 class UndoOut(BaseModel):
@@ -151,9 +158,9 @@ class RoundIn(BaseModel):
     n: int = Field(20, ge=1, le=1000, description="photos in the batch")
     strategy: str = Field("default", max_length=100)
     query: str | None = Field(None, max_length=500, description="text query for a cold start")
-    examples: list[int] | None = Field(None, max_length=100, description="image ids: find more like these")
+    examples: list[ImageId] | None = Field(None, max_length=100, description="image ids: find more like these")
     evaluate: bool = Field(False, description="queue the top-K test photos for evaluation instead")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="seed of the round's random draws")
     who: str | None = Field(None, max_length=200)
 
 
@@ -222,6 +229,15 @@ class _Guard:
                 return await _error(401, "unauthorized", "this server needs its access token: open the URL that "
                                     "`raresift serve` printed, or send the X-Raresift-Token header")(scope, receive, send)
         if scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+            # Another web site may make the browser send a request here, but it cannot set a JSON
+            # content type without the browser asking first (CORS), nor fake the Origin header.
+            origin = headers.get("origin")
+            if origin is not None and origin != "null" and origin.split("://", 1)[-1].lower() != headers.get("host", "").lower():
+                return await _error(403, "forbidden", f"requests from {origin} are not accepted")(scope, receive, send)
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype and ctype != "application/json":
+                return await _error(415, "unsupported_media_type", "send the request body as application/json")(
+                    scope, receive, send)
             length = headers.get("content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body):
                 return await _error(413, "too_large", f"request body over {self.max_body} bytes")(scope, receive, send)
@@ -446,14 +462,14 @@ def create_app(
         return {"event": _event_json(ev), "item": backend.item(project, ev.image_id)}
 
     @app.get("/api/images/{image_id:int}", response_model=Item, responses=ERRORS, summary="One photo and its label")
-    def api_image(project: ProjectDep, image_id: int):
+    def api_image(project: ProjectDep, image_id: ImageIdPath):
         if project.db.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone() is None:
             return _error(404, "not_found", f"no photo with id {image_id}")
         return backend.item(project, image_id)
 
     @app.get("/api/images/{image_id:int}/file", responses={200: {"content": {"image/jpeg": {}}}, **ERRORS},
              summary="The photo file (registered photos only, by id)")
-    def api_image_file(project: ProjectDep, image_id: int):
+    def api_image_file(project: ProjectDep, image_id: ImageIdPath):
         row = project.db.execute("SELECT status FROM images WHERE id = ?", (image_id,)).fetchone()
         if row is None:
             return _error(404, "not_found", f"no photo with id {image_id}")
