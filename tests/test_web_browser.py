@@ -204,3 +204,17 @@ def test_two_tabs_lose_nothing_and_conflicts_are_shown(browser, embedded_project
                                 (same,)).fetchall()
         assert [(r[0], r[1]) for r in rows][-1] == (0, "bob") and rows[-1][2] == 1
         assert len(rows) == 2  # both labels kept as events
+
+
+def test_page_works_through_the_token_url(browser, embedded_project):
+    project, _, _ = embedded_project
+    with running_server(project, "--token", "browser-token-42") as url:
+        page = open_page(browser, url)  # the printed URL: ?token=... once, then a cookie
+        page.wait_for_function("document.getElementById('photo').naturalWidth > 0")
+        page.keyboard.press("1")
+        settle(page)
+        assert cli_status(project)["labels"] == 1
+        stranger = browser.new_page()
+        resp = stranger.goto(url.split("?")[0] + "api/status")
+        assert resp.status == 401  # a browser without the token gets nothing
+        stranger.close()
