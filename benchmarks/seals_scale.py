@@ -186,7 +186,7 @@ def scale(args) -> None:
             cand_x = gather(vectors, cand)
             proba = sigmoid(scorer.score(cand_x))
             t.append(time.perf_counter())
-            picks, _ = get_strategy("default")(proba, 100, rng=rng, features=_Matrix(cand_x))
+            get_strategy("default")(proba, 100, rng=rng, features=_Matrix(cand_x))
             t.append(time.perf_counter())
             timings.append(np.diff(t))
         med = np.median(np.array(timings), axis=0)

@@ -119,9 +119,15 @@ def test_project_index_on_real_photos_finds_a_resized_copy(tmp_path):
         assert [sorted([a, b])] == groups
         rows, sims = more_like_this(index, vectors, [a], n=3)
         assert rows[0] == b and sims[0] > 0.95
-        # Reused while nothing changes; rebuilt when the vectors change.
+        # Reused while nothing changes, read lazily: neighbours found before come from the cache
+        # beside it, so the next command does not even load the FAISS file for them.
+        pool = candidate_pool(index, vectors, [a, b], k=5)
         again = project_index(p)
-        assert again.stamp == index.stamp and again.size == 17
+        assert again.stamp == index.stamp and again.size == 17 and again.index is None
+        np.testing.assert_array_equal(candidate_pool(again, vectors, [a, b], k=5), pool)
+        assert again.index is None
+        candidate_pool(again, vectors, [a, b, 0], k=5)  # a new label: now it searches
+        assert again.index is not None
         p.embed(reembed=True, limit=10)
         smaller = project_index(p)
         assert smaller.size == 10 and smaller.stamp != index.stamp

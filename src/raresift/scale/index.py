@@ -63,13 +63,21 @@ _BLOCK = 16384  # rows read from the memory map at a time while adding
 class VectorIndex:
     """A built index: ``search`` returns cosine similarities and image rows (-1 = no result)."""
 
-    index: Any  # faiss.Index
+    index: Any  # faiss.Index; None until first needed when opened lazily from ``path``
     kind: str
     dim: int
     size: int
     nprobe: int | None = None
     stamp: dict = field(default_factory=dict)
+    path: Path | None = None
     _knn_cache: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
+
+    def _faiss(self):
+        if self.index is None:
+            import faiss
+
+            self.index = faiss.read_index(str(self.path))
+        return self.index
 
     def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest rows of each query: ``(similarities (m, k) float32, rows (m, k) int64)``."""
@@ -80,21 +88,59 @@ class VectorIndex:
         if self.nprobe is not None:
             import faiss
 
-            faiss.extract_index_ivf(self.index).nprobe = int(nprobe or self.nprobe)
-        sims, rows = self.index.search(q, k)
+            faiss.extract_index_ivf(self._faiss()).nprobe = int(nprobe or self.nprobe)
+        sims, rows = self._faiss().search(q, k)
         return sims, rows
 
     def neighbours(self, vectors: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
-        """``(len(rows), k)`` nearest rows of the given rows (themselves included), cached per row."""
+        """``(len(rows), k)`` nearest rows of the given rows (themselves included), cached per row.
+
+        An index opened by :func:`project_index` keeps the cache on disk beside it, so a new
+        command searches only the photos labelled since the last one (and, when there are none,
+        does not even read the FAISS file).
+        """
         rows = np.asarray(rows, dtype=np.int64)
         todo = [r for r in dict.fromkeys(rows.tolist()) if (r, k) not in self._knn_cache]
         if todo:
             _, found = self.search(_gather(vectors, np.array(todo, dtype=np.int64)), k)
             for r, nb in zip(todo, found):
                 self._knn_cache[(r, k)] = nb
+            self._save_neighbours()
         if len(rows) == 0:
             return np.empty((0, k), dtype=np.int64)
         return np.stack([self._knn_cache[(r, k)] for r in rows.tolist()])
+
+    def _knn_path(self) -> Path | None:
+        return None if self.path is None else self.path.with_name(self.path.stem + "-knn.npz")
+
+    def _save_neighbours(self) -> None:
+        target = self._knn_path()
+        if target is None:
+            return
+        arrays: dict[str, np.ndarray] = {"stamp": np.array(json.dumps(self.stamp, sort_keys=True))}
+        for k in sorted({k for _, k in self._knn_cache}):
+            rows = sorted(r for r, kk in self._knn_cache if kk == k)
+            arrays[f"rows_{k}"] = np.array(rows, dtype=np.int64)
+            arrays[f"nbrs_{k}"] = np.stack([self._knn_cache[(r, k)] for r in rows])
+        tmp = target.with_name(target.stem + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, target)
+
+    def _load_neighbours(self) -> None:
+        source = self._knn_path()
+        if source is None or not source.is_file():
+            return
+        try:
+            with np.load(source) as data:
+                if str(data["stamp"]) != json.dumps(self.stamp, sort_keys=True):
+                    return  # neighbours of another index
+                for key in data.files:
+                    if key.startswith("rows_"):
+                        k = int(key[5:])
+                        for r, nb in zip(data[key].tolist(), data[f"nbrs_{k}"]):
+                            self._knn_cache[(r, k)] = nb
+        except (OSError, ValueError, KeyError) as exc:  # a damaged cache is only slower
+            log.warning("ignoring neighbour cache %s (%s)", source, exc)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the index (and its stamp beside it, ``.json``) atomically."""
@@ -102,23 +148,26 @@ class VectorIndex:
 
         path = Path(path)
         tmp = path.with_suffix(".tmp")
-        faiss.write_index(self.index, str(tmp))
+        faiss.write_index(self._faiss(), str(tmp))
         os.replace(tmp, path)
         meta = {"kind": self.kind, "dim": self.dim, "size": self.size, "nprobe": self.nprobe, **self.stamp}
         stamp_path = path.with_suffix(".json")
         stamp_path.with_suffix(".json.tmp").write_text(json.dumps(meta))
         os.replace(stamp_path.with_suffix(".json.tmp"), stamp_path)
+        self.path = path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> VectorIndex:
-        """Read an index written by :meth:`save`."""
-        import faiss
-
+    def load(cls, path: str | os.PathLike, *, lazy: bool = False) -> VectorIndex:
+        """Read an index written by :meth:`save` (with ``lazy``, the FAISS file only when a search needs it)."""
         path = Path(path)
         meta = json.loads(path.with_suffix(".json").read_text())
-        index = faiss.read_index(str(path))
+        if not path.is_file():
+            raise FileNotFoundError(path)
         stamp = {k: v for k, v in meta.items() if k not in ("kind", "dim", "size", "nprobe")}
-        return cls(index, meta["kind"], meta["dim"], meta["size"], meta.get("nprobe"), stamp)
+        out = cls(None, meta["kind"], meta["dim"], meta["size"], meta.get("nprobe"), stamp, path)
+        if not lazy:
+            out._faiss()
+        return out
 
 
 def build_index(
@@ -202,18 +251,18 @@ def project_index(
     Other options go to :func:`build_index`.
     """
     vectors = project.vectors()
-    mask = project.embedded_mask()
-    stamp = _stamp(project, mask)
+    stamp = _stamp(project)
     path = project.path / "embeddings" / INDEX_FILE
     if not rebuild and path.is_file() and path.with_suffix(".json").is_file():
         try:
-            cached = VectorIndex.load(path)
+            cached = VectorIndex.load(path, lazy=True)  # the FAISS file is read when a search needs it
         except Exception as exc:  # noqa: BLE001  a damaged file is rebuilt, never trusted
             log.warning("cannot read %s (%s); rebuilding", path, exc)
         else:
             if cached.stamp == stamp and kind in ("auto", cached.kind):
+                cached._load_neighbours()
                 return cached
-    rows = np.flatnonzero(mask)
+    rows = np.flatnonzero(project.embedded_mask())
     if len(rows) == 0:
         raise NotReadyError(f"{project.path} has no embedded photos to index; run `raresift embed` first")
     t0 = time.perf_counter()
@@ -364,12 +413,16 @@ def _pq_subquantizers(dim: int) -> int:
     return 1
 
 
-def _stamp(project: Project, mask: np.ndarray) -> dict:
+def _stamp(project: Project) -> dict:
+    """What the index depends on, cheap to read at any size (no per-image Python work)."""
     path = project.path / "embeddings" / "vectors.npy"
     st = path.stat()
+    embedded, last = project.db.execute(
+        "SELECT COUNT(*), COALESCE(MAX(id), 0) FROM images WHERE status = 'embedded'"
+    ).fetchone()
     return {
         "vectors_size": st.st_size,
         "vectors_mtime_ns": st.st_mtime_ns,
-        "embedded": int(mask.sum()),
-        "rows": len(mask),
+        "embedded": int(embedded),
+        "last_embedded": int(last),
     }
