@@ -119,7 +119,11 @@ class Project:
             project = cls.open(p)
             if images is not None:
                 known = project.meta("images_root")
-                if known is not None and Path(known) != Path(images):
+                if project.meta("created_at") is None:
+                    # Its creation was cut short (killed before the settings were saved): finish it.
+                    project._set_meta(created_at=str(time.time()), test_fraction=repr(float(test_fraction)),
+                                      seed=str(int(seed)), images_root=str(images))
+                elif known is not None and Path(known) != Path(images):
                     project.close()
                     raise ProjectExistsError(
                         f"{p} already holds a project for {known}, not {images}; pick another project folder"
