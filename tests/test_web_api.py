@@ -229,3 +229,22 @@ def test_evaluation_and_export_from_the_page(client):
     path = out.json()["path"]
     assert path.startswith(str(client.project_path)) and open(path).read().startswith("rank,path")
     assert_error(client.post("/api/export", json={"top": 10, "fmt": "xls"}), 400)
+
+
+def test_a_project_not_embedded_yet_says_what_to_run(tmp_path):
+    from conftest import make_collection
+
+    make_collection(tmp_path / "photos", n=6, n_rare=1)
+    with Project.create(tmp_path / "p", images=tmp_path / "photos") as p:
+        p.add_images()
+    with TestClient(create_app(tmp_path / "p")) as c:
+        assert c.get("/").status_code == 200
+        err = assert_error(c.post("/api/rounds", json={"n": 3}), 409, "not_ready")
+        assert "raresift embed" in err["message"]
+
+
+def test_create_app_refuses_a_folder_that_is_no_project(tmp_path):
+    from raresift import NotAProjectError
+
+    with pytest.raises(NotAProjectError):
+        create_app(tmp_path / "nothing")

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "/evaluate measures precision@K on the test photos. Binds 127.0.0.1 by default; binding another "
         "address needs an access token (--token, or one is generated and printed).",
     )
-    p.add_argument("project", type=Path)
+    p.add_argument("project", type=Path, help="project folder (made with `raresift init`, embedded)")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser")

@@ -576,6 +576,15 @@ function bindForms() {
 
 async function start() {
   bindForms();
+  try {
+    await boot();
+  } finally {
+    body.dataset.ready = "1"; // also after an error (shown in the banner), so the page stays usable
+  }
+  if (MODE !== "evaluate") loadPrecision();
+}
+
+async function boot() {
   await refreshStatus();
   if (MODE === "label") {
     await ensureItems(50);
@@ -590,8 +599,6 @@ async function start() {
       await loadEvaluation();
     }
   }
-  body.dataset.ready = "1";
-  if (MODE !== "evaluate") loadPrecision();
 }
 
 run(start);
