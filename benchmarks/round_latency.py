@@ -106,6 +106,35 @@ def time_command(cmd: list[str]) -> tuple[float, str]:
     return time.perf_counter() - t0, out
 
 
+def install_proposed_fast_paths() -> None:
+    """The changes proposed for `raresift next` at 10^6 photos (see docs/SCALE.md), patched in for measuring.
+
+    * ``Project.embedded_mask`` / ``Project.splits``: SQL aggregates instead of a Python object per image;
+    * ``Model.logits``: with one view per photo, ``unit(x) . w + b`` as one BLAS product per 65,536-row
+      block straight on the memory map, divided by cached row norms (no float32 copy, no normalised copy).
+    """
+    import raresift.learn.loop as loop
+    from raresift.project import Project
+    from raresift.scale import scoring
+
+    Project.embedded_mask = scoring.embedded_mask
+    Project.splits = scoring.split_names
+    plain = loop.Model.logits
+
+    def logits(self, *, rng=None):
+        vectors = self.project.vectors()
+        head = self.scorer.head
+        if head is None or (vectors.shape[1] > 1 and self.pooling != "whole"):
+            return plain(self, rng=rng)
+        z = scoring.linear_scores(vectors, head.coef_, head.intercept_, scoring.row_norms(self.project, vectors))
+        if self.prior is not None and self.scorer.prior_weight:
+            z += np.float32(self.scorer.prior_weight) * np.nan_to_num(self.prior[: len(z)], nan=0.0).astype(np.float32)
+        z[~self.project.embedded_mask()[: len(z)]] = -np.inf
+        return z
+
+    loop.Model.logits = logits
+
+
 def split_round(project: Path, n: int) -> dict[str, float]:
     """One round in this process, timed by part (wrapping the learning loop's train and scoring)."""
     from raresift import Project
@@ -149,11 +178,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--clean", action="store_true", help="delete the projects afterwards")
+    ap.add_argument("--proposed", action="store_true",
+                    help="also time the command with the proposed fast paths patched in")
     ap.add_argument("--split", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one timed round
+    ap.add_argument("--run", type=Path, default=None, help=argparse.SUPPRESS)  # internal: the patched command
     args = ap.parse_args(argv)
     if args.split is not None:
+        if args.proposed:
+            install_proposed_fast_paths()
         print(json.dumps(split_round(args.split, args.n)))
         return 0
+    if args.run is not None:  # `raresift next` with the proposed fast paths
+        install_proposed_fast_paths()
+        from raresift.cli import main as cli
+
+        return cli(["next", str(args.run), "--n", str(args.n), "--json"])
 
     rows = []
     for size in args.sizes:
@@ -168,8 +207,20 @@ def main(argv: list[str] | None = None) -> int:
         # In a fresh process, so imports are paid inside the round as they are by the command.
         _, out = time_command([sys.executable, __file__, "--split", str(project), "--n", str(args.n)])
         parts = json.loads(out.strip().splitlines()[-1])
-        rows.append((size, statistics.median(walls), min(walls), startup, parts))
+        rows.append((f"{size:,}", statistics.median(walls), min(walls), startup, parts))
         print(f"  {size:>9,}: median {rows[-1][1]:.2f} s over {args.repeats} runs", flush=True)
+        if args.proposed:
+            walls = []
+            for _ in range(args.repeats):
+                wall, out = time_command([sys.executable, __file__, "--run", str(project), "--n", str(args.n)])
+                if out.count('"path"') != args.n:
+                    raise RuntimeError(out[:200])
+                walls.append(wall)
+            _, out = time_command([sys.executable, __file__, "--split", str(project), "--n", str(args.n),
+                                   "--proposed"])
+            parts = json.loads(out.strip().splitlines()[-1])
+            rows.append((f"{size:,}, proposed fast paths", statistics.median(walls), min(walls), startup, parts))
+            print(f"  {size:>9,} with the proposed fast paths: median {rows[-1][1]:.2f} s", flush=True)
         if args.clean:
             shutil.rmtree(project, ignore_errors=True)
     print()
@@ -180,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     for size, med, best, startup, p in rows:
         inproc = p["training"] + p["scoring"] + p["selection"]
         share = {k: v / (inproc + startup) for k, v in p.items()}
-        print(f"| {size:,} | {med:.2f} s | {best:.2f} s | {startup:.2f} s ({startup / (inproc + startup):.0%}) | "
+        print(f"| {size} | {med:.2f} s | {best:.2f} s | {startup:.2f} s ({startup / (inproc + startup):.0%}) | "
               f"{p['training']:.2f} s ({share['training']:.0%}) | {p['scoring']:.2f} s ({share['scoring']:.0%}) | "
               f"{p['selection']:.2f} s ({share['selection']:.0%}) |")
     return 0

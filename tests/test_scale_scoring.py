@@ -1,0 +1,82 @@
+"""Fast paths for rounds at scale return exactly what the plain code returns."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from raresift import Project
+from raresift.learn.features import featurize
+from raresift.scale import scoring
+
+
+@pytest.fixture(scope="module")
+def vectors_template(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vectors")
+    rng = np.random.default_rng(0)
+    n = 70_000  # more than one scoring block
+    matrix = rng.gamma(0.6, 1.0, size=(n, 32)).astype(np.float32)
+    matrix[5] = 0.0  # a zero vector must not divide by zero
+    np.save(root / "m.npy", matrix)
+    (root / "ids.txt").write_text("".join(f"img_{i}.jpg\n" for i in range(n)))
+    with Project.create(root / "p", test_fraction=0.3) as p:
+        p.import_embeddings(root / "m.npy", root / "ids.txt")
+    return root / "p", matrix
+
+
+@pytest.fixture
+def vectors_project(vectors_template, tmp_path):
+    src, matrix = vectors_template
+    shutil.copytree(src, tmp_path / "p")
+    p = Project.open(tmp_path / "p")
+    yield p, matrix
+    p.close()
+
+
+def test_masks_equal_the_project_methods(vectors_project):
+    p, _ = vectors_project
+    np.testing.assert_array_equal(scoring.embedded_mask(p), p.embedded_mask())
+    np.testing.assert_array_equal(scoring.split_names(p), p.splits().astype(str))
+    with p._tx() as db:  # some images not embedded
+        db.execute("UPDATE images SET status = 'error' WHERE id IN (1, 7, 70000)")
+    mask = scoring.embedded_mask(p)
+    np.testing.assert_array_equal(mask, p.embedded_mask())
+    assert not mask[[0, 6, 69999]].any() and mask.sum() == 69997
+    with p._tx() as db:  # most not embedded: the other branch
+        db.execute("UPDATE images SET status = 'new' WHERE id > 100")
+    np.testing.assert_array_equal(scoring.embedded_mask(p), p.embedded_mask())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_linear_scores_equal_featurize_then_dot(vectors_project, dtype):
+    p, matrix = vectors_project
+    vectors = p.vectors() if dtype == np.float32 else matrix.astype(np.float16)[:, None, :]
+    rng = np.random.default_rng(1)
+    coef, intercept = rng.normal(size=32).astype(np.float32), -0.7
+    norms = scoring.row_norms(p) if dtype == np.float32 else np.linalg.norm(
+        vectors[:, 0, :].astype(np.float32), axis=1)
+    got = scoring.linear_scores(vectors, coef, intercept, norms)
+    want = featurize(np.asarray(vectors, dtype=np.float32)) @ coef + np.float32(intercept)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert got[5] == pytest.approx(intercept)
+
+
+def test_row_norms_are_cached_and_follow_the_vector_file(vectors_project):
+    p, matrix = vectors_project
+    first = scoring.row_norms(p)
+    np.testing.assert_allclose(first, np.linalg.norm(matrix, axis=1), rtol=1e-5)
+    caches = list((p.path / "embeddings").glob("norms-*.npy"))
+    assert len(caches) == 1
+    assert isinstance(scoring.row_norms(p), np.memmap)  # second call: read from the cache
+    vec = np.load(p.path / "embeddings" / "vectors.npy", mmap_mode="r+")
+    vec[0, 0, :] *= 2  # the file changes: the cache is rebuilt
+    vec.flush()
+    del vec
+    os.utime(p.path / "embeddings" / "vectors.npy", ns=(time.time_ns(), time.time_ns() + 10**9))
+    again = scoring.row_norms(p)
+    assert again[0] == pytest.approx(2 * first[0], rel=1e-5)
+    assert len(list((p.path / "embeddings").glob("norms-*.npy"))) == 1
