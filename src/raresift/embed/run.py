@@ -7,6 +7,8 @@ at most the batches in flight, and a re-run embeds exactly the images not yet ma
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import time
@@ -48,6 +50,46 @@ class EmbedReport:
     backend: str
 
 
+LOCK_FILE = "embed.lock"
+
+
+@contextlib.contextmanager
+def _embed_lock(project: Project):
+    """Hold an exclusive lock on ``PROJECT/embed.lock`` while embedding.
+
+    Two runs at once would embed every photo twice, and one growing or replacing the vector file
+    under the other would lose the other's vectors. The lock dies with its process, so a killed
+    run never blocks the next one.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not on a POSIX system: no lock
+        yield
+        return
+    fd = os.open(project.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(
+                f"another `raresift embed` is running on {project.path}; wait for it to finish (or stop it) "
+                "and run this again"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _one_run_at_a_time(func):
+    @functools.wraps(func)
+    def wrapper(project: Project, *args, **kwargs):
+        with _embed_lock(project):
+            return func(project, *args, **kwargs)
+
+    return wrapper
+
+
+@_one_run_at_a_time
 def embed_project(
     project: Project,
     *,
