@@ -231,3 +231,24 @@ def test_stale_vector_file_from_other_settings(kill_setup, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert check_store(project, reference) == N_PHOTOS
+
+
+@pytest.mark.timeout(300)
+def test_second_embed_on_one_project_is_refused_and_a_killed_one_does_not_block(kill_setup, tmp_path):
+    """Two `embed` runs at once would embed everything twice and could lose vectors when one replaces
+    the file under the other: the second is refused in one line; the lock dies with a killed run."""
+    root, fresh, reference = kill_setup
+    project = tmp_path / "project"
+    shutil.copytree(fresh, project)
+    first = subprocess.Popen(cli("embed", str(project), "--batch-size", str(BATCH), "--no-progress"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for(first, project, 1)
+    assert first.poll() is None, "the first run ended too soon to test a second one beside it"
+    second = subprocess.run(cli("embed", str(project), "--no-progress"), capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stderr
+    assert "another `raresift embed` is running" in second.stderr and second.stderr.count("\n") == 1
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    done = subprocess.run(cli("embed", str(project), "--no-progress"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert check_store(project, reference) == N_PHOTOS
