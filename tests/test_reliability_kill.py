@@ -252,3 +252,15 @@ def test_second_embed_on_one_project_is_refused_and_a_killed_one_does_not_block(
     done = subprocess.run(cli("embed", str(project), "--no-progress"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert check_store(project, reference) == N_PHOTOS
+
+
+def test_commits_are_synced_to_disk(tmp_path):
+    """A killed process loses nothing committed with any setting; a power cut or OS crash loses nothing
+    only with synchronous=FULL (WAL + NORMAL may roll back the newest commits): every connection uses FULL."""
+    from raresift import Project
+
+    with Project.create(tmp_path / "p") as p:
+        assert p.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert p.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with Project.open(tmp_path / "p") as p:
+        assert p.db.execute("PRAGMA synchronous").fetchone()[0] == 2
