@@ -140,7 +140,7 @@ class EventOut(BaseModel):
 
 class LabelsOut(BaseModel):
     events: list[EventOut]
-    status: dict[str, Any]
+    status: dict[str, Any] = Field(description="labels, positives, negatives after this request")
 
 
 class UndoIn(BaseModel):
@@ -414,6 +414,11 @@ def create_app(
     def _status(project: Project) -> dict[str, Any]:
         return project.status()
 
+    def _counts(project: Project) -> dict[str, Any]:
+        # On the path of every label: only what the page's header shows, not the full status scan.
+        n, pos = project.db.execute("SELECT COUNT(*), COALESCE(SUM(value), 0) FROM current_labels").fetchone()
+        return {"labels": n, "positives": pos, "negatives": n - pos}
+
     @app.get("/api/status", response_model=StatusOut, summary="Counts, estimates and the labels-vs-positives curve")
     def api_status(project: ProjectDep):
         return {
@@ -451,7 +456,7 @@ def create_app(
     def api_labels(project: ProjectDep, body: LabelsIn):
         items = [(it.image_id, it.value, "expected" in it.model_fields_set, it.expected) for it in body.items]
         events = backend.label_items(project, items, who=body.who or default_who, source="web")
-        return {"events": [_event_json(e) for e in events], "status": _status(project)}
+        return {"events": [_event_json(e) for e in events], "status": _counts(project)}
 
     @app.post("/api/undo", response_model=UndoOut, responses=ERRORS,
               summary="Withdraw a label (yours by default)",
