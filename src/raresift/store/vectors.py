@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ProjectError
+
 
 def open_read(path: Path) -> np.memmap | None:
     """Open an array read-only as a memory map, or return None if it does not exist."""
     if not path.exists():
         return None
-    return np.load(path, mmap_mode="r")
+    return _load(path, "r")
 
 
 def ensure(path: Path, rows: int, tail: tuple[int, ...], dtype: str | np.dtype) -> np.memmap:
@@ -28,7 +30,8 @@ def ensure(path: Path, rows: int, tail: tuple[int, ...], dtype: str | np.dtype) 
     """
     dtype = np.dtype(dtype)
     if path.exists():
-        current = np.load(path, mmap_mode="r+")
+        _load(path, "r")  # checks the file first: opened "r+", numpy would pad a truncated file with zeros
+        current = _load(path, "r+")
         if current.shape[1:] != tail or current.dtype != dtype:
             raise ValueError(f"{path} holds {current.shape[1:]} {current.dtype}, expected {tail} {dtype}")
         if current.shape[0] >= rows:
@@ -53,6 +56,17 @@ def ensure(path: Path, rows: int, tail: tuple[int, ...], dtype: str | np.dtype) 
     _fsync(tmp)
     os.replace(tmp, path)
     return np.load(path, mmap_mode="r+")
+
+
+def _load(path: Path, mode: str) -> np.memmap:
+    try:
+        return np.load(path, mmap_mode=mode, allow_pickle=False)
+    except (ValueError, EOFError) as exc:  # truncated, or not an .npy array at all
+        what = "cut short" if "length is greater" in str(exc) else "not a numeric .npy array"
+        raise ProjectError(
+            f"{path} is damaged ({what}); run `raresift embed {path.parent.parent} --reembed` "
+            "to compute the vectors again"
+        ) from None
 
 
 def _preallocate(path: Path) -> None:
