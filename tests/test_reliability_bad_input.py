@@ -466,3 +466,28 @@ def test_real_process_one_line_no_traceback(tmp_path):
     assert r.returncode == EXIT_ERROR
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert "not a raresift project" in r.stderr
+
+
+# ------------------------------------------------------------------ a damaged vector file
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_vector_file_is_reported_not_padded(embedded_project, damage):
+    """numpy opens a cut-short .npy in r+ mode by padding it with zeros: images marked embedded would
+    silently get empty vectors. Every command must refuse in one line instead, and --reembed recovers."""
+    proj, _, _ = embedded_project
+    vec = proj / "embeddings" / "vectors.npy"
+    if damage == "truncated":
+        with open(vec, "r+b") as fh:
+            fh.truncate(vec.stat().st_size // 2)
+    else:
+        vec.write_bytes(b"\x93NUMPY garbage")
+    size = vec.stat().st_size
+    assert_refused(run("embed", proj, "--no-progress"), "damaged", "--reembed")
+    assert vec.stat().st_size == size, "the damaged file was changed"
+    assert_refused(run("next", proj), "damaged")
+    rc, _, err = run("embed", proj, "--reembed", "--no-progress")
+    assert rc == 0, err
+    from raresift import Project
+
+    with Project.open(proj) as p:
+        ids, m = p.embeddings()
+        assert len(ids) == 40 and (np.abs(np.asarray(m, dtype=np.float32)).sum(axis=1) > 0).all()
