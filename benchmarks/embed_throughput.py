@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no photos under {args.photos}", file=sys.stderr)
         return 2
     warm_cache(paths)
+    print(f"load average {os.getloadavg()[0]:.1f} at the start", flush=True)
     eager_paths = paths[: args.eager_limit] if args.eager_limit else paths
     print(f"{len(paths)} photos under {args.photos}; {os.cpu_count()} CPUs visible, "
           f"{len(os.sched_getaffinity(0))} usable", flush=True)

@@ -113,7 +113,7 @@ def install_proposed_fast_paths() -> None:
     * ``Model.logits``: with one view per photo, ``unit(x) . w + b`` as one BLAS product per 65,536-row
       block straight on the memory map, divided by cached row norms (no float32 copy, no normalised copy).
     """
-    import raresift.learn.loop as loop
+    from raresift.learn import loop
     from raresift.project import Project
     from raresift.scale import scoring
 
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return cli(["next", str(args.run), "--n", str(args.n), "--json"])
 
+    print(f"load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} usable CPUs", flush=True)
     rows = []
     for size in args.sizes:
         project = make_project(args.workdir, size)

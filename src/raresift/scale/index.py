@@ -7,10 +7,10 @@ results index straight into :meth:`Project.vectors` and the label arrays.
 Kinds of index, chosen by ``kind="auto"`` from the number of vectors:
 
 ``flat``
-    Exact search, a float32 copy of the vectors (4 bytes x dim per photo). Up to 200,000 photos.
+    Exact search, a float32 copy of the vectors (4 bytes x dim per photo). Up to 50,000 photos.
 ``ivf-sq8``
     Inverted file (``sqrt(n)`` k-means cells) with 8-bit scalar-quantised vectors: 1 byte x dim per
-    photo, a search visits ``nprobe`` cells. Above 200,000 photos.
+    photo, a search visits ``nprobe`` cells. Above 50,000 photos.
 ``ivf-pq``
     Inverted file with product quantisation (64 bytes per photo): for collections whose 8-bit
     codes do not fit in memory (hundreds of millions of photos).
@@ -53,7 +53,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 KINDS = ("auto", "flat", "ivf-sq8", "ivf-pq")
-FLAT_MAX = 200_000  # above this, "auto" builds an inverted file (exact search gets slow and big)
+FLAT_MAX = 50_000  # above this, "auto" builds an inverted file (exact search gets slow and big)
 INDEX_FILE = "index.faiss"
 STAMP_FILE = "index.json"
 _BLOCK = 16384  # rows read from the memory map at a time while adding
