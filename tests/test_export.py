@@ -26,7 +26,7 @@ def trained(tmp_path):
 def test_csv_lists_positives_then_top_candidates(trained, tmp_path):
     project, truth = trained
     out = export(project, top=15, fmt="csv", out=tmp_path / "out" / "top.csv")
-    rows = list(csv.DictReader(open(out)))
+    rows = list(csv.DictReader(out.read_text().splitlines()))
     positives = [p for p, v in project.labels().items() if v == 1]
     assert [r["label"] for r in rows[: len(positives)]] == ["1"] * len(positives)
     assert {r["path"] for r in rows[: len(positives)]} == set(positives)
@@ -78,7 +78,7 @@ def test_folder_export_copies_or_links_photos(embedded_project, tmp_path):
     n_pos_pool = sum(truth.values())
     assert len(pos) == n_pos_pool and len(cand) == 4
     assert pos[0].read_bytes()[:2] == b"\xff\xd8" and not pos[0].is_symlink()
-    ranking = list(csv.DictReader(open(tmp_path / "f" / "ranking.csv")))
+    ranking = list(csv.DictReader((tmp_path / "f" / "ranking.csv").read_text().splitlines()))
     assert len(ranking) == n_pos_pool + 4
     src = images / ranking[0]["path"]
     assert (tmp_path / "f" / ranking[0]["file"]).read_bytes() == src.read_bytes()

@@ -41,10 +41,11 @@ def test_next_batch_records_round_and_queue_and_learns(tmp_path):
     first = next_batch(project, 30, seed=1)
     assert len(first) == 30 and all(KEYS <= set(b) for b in first)
     assert {b["split"] for b in first} == {"pool"}
-    assert {b["strategy"] for b in first} == {"random"}  # no labels, no query: random start
+    assert {b["strategy"] for b in first} == {"coldstart-explore"}  # no labels, no query: explore clusters
     rnd = project.db.execute("SELECT strategy, n, seed, purpose, params FROM rounds").fetchall()
     assert len(rnd) == 1 and tuple(rnd[0])[:4] == ("default", 30, 1, "label")
     assert json.loads(rnd[0][4])["model"] == "random"
+    assert len(list((tmp_path / "proj" / "learn").glob("clusters-*.npz"))) == 1
     assert project.db.execute("SELECT COUNT(*) FROM queue").fetchone()[0] == 30
     assert [p["path"] for p in pending(project)] == [b["path"] for b in first]
     oracle(project, first, truth)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, NotReadyError
+from .learn.coldstart import explore_picks
 from .learn.model import fit_scorer, sigmoid, standardise
 from .learn.strategies import get_strategy
 
@@ -47,6 +48,7 @@ class SimulationData:
     y: np.ndarray  # (n,) 0/1 truth
     prior: np.ndarray | None = None  # (n,) cold-start score (text query / examples), or None
     test_fraction: float = 0.4
+    clusters: tuple[np.ndarray, np.ndarray] | None = None  # k-means ids and distances, for exploring
 
 
 def curve_points(budget: int) -> list[int]:
@@ -107,10 +109,13 @@ def replay(
     in_pool_unlabelled = np.ones(n, dtype=bool)
     in_pool_unlabelled[test] = False
 
+    last: list = [None]
+
     def fit_and_score(lab: np.ndarray):
         unl = np.flatnonzero(in_pool_unlabelled)
         scorer = fit_scorer(data.X, lab, data.y[lab], unlabeled=unl, has_prior=prior is not None, rng=rng,
-                            head_params=head_params, **extra)
+                            head_params=head_params, previous=last[0], **extra)
+        last[0] = scorer
         return scorer, scorer.score(data.X, prior, rng=rng)
 
     def record(lab: np.ndarray, scores: np.ndarray) -> None:
@@ -157,6 +162,9 @@ def replay(
                 picks, _ = fn(sigmoid(scores[cand]), size, rng=rng, features=_Rows(data.X, cand))
             elif prior is not None:
                 picks, _ = get_strategy("top")(scores[cand], size, rng=rng)
+            elif data.clusters is not None:
+                ids, dist = data.clusters
+                picks = explore_picks(ids[cand], dist[cand], np.unique(ids[labelled]), size, rng)
             else:
                 picks, _ = get_strategy("random")(scores[cand], size, rng=rng)
             labelled = take(cand[picks])
@@ -333,7 +341,12 @@ def simulate(
         proj.close()
         if tmpdir is not None:
             tmpdir.cleanup()
-    data = SimulationData(X, y_all[rows].astype(np.int64), prior, test_fraction)
+    clusters = None
+    if protocol == "default" and prior is None:
+        from .learn.coldstart import cluster_features
+
+        clusters = cluster_features(X, seed=seed)
+    data = SimulationData(X, y_all[rows].astype(np.int64), prior, test_fraction, clusters)
     if protocol == "seed" and len(rows) * (1 - test_fraction) < SEED_RANDOM_LABELS + SEED_ROUND:
         raise InputError(f"the seed protocol labels {SEED_RANDOM_LABELS + SEED_ROUND} pool photos; "
                          f"this collection has only {int(len(rows) * (1 - test_fraction))}")

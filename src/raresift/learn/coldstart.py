@@ -9,7 +9,8 @@ batch must come from somewhere else:
   so a small insect in one tile still counts. It only knows what ImageNet-1k names: a class
   without a matching concept (a logo, a traffic cone, a masked face) finds nothing here;
 * **example photos**: the photos most similar (cosine) to a few given ones;
-* random photos (no query, no examples).
+* without either, exploration: the most central photo of each k-means cluster of the collection
+  that holds no labelled photo yet (:func:`explore_picks`), so every kind of photo is seen early.
 """
 
 from __future__ import annotations
@@ -240,3 +241,51 @@ def example_scores(project: Project, rows: np.ndarray, *, pooling: str = DEFAULT
         out[idx] = example_scores_from_features(featurize(b, pooling), E)
     out[~project.embedded_mask()[: len(out)]] = np.nan
     return out
+
+
+def cluster_features(X: np.ndarray, *, n_clusters: int | None = None, seed: int = 0, sample: int = 20000
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """k-means on (a sample of) unit-length features: ``(cluster id per row, distance to its centre)``.
+
+    Used to explore without a query or examples: one photo from each cluster nobody labelled
+    yet covers the kinds of photos in the collection far better than random picks, so a rare
+    class that forms its own cluster turns up within a few batches.
+    """
+    from sklearn.cluster import MiniBatchKMeans
+
+    n = len(X)
+    k = n_clusters or int(max(2, min(256, n // 20)))
+    k = min(k, n)
+    rng = np.random.default_rng(seed)
+    fit_rows = np.sort(rng.choice(n, size=min(sample, n), replace=False))
+    km = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=1, batch_size=2048, max_iter=50)
+    km.fit(np.asarray(X[fit_rows], dtype=np.float32))
+    centres = km.cluster_centers_.astype(np.float32)
+    half_sq = 0.5 * np.einsum("ij,ij->i", centres, centres)
+    ids = np.empty(n, dtype=np.int32)
+    dist = np.empty(n, dtype=np.float32)
+    for start in range(0, n, BLOCK_ROWS):
+        block = np.asarray(X[start : start + BLOCK_ROWS], dtype=np.float32)
+        sim = block @ centres.T - half_sq
+        ids[start : start + len(block)] = sim.argmax(axis=1)
+        dist[start : start + len(block)] = -sim.max(axis=1)
+    return ids, dist
+
+
+def explore_picks(clusters: np.ndarray, dist: np.ndarray, covered: np.ndarray, n: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """Positions of ``n`` candidates: the most central photo of clusters not ``covered`` yet, in random
+    cluster order; random candidates fill up when fewer clusters are left."""
+    n = min(n, len(clusters))
+    open_ = np.setdiff1d(np.unique(clusters), covered)
+    rng.shuffle(open_)
+    picks: list[int] = []
+    if len(open_):
+        order = np.lexsort((dist, clusters))  # by cluster, most central first
+        first = np.r_[0, np.flatnonzero(np.diff(clusters[order])) + 1]
+        central = dict(zip(clusters[order[first]].tolist(), order[first].tolist()))
+        picks = [central[c] for c in open_[:n].tolist()]
+    if len(picks) < n:
+        rest = np.setdiff1d(np.arange(len(clusters)), picks)
+        picks += rng.choice(rest, size=n - len(picks), replace=False).tolist()
+    return np.array(picks, dtype=np.int64)

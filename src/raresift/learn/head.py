@@ -31,6 +31,9 @@ class RareHead:
         At most this many unlabelled photos are drawn as weak negatives.
     max_iter:
         Iterations of the L-BFGS solver.
+    warm_start:
+        Start the next ``fit`` from the current coefficients (fewer iterations when the labels
+        grow by a batch at a time).
     random_state:
         Seed (or ``numpy.random.Generator``) of the weak-negative draw.
     """
@@ -43,6 +46,7 @@ class RareHead:
         unlabeled_weight: float = 0.25,
         max_unlabeled: int = 2000,
         max_iter: int = 200,
+        warm_start: bool = False,
         random_state: int | np.random.Generator | None = None,
     ):
         self.C = C
@@ -50,11 +54,12 @@ class RareHead:
         self.unlabeled_weight = unlabeled_weight
         self.max_unlabeled = max_unlabeled
         self.max_iter = max_iter
+        self.warm_start = warm_start
         self.random_state = random_state
 
     def get_params(self, deep: bool = True) -> dict:
         return {k: getattr(self, k) for k in
-                ("C", "class_weight", "unlabeled_weight", "max_unlabeled", "max_iter", "random_state")}
+                ("C", "class_weight", "unlabeled_weight", "max_unlabeled", "max_iter", "warm_start", "random_state")}
 
     def set_params(self, **params) -> RareHead:
         for k, v in params.items():
@@ -65,8 +70,6 @@ class RareHead:
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, X_unlabeled: np.ndarray | None = None) -> RareHead:
         """Fit on labelled features ``X`` (n, d) with labels ``y`` in {0, 1}; ``X_unlabeled`` are weak negatives."""
-        from sklearn.linear_model import LogisticRegression
-
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y).astype(np.int64).ravel()
         if X.ndim != 2 or len(X) != len(y):
@@ -84,7 +87,7 @@ class RareHead:
         else:
             raise InputError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
         weights = np.where(y == 1, w_pos, w_neg)
-        if X_unlabeled is not None and len(X_unlabeled) and self.unlabeled_weight > 0:
+        if X_unlabeled is not None and len(X_unlabeled) and self.unlabeled_weight > 0 and self.max_unlabeled > 0:
             rng = np.random.default_rng(self.random_state)
             U = np.asarray(X_unlabeled, dtype=np.float32)
             if len(U) > self.max_unlabeled:
@@ -94,10 +97,13 @@ class RareHead:
             X = np.concatenate([X, U])
             y = np.concatenate([y, np.zeros(len(U), dtype=np.int64)])
             weights = np.concatenate([weights, np.full(len(U), w_u)])
-        model = LogisticRegression(C=self.C, max_iter=self.max_iter, tol=1e-4)
-        model.fit(X, y, sample_weight=weights)
-        self.coef_ = model.coef_.ravel().astype(np.float32)
-        self.intercept_ = float(model.intercept_[0])
+        coef0 = None
+        if self.warm_start and hasattr(self, "coef_") and self.coef_.shape[0] == X.shape[1]:
+            coef0 = np.r_[self.coef_.astype(np.float64), self.intercept_]
+        w, b, n_iter = _fit_logistic(X, y, weights, C=self.C, max_iter=self.max_iter, start=coef0)
+        self.coef_ = w
+        self.intercept_ = b
+        self.n_iter_ = n_iter
         self.classes_ = np.array([0, 1])
         self.n_features_in_ = X.shape[1]
         return self
@@ -118,6 +124,37 @@ class RareHead:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return (self.decision_function(X) > 0).astype(np.int64)
+
+
+def _fit_logistic(X: np.ndarray, y: np.ndarray, sw: np.ndarray, *, C: float, max_iter: int,
+                  start: np.ndarray | None) -> tuple[np.ndarray, float, int]:
+    """Weighted L2 logistic regression (intercept not penalised) by L-BFGS, float32 products.
+
+    Same objective as scikit-learn's ``LogisticRegression(C=C)`` with sample weights; written out
+    so the products stay in float32 and a warm start is possible.
+    """
+    from scipy.optimize import minimize
+
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    d = X.shape[1]
+    sign = (2.0 * y - 1.0).astype(np.float32)
+    sw = np.asarray(sw, dtype=np.float32)
+    inv_c = 1.0 / C
+
+    def objective(wb: np.ndarray) -> tuple[float, np.ndarray]:
+        w = wb[:d].astype(np.float32)
+        z = sign * (X @ w + np.float32(wb[d]))
+        loss = float(sw @ np.logaddexp(np.float32(0), -z))
+        g = -sign * sw * _sigmoid(-z).astype(np.float32)
+        grad = np.empty(d + 1)
+        grad[:d] = X.T @ g + inv_c * w
+        grad[d] = float(g.sum())
+        return loss + 0.5 * inv_c * float(w @ w), grad
+
+    x0 = np.zeros(d + 1) if start is None else start
+    res = minimize(objective, x0, jac=True, method="L-BFGS-B",
+                   options={"maxiter": max_iter, "gtol": 1e-5 * max(1.0, float(sw.sum()))})
+    return res.x[:d].astype(np.float32), float(res.x[d]), int(res.nit)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError, NotReadyError
-from .coldstart import concepts_for, example_scores, text_scores
+from .coldstart import cluster_features, concepts_for, example_scores, explore_picks, text_scores
 from .features import DEFAULT_POOLING, featurize, gather, iter_blocks
 from .model import HEAD_DEFAULTS, Scorer, fit_scorer, sigmoid, standardise
 from .strategies import get_strategy
@@ -42,7 +42,12 @@ class _Features:
         self.vectors = vectors
         self.pooling = pooling
 
+    def __len__(self) -> int:
+        return self.vectors.shape[0]
+
     def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, slice):
+            return featurize(self.vectors[rows], self.pooling)
         rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
         return gather(self.vectors, rows, self.pooling)
 
@@ -112,6 +117,24 @@ def _prior(project: Project, *, pool_rows: np.ndarray) -> tuple[np.ndarray | Non
     return prior, ("text" if query else "examples")
 
 
+def _clusters(project: Project, pooling: str) -> tuple[np.ndarray, np.ndarray]:
+    """k-means clusters of the collection (for exploring without query or examples), cached on disk."""
+    n_embedded = int(project.embedded_mask().sum())
+    key = hashlib.sha1(json.dumps([n_embedded, project.embedding_info(), pooling]).encode()).hexdigest()[:16]
+    cache = project.path / _CACHE_DIR / f"clusters-{key}.npz"
+    if cache.is_file():
+        with np.load(cache) as f:
+            return f["ids"], f["dist"]
+    ids, dist = cluster_features(_Features(project.vectors(), pooling), seed=0)
+    cache.parent.mkdir(exist_ok=True)
+    for old in cache.parent.glob("clusters-*.npz"):
+        old.unlink(missing_ok=True)
+    tmp = cache.with_name(cache.stem + ".tmp.npz")
+    np.savez(tmp, ids=ids, dist=dist)
+    tmp.replace(cache)
+    return ids, dist
+
+
 def train(project: Project, *, seed: int | None = 0, head_params: dict | None = None) -> Model:
     """Fit the head on all current labels of the pool split (or fall back to the cold start)."""
     vectors = project.vectors()
@@ -171,7 +194,9 @@ def next_batch(
     """Retrain on all labels and choose the next ``n`` photos to label; the round is recorded.
 
     ``query`` (text) and ``examples`` (photo ids) set the cold start; they are remembered by the
-    project and keep informing the ranking (with a weight that fades as labels come in).
+    project and keep informing the ranking (with a weight that fades as labels come in). Without
+    either, the default strategy starts by exploring: the most central photo of each k-means
+    cluster of the collection that has no label yet.
     With ``evaluate`` the photos come from the test split: the unlabelled ones among the top ``n``
     of the test ranking (for precision@K), or, with ``strategy="random"``, ``n`` random test photos
     not drawn before (for the random baseline; the ones that already have a label are recorded
@@ -231,7 +256,12 @@ def next_batch(
     elif model.prior is not None:
         picks, sources = get_strategy("top")(z[cand], n, rng=rng)
         sources = [f"coldstart-{model.prior_kind}"] * len(picks)
-    else:
+    elif strategy in ("default", "mixed"):
+        ids, dist = _clusters(project, model.pooling)
+        lab_rows = np.flatnonzero((labels >= 0) & (splits == "pool"))
+        picks = explore_picks(ids[cand], dist[cand], np.unique(ids[lab_rows]), n, rng)
+        sources = ["coldstart-explore"] * len(picks)
+    else:  # the plain strategies need a model; without one they are all random
         picks, sources = get_strategy("random")(z[cand], n, rng=rng)
     rows = cand[np.asarray(picks, dtype=np.int64)]
     proba = sigmoid(z[rows]) if (model.scorer.fitted or model.prior is not None) else np.full(len(rows), np.nan)

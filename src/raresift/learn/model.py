@@ -15,7 +15,7 @@ from .head import RareHead
 __all__ = ["HEAD_DEFAULTS", "PRIOR_WEIGHT", "Scorer", "fit_scorer", "sigmoid"]
 
 # Settings of the head the workflow uses (tuned on the flower and Caltech-101 benchmarks).
-HEAD_DEFAULTS: dict = {"C": 1.0, "unlabeled_weight": 0.25, "max_unlabeled": 2000}
+HEAD_DEFAULTS: dict = {"C": 10.0, "unlabeled_weight": 0.25, "max_unlabeled": 2000}
 # How much the cold-start prior (standardised) still counts once the head is trained, at 0 labels;
 # it fades as labels come in (weight * 50 / (50 + labels)).
 PRIOR_WEIGHT = 1.0
@@ -74,18 +74,23 @@ def fit_scorer(
     prior_weight: float = PRIOR_WEIGHT,
     rng: np.random.Generator | None = None,
     head_params: dict | None = None,
+    previous: Scorer | None = None,
 ) -> Scorer:
     """Fit a scorer on rows ``labelled`` of ``X`` (a matrix or memory map of features) with labels ``y``.
 
     ``unlabeled`` are candidate rows for weak negatives (a random sample is used). Without both
     classes among the labels the scorer falls back to the prior (``has_prior``) or random order.
+    With ``previous`` (the scorer of the round before) the head starts from its coefficients.
     """
     rng = rng or np.random.default_rng(0)
     y = np.asarray(y, dtype=np.int64)
     if len(y) == 0 or y.min() == y.max():
         return Scorer(None, kind="prior" if has_prior else "random")
     params = {**HEAD_DEFAULTS, **(head_params or {})}
-    head = RareHead(random_state=rng, **params)
+    if previous is not None and previous.head is not None:
+        head = previous.head.set_params(random_state=rng, warm_start=True, **params)
+    else:
+        head = RareHead(random_state=rng, **params)
     U = None
     if unlabeled is not None and len(unlabeled) and head.unlabeled_weight > 0:
         take = np.sort(rng.choice(unlabeled, size=min(len(unlabeled), head.max_unlabeled), replace=False))
