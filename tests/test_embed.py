@@ -25,7 +25,7 @@ def test_embeddings_and_logits_of_the_real_model(embedded_project):
         assert matrix.shape == (40, 1280) and matrix.dtype == np.float16
         assert np.isfinite(matrix).all() and (np.abs(matrix).sum(axis=1) > 0).all()
         logits = project.logits()
-        assert logits.shape == (40, 1, 1000)
+        assert logits.shape == (40, 10, 1000)  # default: whole photo + 3 x 3 tiles
         # Rare photos look alike: their mean cosine is higher than rare-vs-common.
         rare = [i for i, p in enumerate(ids) if truth[p]]
         common = [i for i, p in enumerate(ids) if not truth[p]]
@@ -181,5 +181,5 @@ def test_user_onnx_model_reads_its_input_size(tmp_path):
         project.add_images()
         report = project.embed(model=str(model_path))
         assert report.embedded == 3
-        assert project.vectors().shape == (3, 1, 8)
+        assert project.vectors().shape == (3, 10, 8)
         assert project.logits() is None

@@ -57,10 +57,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tiles", type=int, default=None, metavar="N",
         help="also embed an N x N grid of overlapping tiles of each photo, so small objects are not lost "
-        "when the photo is squeezed to the model's size; 0 = whole photo only (default 0, see README)",
+        "when the photo is shrunk to the model's size; 0 = whole photo only, N costs 1 + N*N model runs "
+        "per photo (default 3: measured best for small objects, see README)",
     )
-    p.add_argument("--resize", choices=("squeeze", "crop"), default="squeeze",
-                   help="squeeze the whole photo to a square (default; keeps objects at the edges) or take the centre crop")
+    p.add_argument("--resize", choices=("crop", "squeeze"), default=None,
+                   help="whole-photo view: centre crop (default; how the model was trained, measured better) or "
+                   "squeeze the whole photo to a square; with tiles, the tiles cover the edges either way")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="photos per model call and per saved batch (default 32)")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="decoding threads (default: number of cores)")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto",
@@ -183,13 +185,14 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from ..embed.run import DEFAULT_TILES
+    from ..embed.run import DEFAULT_RESIZE, DEFAULT_TILES
 
     with Project.open(args.project) as project:
         info = project.embedding_info()
-        tiles = args.tiles
-        if tiles is None:  # continue with the project's setting, or the default
-            tiles = info["tiles"] if info and not args.reembed and info["model"] == args.model else DEFAULT_TILES
+        # Options not given continue with the project's settings, else the defaults.
+        same = info is not None and not args.reembed and info["model"] == args.model
+        tiles = args.tiles if args.tiles is not None else (info["tiles"] if same else DEFAULT_TILES)
+        resize = args.resize or (info["resize"] if same and info["resize"] else DEFAULT_RESIZE)
         bar = None
 
         def on_start(total: int) -> None:
@@ -198,7 +201,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
         try:
             report = project.embed(
-                model=args.model, tiles=tiles, resize=args.resize, batch_size=args.batch_size,
+                model=args.model, tiles=tiles, resize=resize, batch_size=args.batch_size,
                 workers=args.workers, backend=args.backend, reembed=args.reembed, limit=args.limit,
                 engine=args.engine, ray_address=args.ray_address, on_start=on_start, progress=lambda n: bar.update(n) if bar else None,
             )
