@@ -212,15 +212,15 @@ def _labeller(server: Server, who: str, plan: list[tuple[int, int]], expected: b
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("check", [False, True], ids=["last-write-kept-with-conflict", "expected-event-409"])
 def test_two_labellers_500_each(vectors_project, check):
-    """Alice labels photos 1-500, Bob 401-900 (200-500 and 401-700 in the 409 case), at the same time; on the 100 shared photos they disagree
-    half the time. Without `expected`, both labels are kept in the history and each disagreement is
-    flagged as a conflict; with `expected` (the client saw no label), the second writer gets a 409 that
-    shows the first label, and nothing is overwritten."""
+    """Alice labels photos 1-500, Bob 401-900 (301-500 and 401-600 in the 409 case), at the same time;
+    on the 100 shared photos they disagree half the time. Without `expected`, both labels are kept in the
+    history and each disagreement is flagged as a conflict; with `expected` (the client saw no label), the
+    second writer gets a 409 that shows the first label, and nothing is overwritten."""
     project = vectors_project
     rng = np.random.default_rng(3)
     truth = rng.integers(0, 2, size=901)
     # 2 x 500 for the main case; the 409 case needs only the shared photos and a margin (2 x 200).
-    lo, hi = (1, 901) if not check else (201, 701)
+    lo, hi = (1, 901) if not check else (301, 601)
     alice = [(i, int(truth[i])) for i in range(lo, 501)]
     bob = [(i, int(truth[i]) if (i < 401 or i % 2) else 1 - int(truth[i])) for i in range(401, hi)]
     shared = set(range(401, 501))
