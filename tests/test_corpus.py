@@ -82,6 +82,8 @@ def test_corpus_init_embed_status(tmp_path):
     assert rc == 0, err
     assert "Traceback" not in err
     assert peak < PEAK_RSS_LIMIT, f"peak RSS of `raresift embed` was {peak / 1e9:.2f} GB"
+    print(f"\nRELIABILITY corpus: {len(corpus.valid)} odd-but-valid + {len(corpus.broken)} broken files + "
+          f"{len(photos)} photos; peak RSS of embed {peak / 1e6:.0f} MB")
 
     rc, out, err, _ = run_cli("status", str(project), "--json")
     assert rc == 0, err
