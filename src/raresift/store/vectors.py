@@ -41,7 +41,8 @@ def ensure(path: Path, rows: int, tail: tuple[int, ...], dtype: str | np.dtype) 
         _preallocate(tmp)
         step = 65536
         for start in range(0, current.shape[0], step):
-            grown[start : start + step] = current[start : start + step]
+            block = current[start : start + step]
+            grown[start : start + len(block)] = block  # grown is longer: bound the slice by the block
         grown.flush()
         del grown, current
         _fsync(tmp)
