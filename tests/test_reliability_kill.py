@@ -24,6 +24,7 @@ import pytest
 from conftest import make_collection
 
 N_PHOTOS = 120
+N_LATE = 24  # photos added to the folder half-way through the kill loop (the vector file must grow)
 BATCH = 4
 N_KILLS = 16
 
@@ -41,7 +42,7 @@ def db_counts(project: Path) -> dict[str, int]:
         conn.close()
 
 
-def check_store(project: Path, reference: np.ndarray) -> int:
+def check_store(project: Path, reference: np.ndarray, n_images: int = N_PHOTOS) -> int:
     """Assert the project is consistent; return how many images it calls embedded."""
     conn = sqlite3.connect(project / "raresift.sqlite", timeout=30)
     try:
@@ -51,13 +52,13 @@ def check_store(project: Path, reference: np.ndarray) -> int:
         n_err = conn.execute("SELECT COUNT(*) FROM errors").fetchone()[0]
     finally:
         conn.close()
-    assert len(rows) == reference.shape[0], "an image was lost or registered twice"
+    assert len(rows) == n_images, "an image was lost or registered twice"
     assert n_err == 0, "a kill must never turn a good photo into a recorded error"
     embedded = np.array([i - 1 for i, s in rows if s == "embedded"], dtype=np.int64)
     assert {s for _, s in rows} <= {"new", "embedded"}
     if len(embedded):
         vec = np.load(project / "embeddings" / "vectors.npy", mmap_mode="r")
-        assert vec.shape[0] >= len(rows)
+        assert vec.shape[0] > embedded.max(), "an image marked embedded has no row in the vector file"
         got = np.asarray(vec[embedded, 0, :], dtype=np.float32)
         want = reference[embedded]
         assert (np.abs(got).sum(axis=1) > 0).all(), "an image marked embedded has an empty vector"
@@ -67,7 +68,8 @@ def check_store(project: Path, reference: np.ndarray) -> int:
 
 @pytest.fixture(scope="module")
 def kill_setup(tmp_path_factory):
-    """A registered (not embedded) project of N_PHOTOS photos, and the reference vectors of an uninterrupted run."""
+    """A registered (not embedded) project of N_PHOTOS photos, the photos of `late/` (in the folder, not yet
+    registered) and the reference vectors of an uninterrupted run over all of them (`reference/`)."""
     from raresift import Project
 
     root = tmp_path_factory.mktemp("kill")
@@ -76,11 +78,15 @@ def kill_setup(tmp_path_factory):
     fresh = root / "fresh"
     with Project.create(fresh, images=images) as p:
         p.add_images()
+    make_collection(images / "late", n=N_LATE, n_rare=1, seed=12)
     ref = root / "reference"
     shutil.copytree(fresh, ref)
     with Project.open(ref) as p:
-        p.embed(batch_size=BATCH)
+        p.embed(batch_size=BATCH, tiles=0)
+        assert p.add_images().added == N_LATE
+        p.embed(batch_size=BATCH, tiles=0)
         reference = np.asarray(p.vectors()[:, 0, :], dtype=np.float32)
+    assert reference.shape[0] == N_PHOTOS + N_LATE
     assert (np.abs(reference).sum(axis=1) > 0).all()
     return root, fresh, reference
 
@@ -102,10 +108,16 @@ def test_sigkill_embed_many_times_then_resume(kill_setup, tmp_path):
     kills: list[tuple[str, int, int]] = []
     before = 0
     attempts = 0
-    while len(kills) < N_KILLS and before < N_PHOTOS and attempts < 3 * N_KILLS:
+    total = N_PHOTOS
+    while len(kills) < N_KILLS and before < total and attempts < 3 * N_KILLS:
         attempts += 1
+        if len(kills) == N_KILLS // 2 and total == N_PHOTOS:
+            # Half-way, photos arrive: `add` registers them and the next runs must grow the vector file.
+            added = subprocess.run(cli("add", str(project)), capture_output=True, text=True, timeout=120)
+            assert added.returncode == 0, added.stderr
+            total = N_PHOTOS + N_LATE
         proc = subprocess.Popen(
-            cli("embed", str(project), "--batch-size", str(BATCH), "--no-progress"),
+            cli("embed", str(project), "--tiles", "0", "--batch-size", str(BATCH), "--no-progress"),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         # Half the kill points are at a random time (start-up, model load, file creation, the first
@@ -120,30 +132,32 @@ def test_sigkill_embed_many_times_then_resume(kill_setup, tmp_path):
         if proc.poll() is not None:  # finished on its own before the kill
             proc.communicate()
             assert proc.returncode == 0
-            before = check_store(project, reference)
+            before = check_store(project, reference, total)
             continue
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
         assert proc.returncode == -signal.SIGKILL
-        after = check_store(project, reference)
+        after = check_store(project, reference, total)
         assert after >= before, f"kill #{len(kills) + 1} lost {before - after} embedded photos"
         kills.append((mode, before, after))
         before = after
     assert len(kills) >= N_KILLS * 3 // 4, f"only {len(kills)} kill points landed: {kills}"
-    mid = [k for k in kills if 0 < k[2] < N_PHOTOS]
+    mid = [k for k in kills if 0 < k[2] < total]
     assert len(mid) >= N_KILLS // 2, f"too few kills landed mid-run: {kills}"
 
-    pending = N_PHOTOS - before
-    done = subprocess.run(cli("embed", str(project), "--no-progress"), capture_output=True, text=True, timeout=300)
+    assert total == N_PHOTOS + N_LATE, "the loop ended before the late photos were added"
+    pending = total - before
+    done = subprocess.run(cli("embed", str(project), "--tiles", "0", "--no-progress"),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     m = re.search(r"embedded (\d+) photos \((\d+) unreadable", done.stderr)
     assert m, done.stderr
     assert int(m.group(1)) == pending, "the re-run must embed exactly the photos still pending"
     assert int(m.group(2)) == 0
-    assert check_store(project, reference) == N_PHOTOS
+    assert check_store(project, reference, total) == total
     counts = db_counts(project)
-    assert counts == {"embedded": N_PHOTOS}
-    print(f"\nRELIABILITY kill points survived (embed): {len(kills)}; "
+    assert counts == {"embedded": total}
+    print(f"\nRELIABILITY kill points survived (embed): {len(kills)}, {N_LATE} photos added half-way; "
           f"mid-run: {len(mid)}; photos embedded before the last kill: {before}; re-run embedded: {pending}")
 
 
@@ -192,17 +206,18 @@ def test_sigkill_reembed_then_resume(kill_setup, tmp_path):
     rng = np.random.default_rng(99)
     for _ in range(4):
         proc = subprocess.Popen(
-            cli("embed", str(project), "--reembed", "--batch-size", str(BATCH), "--no-progress"),
+            cli("embed", str(project), "--tiles", "0", "--reembed", "--batch-size", str(BATCH), "--no-progress"),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         time.sleep(float(rng.uniform(0.3, 1.6)))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         proc.communicate()
-        check_store(project, reference)
-    done = subprocess.run(cli("embed", str(project), "--no-progress"), capture_output=True, text=True, timeout=300)
+        check_store(project, reference, N_PHOTOS + N_LATE)
+    done = subprocess.run(cli("embed", str(project), "--tiles", "0", "--no-progress"),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert check_store(project, reference) == N_PHOTOS
+    assert check_store(project, reference, N_PHOTOS + N_LATE) == N_PHOTOS + N_LATE
 
 
 def test_lost_vector_file_is_embedded_again(kill_setup, tmp_path):
@@ -212,10 +227,11 @@ def test_lost_vector_file_is_embedded_again(kill_setup, tmp_path):
     project = tmp_path / "project"
     shutil.copytree(root / "reference", project)
     (project / "embeddings" / "vectors.npy").unlink()
-    done = subprocess.run(cli("embed", str(project), "--no-progress"), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cli("embed", str(project), "--tiles", "0", "--no-progress"),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
-    assert check_store(project, reference) == N_PHOTOS
+    assert check_store(project, reference, N_PHOTOS + N_LATE) == N_PHOTOS + N_LATE
 
 
 def test_stale_vector_file_from_other_settings(kill_setup, tmp_path):
@@ -240,16 +256,18 @@ def test_second_embed_on_one_project_is_refused_and_a_killed_one_does_not_block(
     root, fresh, reference = kill_setup
     project = tmp_path / "project"
     shutil.copytree(fresh, project)
-    first = subprocess.Popen(cli("embed", str(project), "--batch-size", str(BATCH), "--no-progress"),
+    first = subprocess.Popen(cli("embed", str(project), "--tiles", "0", "--batch-size", str(BATCH), "--no-progress"),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _wait_for(first, project, 1)
     assert first.poll() is None, "the first run ended too soon to test a second one beside it"
-    second = subprocess.run(cli("embed", str(project), "--no-progress"), capture_output=True, text=True, timeout=120)
+    second = subprocess.run(cli("embed", str(project), "--tiles", "0", "--no-progress"),
+                            capture_output=True, text=True, timeout=120)
     assert second.returncode == 2, second.stderr
     assert "another `raresift embed` is running" in second.stderr and second.stderr.count("\n") == 1
     first.send_signal(signal.SIGKILL)
     first.communicate()
-    done = subprocess.run(cli("embed", str(project), "--no-progress"), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cli("embed", str(project), "--tiles", "0", "--no-progress"),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert check_store(project, reference) == N_PHOTOS
 

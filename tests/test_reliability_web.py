@@ -289,7 +289,8 @@ def test_embed_and_serve_on_one_project(tmp_path):
         p.add_images()
     with serving(project) as server:
         embed = subprocess.Popen(
-            [sys.executable, "-m", "raresift", "embed", str(project), "--batch-size", "4", "--no-progress"],
+            [sys.executable, "-m", "raresift", "embed", str(project), "--tiles", "0", "--batch-size", "4",
+             "--no-progress"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         codes: dict[str, list[int]] = {}
