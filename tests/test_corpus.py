@@ -78,7 +78,7 @@ def test_corpus_init_embed_status(tmp_path):
     assert rc == 0, err
     assert "Traceback" not in err
 
-    rc, _, err, peak = run_cli("embed", str(project), "--tiles", "0", "--batch-size", "8", "--no-progress")
+    rc, _, err, peak = run_cli("embed", str(project), "--no-progress")  # the defaults, as a user runs it
     assert rc == 0, err
     assert "Traceback" not in err
     assert peak < PEAK_RSS_LIMIT, f"peak RSS of `raresift embed` was {peak / 1e9:.2f} GB"
