@@ -126,11 +126,20 @@ def test_bad_requests_raise_clear_errors(tmp_path):
 
 def test_examples_start_with_their_neighbours(tmp_path):
     project, truth = vectors_project(tmp_path)
-    pool_pos = [p for p, s in zip(project.image_ids(), project.splits()) if s == "pool" and truth[p]]
-    batch = next_batch(project, 10, examples=pool_pos[:2], seed=0)
+    ids, splits = project.image_ids(), project.splits()
+    test_pos = [p for p, s in zip(ids, splits) if s == "test" and truth[p]]
+    # Examples from the test split are not labelled (they would bias the test): similarity alone ranks.
+    batch = next_batch(project, 10, examples=test_pos[:2], seed=0)
     assert {b["strategy"] for b in batch} == {"coldstart-examples"}
     assert sum(truth[b["path"]] for b in batch) >= 6
-    assert project.labels()[pool_pos[0]] == 1  # an example is a positive label
+    assert project.labels() == {}
+    # Examples from the pool are positives the person gave: labelled, and the model learns from them
+    # (against unlabelled photos as weak negatives).
+    pool_pos = [p for p, s in zip(ids, splits) if s == "pool" and truth[p]]
+    batch = next_batch(project, 10, examples=pool_pos[:2], seed=0)
+    assert project.labels() == {pool_pos[0]: 1, pool_pos[1]: 1}
+    assert "top" in {b["strategy"] for b in batch}
+    assert sum(truth[b["path"]] for b in batch) >= 6
 
 
 def test_query_cold_start_on_a_real_embedded_project(embedded_project, capsys):

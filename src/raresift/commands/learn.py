@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategy", default="default", metavar="NAME",
                    help="random, uncertainty (highest entropy), uncertainty-sampling (random, weighted by entropy), "
                    "top (most likely positives), diverse (top without near-duplicates), default = mixed "
-                   "(60%% top, 20%% uncertain, 20%% random, no near-duplicates)")
+                   "(70%% top, 20%% uncertain, 10%% random, no near-duplicates)")
     p.add_argument("--query", default=None, metavar="TEXT", help=QUERY_HELP + "; remembered for later rounds")
     p.add_argument("--examples", nargs="+", default=None, metavar="ID",
                    help="ids of photos of the project that show the class (cold start by similarity; "

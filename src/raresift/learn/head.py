@@ -78,25 +78,31 @@ class RareHead:
             raise InputError("labels must be 0 or 1")
         n_pos = int(y.sum())
         n_neg = len(y) - n_pos
-        if n_pos == 0 or n_neg == 0:
-            raise NotReadyError("the head needs at least one positive and one negative label")
-        if self.class_weight == "balanced":
-            w_pos, w_neg = len(y) / (2.0 * n_pos), len(y) / (2.0 * n_neg)
-        elif self.class_weight is None:
-            w_pos = w_neg = 1.0
-        else:
+        if self.class_weight not in ("balanced", None):
             raise InputError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
-        weights = np.where(y == 1, w_pos, w_neg)
+        U = None
         if X_unlabeled is not None and len(X_unlabeled) and self.unlabeled_weight > 0 and self.max_unlabeled > 0:
             rng = np.random.default_rng(self.random_state)
             U = np.asarray(X_unlabeled, dtype=np.float32)
             if len(U) > self.max_unlabeled:
                 U = U[rng.choice(len(U), size=self.max_unlabeled, replace=False)]
-            # The weak negatives together weigh unlabeled_weight x the labelled negatives' total at most.
-            w_u = self.unlabeled_weight * w_neg * min(1.0, max(n_neg, 1) / len(U))
+        # Raw weights: 1 per label, unlabeled_weight per weak negative. "balanced" then scales each
+        # class to half the total, the weak negatives counting with the negatives: with few labelled
+        # negatives (a cold start finds mostly positives) the model still sees what the rest looks like.
+        if n_pos == 0 or (n_neg == 0 and U is None):
+            raise NotReadyError("the head needs at least one positive and one negative label (or unlabelled photos)")
+        n_weak = 0.0 if U is None else self.unlabeled_weight * len(U)
+        neg_mass = n_neg + n_weak
+        if self.class_weight == "balanced":
+            total = n_pos + neg_mass
+            w_pos, w_neg = total / (2.0 * n_pos), total / (2.0 * neg_mass)
+        else:
+            w_pos = w_neg = 1.0
+        weights = np.where(y == 1, w_pos, w_neg)
+        if U is not None:
             X = np.concatenate([X, U])
             y = np.concatenate([y, np.zeros(len(U), dtype=np.int64)])
-            weights = np.concatenate([weights, np.full(len(U), w_u)])
+            weights = np.concatenate([weights, np.full(len(U), self.unlabeled_weight * w_neg)])
         coef0 = None
         if self.warm_start and hasattr(self, "coef_") and self.coef_.shape[0] == X.shape[1]:
             coef0 = np.r_[self.coef_.astype(np.float64), self.intercept_]

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError, NotReadyError
-from .coldstart import cluster_features, concepts_for, example_scores, explore_picks, text_scores
+from .coldstart import (
+    cluster_features,
+    concepts_for,
+    example_scores,
+    explore_picks,
+    text_scores,
+)
 from .features import DEFAULT_POOLING, featurize, gather, iter_blocks
 from .model import HEAD_DEFAULTS, Scorer, fit_scorer, sigmoid, standardise
 from .strategies import get_strategy

@@ -10,15 +10,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import NotReadyError
 from .head import RareHead
 
 __all__ = ["HEAD_DEFAULTS", "PRIOR_WEIGHT", "Scorer", "fit_scorer", "sigmoid"]
 
 # Settings of the head the workflow uses (tuned on the flower and Caltech-101 benchmarks).
-HEAD_DEFAULTS: dict = {"C": 10.0, "unlabeled_weight": 0.25, "max_unlabeled": 2000}
+HEAD_DEFAULTS: dict = {"C": 10.0, "unlabeled_weight": 0.05, "max_unlabeled": 2000}
 # How much the cold-start prior (standardised) still counts once the head is trained, at 0 labels;
 # it fades as labels come in (weight * 50 / (50 + labels)).
-PRIOR_WEIGHT = 1.0
+PRIOR_WEIGHT = 0.5
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -84,7 +85,10 @@ def fit_scorer(
     """
     rng = rng or np.random.default_rng(0)
     y = np.asarray(y, dtype=np.int64)
-    if len(y) == 0 or y.min() == y.max():
+    has_unlabeled = unlabeled is not None and len(unlabeled) > 0
+    if y.sum() == 0 or (y.min() == 1 and not has_unlabeled):
+        # No positive yet: nothing to learn the class from (labelled positives alone are fine:
+        # unlabelled photos then stand in as weak negatives).
         return Scorer(None, kind="prior" if has_prior else "random")
     params = {**HEAD_DEFAULTS, **(head_params or {})}
     if previous is not None and previous.head is not None:
@@ -95,6 +99,9 @@ def fit_scorer(
     if unlabeled is not None and len(unlabeled) and head.unlabeled_weight > 0:
         take = np.sort(rng.choice(unlabeled, size=min(len(unlabeled), head.max_unlabeled), replace=False))
         U = X[take]
-    head.fit(X[np.asarray(labelled)], y, X_unlabeled=U)
+    try:
+        head.fit(X[np.asarray(labelled)], y, X_unlabeled=U)
+    except NotReadyError:  # only positives and no weak negatives to contrast them with
+        return Scorer(None, kind="prior" if has_prior else "random")
     w = prior_weight * 50.0 / (50.0 + len(y)) if has_prior else 0.0
     return Scorer(head, prior_weight=w, kind="model", info={"labels": len(y), "positives": int(y.sum())})

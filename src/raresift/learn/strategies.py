@@ -36,7 +36,7 @@ DEFAULT_STRATEGY = "mixed"
 # The default batch: mostly likely positives (finds them fastest, and its false positives are the
 # hard negatives the ranking needs), some of the most uncertain (sharpens the boundary), and a
 # random share, so kinds of positives the model has not seen yet can still turn up.
-DEFAULT_SHARES: tuple[tuple[str, float], ...] = (("top", 0.6), ("uncertainty", 0.2), ("random", 0.2))
+DEFAULT_SHARES: tuple[tuple[str, float], ...] = (("top", 0.7), ("uncertainty", 0.2), ("random", 0.1))
 # Two photos whose features have a cosine similarity above this are near-duplicates.
 NEAR_DUPLICATE = 0.95
 
