@@ -282,3 +282,26 @@ def test_commits_are_synced_to_disk(tmp_path):
         assert p.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with Project.open(tmp_path / "p") as p:
         assert p.db.execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_stops_embed_cleanly_and_resumes(kill_setup, tmp_path):
+    """Ctrl+C (SIGINT) mid-run: one line saying the work is kept, exit 130, no traceback; the re-run finishes."""
+    root, fresh, reference = kill_setup
+    project = tmp_path / "project"
+    shutil.copytree(fresh, project)
+    proc = subprocess.Popen(cli("embed", str(project), "--tiles", "0", "--batch-size", str(BATCH), "--no-progress"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(proc, project, 8)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "interrupted" in err and "run it again to resume" in err
+    saved = check_store(project, reference)
+    assert 8 <= saved < N_PHOTOS
+    done = subprocess.run(cli("embed", str(project), "--tiles", "0", "--no-progress"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert check_store(project, reference) == N_PHOTOS
