@@ -135,4 +135,18 @@ def run_demo(folder: str | os.PathLike, *, n_images: int = 240, progress: bool =
         bar.close()
         print(f"embedded {report.embedded} photos in {report.seconds:.1f} s ({report.backend})", file=sys.stderr)
         print_status(project.status(), as_json=False)
+    _simulated_session(project_dir, truth)
     return 0
+
+
+def _simulated_session(project_dir: Path, truth: Path) -> None:
+    """Finish the demo with labelling sessions replayed against the answer key (seconds)."""
+    from .simulate import simulate
+
+    result = simulate(project=project_dir, truth=truth, query="cat", budget=50, batch=10, repeats=3, k=None)
+    print("\nsimulated labelling (an oracle answers from truth.csv; cold start from the text 'cat'):")
+    for p in result["curve"]:
+        print(f"  {p['labels']:>3} labels: {p['positives_found_mean']:.1f} cats found, "
+              f"precision@K on the test split {p['precision_at_k_mean']:.2f}")
+    print(f"  random sampling: precision {result['random_precision_at_k_mean']:.2f}; "
+          f"label your own with `raresift next {project_dir} --query cat`")
