@@ -124,7 +124,9 @@ def test_sigkill_embed_many_times_then_resume(kill_setup, tmp_path):
         # batch); half wait for the run to save 1-6 more photos, then a few ms more (mid-batch, mid-commit).
         if rng.random() < 0.4:
             mode = "time"
-            time.sleep(float(rng.uniform(0.0, 1.5)))
+            # A random moment, but no later than the run's next saved batch (so a fast machine that
+            # embeds everything within the window still leaves work to kill).
+            _wait_for(proc, project, before + 1, limit=float(rng.uniform(0.0, 1.5)))
         else:
             mode = "progress"
             _wait_for(proc, project, before + int(rng.integers(1, 7)))
@@ -167,16 +169,25 @@ def test_sigkill_init_then_rerun(tmp_path):
     images = tmp_path / "images"
     make_collection(images, n=60, n_rare=3, seed=5)
     rng = np.random.default_rng(7)
-    survived = 0
-    for k in range(8):
-        project = tmp_path / f"p{k}"
+
+    def start(project: Path) -> tuple[subprocess.Popen, float]:
+        """Start init; return it and the moment its project folder appeared (where the work begins)."""
         proc = subprocess.Popen(cli("init", str(project), "--images", str(images)),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        # Init takes well under a second: aim at it from the moment the project folder appears.
         end = time.monotonic() + 30
         while proc.poll() is None and not project.exists() and time.monotonic() < end:
             time.sleep(0.002)
-        time.sleep(float(rng.uniform(0.0, 0.15)))
+        return proc, time.monotonic()
+
+    # Init takes well under a second: time one whole run, then aim the kills inside that window.
+    proc, began = start(tmp_path / "timed")
+    proc.communicate()
+    window = max(0.02, time.monotonic() - began)
+    survived = 0
+    for k in range(8):
+        project = tmp_path / f"p{k}"
+        proc, _ = start(project)
+        time.sleep(float(rng.uniform(0.0, 0.7 * window)))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             survived += 1
