@@ -73,8 +73,10 @@ class Model:
     """The model of a project at one moment: a trained scorer plus the cold-start prior it fuses."""
 
     def __init__(self, project: Project, scorer: Scorer, prior: np.ndarray | None, prior_kind: str | None,
-                 pooling: str):
+                 pooling: str, *, labels: np.ndarray, splits: np.ndarray, mask: np.ndarray):
         self.project = project
+        # The project's state when the model was trained (read once: each read scans every image row).
+        self.labels, self.splits, self.mask = labels, splits, mask
         self.scorer = scorer
         self.prior = prior
         self.prior_kind = prior_kind
@@ -82,9 +84,9 @@ class Model:
 
     def logits(self, *, rng: np.random.Generator | None = None) -> np.ndarray:
         """Scores (log-odds scale) of every row; -inf where not embedded."""
-        vectors = self.project.vectors()
-        mask = self.project.embedded_mask()
-        out = np.full(vectors.shape[0], -np.inf, dtype=np.float32)
+        mask = self.mask
+        vectors = self.project.vectors()[: len(mask)]
+        out = np.full(len(mask), -np.inf, dtype=np.float32)
         rng = rng or np.random.default_rng(0)
         for rows, block in iter_blocks(vectors):
             prior = None if self.prior is None else self.prior[rows]
@@ -92,17 +94,16 @@ class Model:
                 out[rows] = self.scorer.score(featurize(block, self.pooling), prior)
             else:  # cold start: no features needed
                 out[rows] = self.scorer.score(np.empty((len(rows), 0), np.float32), prior, rng=rng)
-        out[~mask[: len(out)]] = -np.inf
+        out[~mask] = -np.inf
         return out
 
 
-def _prior(project: Project, *, pool_rows: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+def _prior(project: Project, *, pool_rows: np.ndarray, n_embedded: int) -> tuple[np.ndarray | None, str | None]:
     """The standardised cold-start prior of the project (text query or examples), cached on disk."""
     query = project.meta(_META_QUERY)
     examples = json.loads(project.meta(_META_EXAMPLES) or "[]")
     if not query and not examples:
         return None, None
-    n_embedded = int(project.embedded_mask().sum())
     key = hashlib.sha1(json.dumps([query, examples, n_embedded, DEFAULT_POOLING]).encode()).hexdigest()[:16]
     cache = project.path / _CACHE_DIR / f"prior-{key}.npy"
     if cache.is_file():
@@ -123,9 +124,8 @@ def _prior(project: Project, *, pool_rows: np.ndarray) -> tuple[np.ndarray | Non
     return prior, ("text" if query else "examples")
 
 
-def _clusters(project: Project, pooling: str) -> tuple[np.ndarray, np.ndarray]:
+def _clusters(project: Project, pooling: str, n_embedded: int) -> tuple[np.ndarray, np.ndarray]:
     """k-means clusters of the collection (for exploring without query or examples), cached on disk."""
-    n_embedded = int(project.embedded_mask().sum())
     key = hashlib.sha1(json.dumps([n_embedded, project.embedding_info(), pooling]).encode()).hexdigest()[:16]
     cache = project.path / _CACHE_DIR / f"clusters-{key}.npz"
     if cache.is_file():
@@ -152,11 +152,11 @@ def train(project: Project, *, seed: int | None = 0, head_params: dict | None = 
     pool = (splits == "pool") & mask
     lab = np.flatnonzero(pool & (labels >= 0))
     unl = np.flatnonzero(pool & (labels < 0))
-    prior, prior_kind = _prior(project, pool_rows=np.flatnonzero(pool))
+    prior, prior_kind = _prior(project, pool_rows=np.flatnonzero(pool), n_embedded=int(mask.sum()))
     rng = np.random.default_rng(seed)
     scorer = fit_scorer(_Features(vectors, DEFAULT_POOLING), lab, labels[lab], unlabeled=unl,
                         has_prior=prior is not None, rng=rng, head_params=head_params)
-    return Model(project, scorer, prior, prior_kind, DEFAULT_POOLING)
+    return Model(project, scorer, prior, prior_kind, DEFAULT_POOLING, labels=labels, splits=splits, mask=mask)
 
 
 def scores(project: Project) -> np.ndarray:
@@ -233,8 +233,7 @@ def next_batch(
     rng = np.random.default_rng(seed)
     model = train(project, seed=seed)
     z = model.logits(rng=rng)
-    labels = project.label_array()[: len(z)]
-    splits = project.splits()[: len(z)]
+    labels, splits = model.labels, model.splits
     split = "test" if evaluate else "pool"
     cand = np.flatnonzero((splits == split) & np.isfinite(z) & (labels < 0))
     features = _Rows(_Features(project.vectors(), model.pooling), cand)
@@ -263,7 +262,7 @@ def next_batch(
         picks, sources = get_strategy("top")(z[cand], n, rng=rng)
         sources = [f"coldstart-{model.prior_kind}"] * len(picks)
     elif strategy in ("default", "mixed"):
-        ids, dist = _clusters(project, model.pooling)
+        ids, dist = _clusters(project, model.pooling, int(model.mask.sum()))
         lab_rows = np.flatnonzero((labels >= 0) & (splits == "pool"))
         picks = explore_picks(ids[cand], dist[cand], np.unique(ids[lab_rows]), n, rng)
         sources = ["coldstart-explore"] * len(picks)
