@@ -122,6 +122,10 @@ def connect(path: Path, *, create: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA foreign_keys = ON")
         if version < SCHEMA_VERSION:
             _migrate(conn, version)
+    except sqlite3.OperationalError:
+        # Locked, disk full, I/O error: a problem of the moment, not of the file; say what it is.
+        conn.close()
+        raise
     except sqlite3.DatabaseError as exc:
         conn.close()
         raise NotAProjectError(f"{path} is not a readable raresift database ({exc})") from exc
