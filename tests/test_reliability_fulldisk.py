@@ -120,3 +120,51 @@ def test_status_on_full_disk_still_reads(small_fs, photos):
     r = cli("status", str(project), "--json")
     assert r.returncode == 0, r.stderr
     assert f'"images": {N_PHOTOS}' in r.stdout
+
+
+@pytest.mark.timeout(300)
+def test_labels_on_full_disk_are_refused_never_falsely_acknowledged(small_fs, tmp_path):
+    """`serve` on a full disk: a label that cannot be stored gets an error reply (never a 200), the server
+    stays up, and once space is freed labels are stored again. Every acknowledged label is in the store."""
+    import json
+
+    from raresift import Project
+    from test_reliability_web import Server, label_body, stored_events
+
+    np.save(tmp_path / "emb.npy", np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32))
+    (tmp_path / "ids.txt").write_text("".join(f"id{i}\n" for i in range(50)))
+    project = small_fs / "project"
+    with Project.create(project) as p:
+        p.import_embeddings(tmp_path / "emb.npy", tmp_path / "ids.txt")
+    server = Server(project)
+    try:
+        acked, refused = [], []
+        c = server.conn()
+        for i in range(1, 11):
+            status, body = server.request("POST", "/api/labels", label_body(i, i % 2, "dana"), conn=c)
+            assert status == 200, body
+            acked += json.loads(body)["events"]
+        filler = fill(small_fs, 0)
+        for i in range(11, 31):
+            status, body = server.request("POST", "/api/labels", label_body(i, i % 2, "dana"), conn=c)
+            if status == 200:
+                acked += json.loads(body)["events"]
+            else:
+                refused.append(status)
+                err = json.loads(body)["error"]
+                assert status == 503 and err["code"] == "database_busy", (status, err)
+                assert "disk" in err["message"], err  # "disk I/O error" or "database or disk is full"
+        assert refused, "a full disk must refuse some labels"
+        filler.unlink()
+        for i in range(31, 41):
+            status, body = server.request("POST", "/api/labels", label_body(i, i % 2, "dana"), conn=c)
+            assert status == 200, body
+            acked += json.loads(body)["events"]
+        c.close()
+    finally:
+        server.stop()
+    stored = stored_events(project)
+    for ev in acked:
+        assert stored[ev["id"]] == (ev["image_id"], ev["value"], "dana")
+    print(f"\nRELIABILITY full disk while labelling: {len(acked)} acknowledged and stored, "
+          f"{len(refused)} refused with {sorted(set(refused))}")
