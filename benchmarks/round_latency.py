@@ -110,8 +110,9 @@ def install_proposed_fast_paths() -> None:
     """The changes proposed for `raresift next` at 10^6 photos (see docs/SCALE.md), patched in for measuring.
 
     * ``Project.embedded_mask`` / ``Project.splits``: SQL aggregates instead of a Python object per image;
-    * ``Model.logits``: with one view per photo, ``unit(x) . w + b`` as one BLAS product per 65,536-row
-      block straight on the memory map, divided by cached row norms (no float32 copy, no normalised copy).
+    * ``Model.logits``: with one view per photo, ``unit(f(x)) . w + b`` as one BLAS product per 65,536-row
+      block on the memory map of ``f(x)`` (cached once per vector file; ``f`` = the signed square root
+      raresift.learn applies), divided by cached row norms: no per-round copy or normalisation.
     """
     from raresift.learn import loop
     from raresift.project import Project
@@ -126,13 +127,32 @@ def install_proposed_fast_paths() -> None:
         head = self.scorer.head
         if head is None or (vectors.shape[1] > 1 and self.pooling != "whole"):
             return plain(self, rng=rng)
-        z = scoring.linear_scores(vectors, head.coef_, head.intercept_, scoring.row_norms(self.project, vectors))
+        power = _features_use_power(vectors, self.pooling)
+        if power is None:
+            return plain(self, rng=rng)
+        norms = scoring.row_norms(self.project, vectors, power=power)
+        feats = scoring.whole_features(self.project, vectors, power=power)  # f(x) cached: a plain product
+        z = scoring.linear_scores(feats, head.coef_, head.intercept_, norms)
         if self.prior is not None and self.scorer.prior_weight:
             z += np.float32(self.scorer.prior_weight) * np.nan_to_num(self.prior[: len(z)], nan=0.0).astype(np.float32)
         z[~self.project.embedded_mask()[: len(z)]] = -np.inf
         return z
 
     loop.Model.logits = logits
+
+
+def _features_use_power(vectors, pooling: str) -> bool | None:
+    """Whether raresift.learn's whole-photo feature is unit(signed sqrt(x)) (True) or unit(x) (False)."""
+    from raresift.learn.features import featurize
+
+    sample = np.asarray(vectors[:64, 0, :], dtype=np.float32)
+    want = featurize(sample[:, None, :], pooling)
+    for power in (True, False):
+        x = np.sign(sample) * np.sqrt(np.abs(sample)) if power else sample
+        unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+        if np.allclose(unit, want, atol=1e-5):
+            return power
+    return None
 
 
 def split_round(project: Path, n: int) -> dict[str, float]:

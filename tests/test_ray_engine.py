@@ -50,13 +50,14 @@ def test_ray_engine_equals_local_engine(tmp_path, local_ray):
     shutil.copytree(tmp_path / "local", tmp_path / "ray")
 
     with Project.open(tmp_path / "local") as p:
-        report = p.embed(batch_size=32)
+        report = p.embed(batch_size=32, tiles=0)
         assert (report.embedded, report.errors) == (200, 2)
         local = np.asarray(p.vectors(), dtype=np.float32)
         local_logits = np.asarray(p.logits(), dtype=np.float32)
         local_status = p.status()
 
-    assert main(["embed", str(tmp_path / "ray"), "--engine", "ray", "--batch-size", "32", "--no-progress"]) == 0
+    argv = ["embed", str(tmp_path / "ray"), "--engine", "ray", "--tiles", "0", "--batch-size", "32", "--no-progress"]
+    assert main(argv) == 0
     with Project.open(tmp_path / "ray") as p:
         assert p.embedding_info()["model"] == "efficientnet-lite0"
         remote = np.asarray(p.vectors(), dtype=np.float32)
@@ -76,18 +77,28 @@ def test_ray_engine_equals_local_engine(tmp_path, local_ray):
 
 
 @pytest.mark.ray
-def test_ray_engine_records_decode_errors_and_resumes(tmp_path, local_ray):
+def test_ray_engine_with_tiles_records_decode_errors_and_resumes(tmp_path, local_ray):
     images = tmp_path / "images"
     make_collection(images, n=12, n_rare=2, seed=4)
     with Project.create(tmp_path / "p", images=images) as p:
         p.add_images()
+    shutil.copytree(tmp_path / "p", tmp_path / "local")
     # Damaged after registration (registration hashes, it does not decode).
     (images / "a" / "img_0001.jpg").write_bytes(b"\xff\xd8\xff\xe0 garbage")
     with Project.open(tmp_path / "p") as p:
-        first = p.embed(engine="ray", limit=5, batch_size=4)
+        first = p.embed(engine="ray", tiles=2, limit=5, batch_size=4)
         assert first.embedded + first.errors == 5 and first.remaining == 7
-        second = p.embed(engine="ray", batch_size=4)
+        second = p.embed(engine="ray", tiles=2, batch_size=4)
         assert first.embedded + second.embedded == 11
         assert first.errors + second.errors == 1
         errors = p.errors()
+        remote = np.asarray(p.vectors(), dtype=np.float32)
     assert [e["path"] for e in errors if e["stage"] == "embed"] == ["a/img_0001.jpg"]
+    with Project.open(tmp_path / "local") as p:
+        p.embed(tiles=2, batch_size=4)
+        local = np.asarray(p.vectors(), dtype=np.float32)
+    assert remote.shape == local.shape == (12, 5, 1280)
+    ok = np.abs(local).sum(axis=(1, 2)) > 0
+    a, b = local[ok].reshape(-1, 1280), remote[ok].reshape(-1, 1280)
+    cos = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert ok.sum() == 11 and cos.min() >= 0.999

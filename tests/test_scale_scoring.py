@@ -52,24 +52,45 @@ def test_masks_equal_the_project_methods(vectors_project):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_linear_scores_equal_featurize_then_dot(vectors_project, dtype):
+@pytest.mark.parametrize("power", [False, True])
+def test_linear_scores_equal_normalise_then_dot(vectors_project, dtype, power):
     p, matrix = vectors_project
     vectors = p.vectors() if dtype == np.float32 else matrix.astype(np.float16)[:, None, :]
     rng = np.random.default_rng(1)
     coef, intercept = rng.normal(size=32).astype(np.float32), -0.7
-    norms = scoring.row_norms(p) if dtype == np.float32 else np.linalg.norm(
-        vectors[:, 0, :].astype(np.float32), axis=1)
-    got = scoring.linear_scores(vectors, coef, intercept, norms)
-    want = featurize(np.asarray(vectors, dtype=np.float32)) @ coef + np.float32(intercept)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    x = np.asarray(vectors[:, 0, :], dtype=np.float32)
+    if power:
+        x = np.sign(x) * np.sqrt(np.abs(x))
+    norms = np.linalg.norm(x, axis=1)
+    if dtype == np.float32:
+        np.testing.assert_allclose(scoring.row_norms(p, power=power), norms, rtol=1e-4)
+    got = scoring.linear_scores(vectors, coef, intercept, norms.astype(np.float32), power=power)
+    unit = x / np.where(norms > 0, norms, 1.0)[:, None]
+    np.testing.assert_allclose(got, unit @ coef + np.float32(intercept), rtol=1e-4, atol=1e-4)
     assert got[5] == pytest.approx(intercept)
+
+
+def test_power_scores_equal_the_learning_features(vectors_project):
+    p, _ = vectors_project
+    vectors = p.vectors()
+    coef = np.random.default_rng(2).normal(size=32).astype(np.float32)
+    want = featurize(np.asarray(vectors)) @ coef + np.float32(0.25)
+    norms = scoring.row_norms(p, power=True)
+    got = scoring.linear_scores(vectors, coef, 0.25, norms, power=True)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # The same from the cached features file: one plain product per block.
+    feats = scoring.whole_features(p, power=True)
+    assert isinstance(feats, np.memmap) and feats.dtype == np.float32
+    assert len(list((p.path / "embeddings").glob("features-power-*.npy"))) == 1
+    np.testing.assert_allclose(scoring.linear_scores(feats, coef, 0.25, norms), want, rtol=1e-4, atol=1e-4)
+    assert scoring.whole_features(p, power=False).base is not None  # float32 file, no power: a view
 
 
 def test_row_norms_are_cached_and_follow_the_vector_file(vectors_project):
     p, matrix = vectors_project
     first = scoring.row_norms(p)
     np.testing.assert_allclose(first, np.linalg.norm(matrix, axis=1), rtol=1e-5)
-    caches = list((p.path / "embeddings").glob("norms-*.npy"))
+    caches = list((p.path / "embeddings").glob("norms-plain-*.npy"))
     assert len(caches) == 1
     assert isinstance(scoring.row_norms(p), np.memmap)  # second call: read from the cache
     vec = np.load(p.path / "embeddings" / "vectors.npy", mmap_mode="r+")
@@ -79,4 +100,4 @@ def test_row_norms_are_cached_and_follow_the_vector_file(vectors_project):
     os.utime(p.path / "embeddings" / "vectors.npy", ns=(time.time_ns(), time.time_ns() + 10**9))
     again = scoring.row_norms(p)
     assert again[0] == pytest.approx(2 * first[0], rel=1e-5)
-    assert len(list((p.path / "embeddings").glob("norms-*.npy"))) == 1
+    assert len(list((p.path / "embeddings").glob("norms-plain-*.npy"))) == 1

@@ -7,11 +7,17 @@ These helpers avoid all three and return exactly what the plain code returns:
 
 * :func:`embedded_mask` / :func:`split_names`: one SQL aggregate, then numpy; per-image rows are
   fetched only for the minority (images not embedded, test images).
-* :func:`linear_scores`: ``(x / |x|) . w + b`` for every row of the whole-photo view, as one
-  matrix-vector product per 65,536-row block straight on the memory map (no float32 copy for
-  float32 files, one reused buffer for float16 files), divided by cached row norms.
-* :func:`row_norms`: the whole-photo vector norms, computed once and cached beside the vectors
-  (``embeddings/norms-<stamp>.npy``), rebuilt when the vector file changes.
+* :func:`linear_scores`: ``unit(f(x)) . w + b`` for every row of the whole-photo view, with
+  ``f`` the identity or the signed square root ("power normalisation", ``power=True``), as one
+  matrix-vector product per 65,536-row block straight on the memory map (no copy for float32
+  files and ``f`` = identity; else one reused float32 buffer), divided by cached row norms.
+* :func:`row_norms`: ``|f(x)|`` of every whole-photo vector, computed once and cached beside the
+  vectors (``embeddings/norms-<stamp>.npy``), rebuilt when the vector file changes. For the signed
+  square root, ``|f(x)|^2 = sum(|x|)``: no square roots needed.
+* :func:`whole_features`: ``f(x)`` of every whole-photo vector as a float32 file beside the vectors,
+  written once, so that a round with ``f`` = signed square root is again one plain product per block
+  (the square roots of 10^9 values cost more than the product itself). Costs the size of a float32
+  copy of the whole-photo view on disk (5 GB at 10^6 x 1280).
 """
 
 from __future__ import annotations
@@ -24,29 +30,28 @@ import numpy as np
 if TYPE_CHECKING:
     from ..project import Project
 
-__all__ = ["SCORE_BLOCK", "embedded_mask", "linear_scores", "row_norms", "split_names"]
+__all__ = ["SCORE_BLOCK", "embedded_mask", "linear_scores", "row_norms", "split_names", "whole_features"]
 
 SCORE_BLOCK = 65536  # rows per matrix-vector product: big enough for BLAS to stream memory
 
 
 def embedded_mask(project: Project) -> np.ndarray:
-    """Same as :meth:`Project.embedded_mask`, without a Python object per image when most are embedded."""
-    n, embedded = project.db.execute(
-        "SELECT COALESCE(MAX(id), 0), COALESCE(SUM(status = 'embedded'), 0) FROM images"
-    ).fetchone()
-    if embedded * 2 >= n:
+    """Same as :meth:`Project.embedded_mask`, without a Python object per embedded image.
+
+    The ``images_status`` index answers which images are *not* embedded (usually none or few);
+    ``MAX(id)`` and ``COUNT(*)`` are answered from the primary key and the smallest index.
+    """
+    db = project.db
+    n, rows = db.execute("SELECT COALESCE(MAX(id), 0), COUNT(*) FROM images").fetchone()
+    embedded = db.execute("SELECT COUNT(*) FROM images WHERE status = 'embedded'").fetchone()[0]
+    if embedded * 2 >= rows and rows == n:  # ids are 1..n without gaps (nothing deletes images)
         mask = np.ones(n, dtype=bool)
-        off = np.fromiter(
-            (r[0] - 1 for r in project.db.execute("SELECT id FROM images WHERE status != 'embedded'")), dtype=np.int64
-        )
+        off = np.fromiter((r[0] - 1 for r in db.execute("SELECT id FROM images WHERE status IN ('new', 'error')")),
+                          dtype=np.int64)
         mask[off] = False
-        if embedded + len(off) < n:  # gaps in the id sequence (never happens today): no row there
-            present = np.zeros(n, dtype=bool)
-            present[np.fromiter((r[0] - 1 for r in project.db.execute("SELECT id FROM images")), dtype=np.int64)] = True
-            mask &= present
         return mask
     mask = np.zeros(n, dtype=bool)
-    on = np.fromiter((r[0] - 1 for r in project.db.execute("SELECT id FROM images WHERE status = 'embedded'")),
+    on = np.fromiter((r[0] - 1 for r in db.execute("SELECT id FROM images WHERE status = 'embedded'")),
                      dtype=np.int64)
     mask[on] = True
     return mask
@@ -62,12 +67,13 @@ def split_names(project: Project) -> np.ndarray:
     return out
 
 
-def row_norms(project: Project, vectors: np.ndarray | None = None) -> np.ndarray:
-    """L2 norm of every row's whole-photo vector (float32), cached beside the vector file."""
+def row_norms(project: Project, vectors: np.ndarray | None = None, *, power: bool = False) -> np.ndarray:
+    """L2 norm of every row's whole-photo vector, or of its signed square root (float32), cached on disk."""
     vectors = project.vectors() if vectors is None else vectors
     path = project.path / "embeddings" / "vectors.npy"
     st = path.stat()
-    cache = path.with_name(f"norms-{st.st_size}-{st.st_mtime_ns}.npy")
+    kind = "power" if power else "plain"
+    cache = path.with_name(f"norms-{kind}-{st.st_size}-{st.st_mtime_ns}.npy")
     if cache.is_file():
         norms = np.load(cache, mmap_mode="r")
         if norms.shape == (vectors.shape[0],):
@@ -77,8 +83,11 @@ def row_norms(project: Project, vectors: np.ndarray | None = None) -> np.ndarray
     buf = None
     for start in range(0, len(norms), SCORE_BLOCK):
         block, buf = _as_float32(whole[start : start + SCORE_BLOCK], buf)
-        np.sqrt(np.einsum("ij,ij->i", block, block), out=norms[start : start + len(block)])
-    for old in path.parent.glob("norms-*.npy"):
+        if power:
+            np.sqrt(np.abs(block).sum(axis=1, dtype=np.float32), out=norms[start : start + len(block)])
+        else:
+            np.sqrt(np.einsum("ij,ij->i", block, block), out=norms[start : start + len(block)])
+    for old in path.parent.glob(f"norms-{kind}-*.npy"):
         old.unlink(missing_ok=True)
     tmp = cache.with_name(cache.stem + ".tmp.npy")
     np.save(tmp, norms)
@@ -86,14 +95,50 @@ def row_norms(project: Project, vectors: np.ndarray | None = None) -> np.ndarray
     return norms
 
 
-def linear_scores(vectors: np.ndarray, coef: np.ndarray, intercept: float, norms: np.ndarray) -> np.ndarray:
-    """``unit(whole-photo vector) . coef + intercept`` for every row (float32); rows of norm 0 score ``intercept``."""
+def whole_features(project: Project, vectors: np.ndarray | None = None, *, power: bool = False) -> np.ndarray:
+    """``f(whole-photo vector)`` of every row as a float32 ``(rows, dim)`` memory map (``f`` as in
+    :func:`linear_scores`). Without ``power`` and for a float32 file that is a view of the vectors;
+    otherwise a file ``embeddings/features-<kind>-<stamp>.npy``, written once per vector file."""
+    vectors = project.vectors() if vectors is None else vectors
+    whole = _whole(vectors)
+    if not power and whole.dtype == np.float32:
+        return whole
+    path = project.path / "embeddings" / "vectors.npy"
+    st = path.stat()
+    kind = "power" if power else "plain"
+    cache = path.with_name(f"features-{kind}-{st.st_size}-{st.st_mtime_ns}.npy")
+    if cache.is_file():
+        feats = np.load(cache, mmap_mode="r")
+        if feats.shape == whole.shape:
+            return feats
+    for old in path.parent.glob(f"features-{kind}-*.npy"):
+        old.unlink(missing_ok=True)
+    tmp = cache.with_name(cache.stem + ".tmp.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=whole.shape)
+    for start in range(0, whole.shape[0], SCORE_BLOCK):
+        view = out[start : start + SCORE_BLOCK]
+        np.copyto(view, whole[start : start + SCORE_BLOCK])
+        if power:
+            _signed_sqrt(view)
+    out.flush()
+    del out
+    os.replace(tmp, cache)
+    return np.load(cache, mmap_mode="r")
+
+
+def linear_scores(vectors: np.ndarray, coef: np.ndarray, intercept: float, norms: np.ndarray, *,
+                  power: bool = False) -> np.ndarray:
+    """``unit(f(whole-photo vector)) . coef + intercept`` for every row (float32), ``f`` = signed square
+    root with ``power`` else identity; ``norms`` from :func:`row_norms` with the same ``power``.
+    Rows of norm 0 score ``intercept``."""
     whole = _whole(vectors)
     coef = np.ascontiguousarray(coef, dtype=np.float32)
     out = np.empty(whole.shape[0], dtype=np.float32)
     buf = None
     for start in range(0, len(out), SCORE_BLOCK):
-        block, buf = _as_float32(whole[start : start + SCORE_BLOCK], buf)
+        block, buf = _as_float32(whole[start : start + SCORE_BLOCK], buf, copy=power)
+        if power:
+            _signed_sqrt(block)
         np.matmul(block, coef, out=out[start : start + len(block)])
     safe = np.where(norms > 0, norms, 1.0).astype(np.float32, copy=False)
     out /= safe
@@ -107,8 +152,19 @@ def _whole(vectors: np.ndarray) -> np.ndarray:
     return arr[:, 0, :] if arr.ndim == 3 else arr
 
 
-def _as_float32(block: np.ndarray, buf: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-    if block.dtype == np.float32:
+def _signed_sqrt(x: np.ndarray) -> None:
+    if x.size and x.min() < 0:
+        neg = x < 0
+        np.sqrt(np.abs(x), out=x)
+        x[neg] *= -1
+    else:
+        np.sqrt(x, out=x)
+
+
+def _as_float32(block: np.ndarray, buf: np.ndarray | None, *, copy: bool = False
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``block`` as float32: itself when it already is and no copy is asked for, else in ``buf`` (reused)."""
+    if block.dtype == np.float32 and not copy:
         return block, buf
     if buf is None or buf.shape[0] < len(block):
         buf = np.empty(block.shape, dtype=np.float32)
