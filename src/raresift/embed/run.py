@@ -51,6 +51,8 @@ class EmbedReport:
 
 
 LOCK_FILE = "embed.lock"
+_ROOT_GONE = ("images folder {root} is not there (moved, renamed, or a drive not mounted?); photos saved so far "
+              "are kept and none was marked unreadable: run embed again when the folder is back")
 
 
 @contextlib.contextmanager
@@ -136,6 +138,9 @@ def embed_project(
     """
     if project.images_root is None:
         raise InputError(f"{project.path} was made from an embeddings file; its vectors cannot be recomputed here")
+    if not project.images_root.is_dir():
+        # Otherwise every photo would be recorded as unreadable for good, for a folder that is only away.
+        raise InputError(_ROOT_GONE.format(root=project.images_root))
     if not 0 <= tiles <= MAX_TILES:
         raise InputError(f"--tiles must be between 0 and {MAX_TILES}, got {tiles}")
     if resize not in RESIZE_MODES:
@@ -237,6 +242,8 @@ def embed_project(
             if ok:
                 stack = np.concatenate([a for _, a in ok])  # (B * views, s, s, 3)
                 feats, logits = run_model(embedder, stack, max(batch_size, MODEL_CHUNK))
+            if bad and not os.path.isdir(root):
+                raise InputError(_ROOT_GONE.format(root=project.images_root))
             store([i for i, _ in ok], feats, logits, bad)
     remaining = project.db.execute("SELECT COUNT(*) FROM images WHERE status = 'new'").fetchone()[0]
     return EmbedReport(
