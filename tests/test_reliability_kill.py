@@ -316,3 +316,41 @@ def test_ctrl_c_stops_embed_cleanly_and_resumes(kill_setup, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert check_store(project, reference) == N_PHOTOS
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_images_folder_away_marks_nothing_unreadable(tmp_path, when):
+    """A photo folder that is away (renamed, a drive unmounted) before or during `embed` must not turn every
+    pending photo into a recorded error for good: the run stops in one line and resumes once it is back."""
+    from raresift import Project
+
+    images = tmp_path / "images"
+    make_collection(images, n=60, n_rare=3, seed=9)
+    project = tmp_path / "project"
+    with Project.create(project, images=images) as p:
+        p.add_images()
+    away = tmp_path / "away"
+    if when == "before":
+        images.rename(away)
+        r = subprocess.run(cli("embed", str(project), "--tiles", "0", "--no-progress"),
+                           capture_output=True, text=True, timeout=120)
+        err, rc = r.stderr, r.returncode
+    else:
+        proc = subprocess.Popen(cli("embed", str(project), "--tiles", "0", "--batch-size", "2", "--no-progress"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _wait_for(proc, project, 4)
+        assert proc.poll() is None, "the run ended before the folder could be taken away"
+        images.rename(away)
+        _, err = proc.communicate(timeout=120)
+        rc = proc.returncode
+    assert rc == 2, err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert "is not there" in err
+    counts = db_counts(project)
+    assert counts.get("error", 0) == 0, "a folder that is away must not mark photos unreadable"
+    away.rename(images)
+    r = subprocess.run(cli("embed", str(project), "--tiles", "0", "--no-progress"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert db_counts(project) == {"embedded": 60}
