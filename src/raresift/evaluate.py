@@ -116,10 +116,10 @@ def evaluate(project: Project, *, k: int = 50, top: int | None = None) -> dict[s
 
     hints = []
     if missing:
-        hints.append(f"{missing} of the test top {kk} have no label: run `raresift next PROJECT --evaluate --n {kk}` "
+        hints.append(f"{missing} of the test top {kk} have no label: run `raresift next {project.path} --evaluate --n {kk}` "
                      "and label them")
     if n_rand < 100:
-        hints.append(f"{n_rand} random test photos are labelled; label more (`raresift next PROJECT --evaluate "
+        hints.append(f"{n_rand} random test photos are labelled; label more (`raresift next {project.path} --evaluate "
                      "--strategy random --n 100`) for the baseline, prevalence and recall")
     status = project.status()
     return {
