@@ -46,25 +46,34 @@ def embedded_mask(project: Project) -> np.ndarray:
     embedded = db.execute("SELECT COUNT(*) FROM images WHERE status = 'embedded'").fetchone()[0]
     if embedded * 2 >= rows and rows == n:  # ids are 1..n without gaps (nothing deletes images)
         mask = np.ones(n, dtype=bool)
-        off = np.fromiter((r[0] - 1 for r in db.execute("SELECT id FROM images WHERE status IN ('new', 'error')")),
-                          dtype=np.int64)
-        mask[off] = False
+        mask[_ids(project, "status IN ('new', 'error')", n) - 1] = False
         return mask
     mask = np.zeros(n, dtype=bool)
-    on = np.fromiter((r[0] - 1 for r in db.execute("SELECT id FROM images WHERE status = 'embedded'")),
-                     dtype=np.int64)
-    mask[on] = True
+    mask[_ids(project, "status = 'embedded'", n) - 1] = True
     return mask
 
 
 def split_names(project: Project) -> np.ndarray:
     """Same values as :meth:`Project.splits` (``'pool'`` / ``'test'`` per row), as a ``<U4`` array."""
     n = project.db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0]
-    test = np.fromiter((r[0] - 1 for r in project.db.execute("SELECT id FROM images WHERE split = 'test'")),
-                       dtype=np.int64)
     out = np.full(n, "pool", dtype="<U4")
-    out[test] = "test"
+    out[_ids(project, "split = 'test'", n) - 1] = "test"
     return out
+
+
+_ID_CHUNK = 4_000_000  # ids per group_concat: ~32 MB of text, far below SQLite's 1 GB string limit
+
+
+def _ids(project: Project, where: str, n: int) -> np.ndarray:
+    """Ids of the images matching ``where``, read as comma-joined text parsed by numpy (no Python object per row)."""
+    parts = []
+    for lo in range(1, n + 1, _ID_CHUNK):
+        text = project.db.execute(
+            f"SELECT group_concat(id) FROM images WHERE {where} AND id BETWEEN ? AND ?", (lo, lo + _ID_CHUNK - 1)
+        ).fetchone()[0]
+        if text:
+            parts.append(np.fromstring(text, dtype=np.int64, sep=","))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def row_norms(project: Project, vectors: np.ndarray | None = None, *, power: bool = False) -> np.ndarray:
