@@ -71,6 +71,7 @@ def open_rgb(path: str | os.PathLike | bytes, *, min_side: int, max_pixels: int 
                 if getattr(im, "n_frames", 1) > 1:
                     im.seek(0)  # animated: the first frame stands for the file
                 im.load()
+                im = _shrink(im, min_side)
                 rgb = _to_rgb(ImageOps.exif_transpose(im) or im)
             except BaseException:
                 im.close()
@@ -98,6 +99,18 @@ def open_rgb(path: str | os.PathLike | bytes, *, min_side: int, max_pixels: int 
         if "truncated" in text:
             text = f"truncated or corrupt image data ({text})"
         raise DecodeError(text.splitlines()[0]) from None
+
+
+def _shrink(im: Image.Image, min_side: int) -> Image.Image:
+    """Reduce an image far larger than the views need by an integer factor (box filter, in C) before
+    the orientation and colour conversions copy it: a 120-megapixel RGBA PNG otherwise peaks near 3 GB
+    per decoding thread. Keeps at least twice ``min_side`` on the short side (resizing reduces so anyway)."""
+    factor = min(im.size) // (2 * min_side)
+    if factor < 2 or im.mode not in ("RGB", "RGBA", "L", "LA", "CMYK", "I", "F"):
+        return im
+    small = im.reduce(factor)
+    im.close()
+    return small
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
