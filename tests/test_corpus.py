@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -21,39 +22,47 @@ from corpus import NON_UTF8_ID, make_corpus, write_png_bomb
 PEAK_RSS_LIMIT = 4 * 1024**3
 
 
-def run_cli(*args: str, timeout: float = 300) -> tuple[int, str, str, int]:
-    """Run `python -m raresift ARGS` and return (exit code, stdout, stderr, peak RSS in bytes).
+def _hwm(pid: int) -> int:
+    """Peak resident memory (VmHWM) of a running process, in bytes; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
-    The peak comes from wait4()'s rusage of that one child, so other processes do not count.
+
+def run_measured(argv: list[str], timeout: float = 300) -> tuple[int, str, str, int]:
+    """Run ``argv`` and return (exit code, stdout, stderr, peak RSS in bytes).
+
+    The peak is the child's own high-water mark (VmHWM, reset by exec), read every 20 ms while it runs.
+    Not rusage's maxrss: Linux carries the parent's size at fork into the child's maxrss, so a big test
+    process would be counted in.
     """
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-m", "raresift", *args], stdout=out_w, stderr=err_w)
-    os.close(out_w)
-    os.close(err_w)
     import threading
 
-    chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
-
-    def drain(fd: int) -> None:
-        while data := os.read(fd, 65536):
-            chunks[fd].append(data)
-        os.close(fd)
-
-    threads = [threading.Thread(target=drain, args=(fd,)) for fd in (out_r, err_r)]
-    for t in threads:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out: dict[str, bytes] = {}
+    readers = [threading.Thread(target=lambda k=k, f=f: out.__setitem__(k, f.read()))
+               for k, f in (("out", proc.stdout), ("err", proc.stderr))]
+    for t in readers:
         t.start()
-    timer = threading.Timer(timeout, proc.kill)
-    timer.start()
-    try:
-        _, status, usage = os.wait4(proc.pid, 0)
-    finally:
-        timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    for t in threads:
+    peak, end = 0, time.monotonic() + timeout
+    while proc.poll() is None:
+        peak = max(peak, _hwm(proc.pid))
+        if time.monotonic() > end:
+            proc.kill()
+        time.sleep(0.02)
+    for t in readers:
         t.join()
-    peak = usage.ru_maxrss * 1024  # kilobytes on Linux
-    return (proc.returncode, b"".join(chunks[out_r]).decode(), b"".join(chunks[err_r]).decode(), peak)
+    return proc.returncode, out["out"].decode(), out["err"].decode(), peak
+
+
+def run_cli(*args: str, timeout: float = 300) -> tuple[int, str, str, int]:
+    """Run `python -m raresift ARGS`; see :func:`run_measured`."""
+    return run_measured([sys.executable, "-m", "raresift", *args], timeout)
 
 
 def test_png_bomb_is_a_real_png(tmp_path):
@@ -126,3 +135,22 @@ def test_corpus_init_embed_status(tmp_path):
     rc, _, err, _ = run_cli("embed", str(project), "--no-progress")
     assert rc == 0, err
     assert "embedded 0 photos" in err
+
+
+@pytest.mark.timeout(300)
+def test_near_limit_png_decodes_in_bounded_memory(tmp_path):
+    """A valid RGBA PNG just under the pixel limit (120 megapixels, 2 MB on disk) is not refused as a bomb;
+    decoding it must not cost gigabytes per decoding thread (it peaked near 3 GB before it was reduced first)."""
+    big = tmp_path / "big.png"
+    Image.new("RGBA", (10950, 10950), (10, 20, 30, 128)).save(big, compress_level=1)
+    code = (
+        "import sys, resource\n"
+        "from raresift.embed.decode import load_views, Views\n"
+        "a = load_views(sys.argv[1], Views(size=224, tiles=3, resize='crop'))\n"
+        "assert a.shape == (10, 224, 224, 3)\n"
+    )
+    rc, _, err, peak = run_measured([sys.executable, "-c", code, str(big)])
+    assert rc == 0, err
+    assert peak > 100e6, "the measurement saw the child"
+    assert peak < 1.5e9, f"decoding a 120-megapixel PNG peaked at {peak / 1e9:.2f} GB"
+    print(f"\nRELIABILITY 120-megapixel RGBA PNG: decoded with a peak of {peak / 1e6:.0f} MB")
