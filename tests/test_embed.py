@@ -183,3 +183,18 @@ def test_user_onnx_model_reads_its_input_size(tmp_path):
         assert report.embedded == 3
         assert project.vectors().shape == (3, 10, 8)
         assert project.logits() is None
+
+
+def test_retry_errors_embeds_a_file_fixed_since(tmp_path):
+    images = tmp_path / "images"
+    make_collection(images, n=2, n_rare=1)
+    (images / "late.jpg").write_bytes(b"")  # still being copied, say
+    with Project.create(tmp_path / "p", images=images) as project:
+        project.add_images()
+        assert project.embed(tiles=0).errors == 1
+        make_photo(np.random.default_rng(3), rare=False).save(images / "late.jpg")
+        assert project.embed(tiles=0).embedded == 0  # errors are not retried silently
+        report = project.embed(tiles=0, retry_errors=True)
+        assert (report.embedded, report.errors) == (1, 0)
+        s = project.status()
+        assert (s["embedded"], s["errors"]) == (3, 0)

@@ -133,3 +133,27 @@ def test_bring_your_own_vectors_checks_the_ids(tmp_path, rows, ids, message):
         with pytest.raises(InputError, match=message):
             project.import_embeddings(tmp_path / "emb.npy", tmp_path / "ids.txt")
         assert project.status()["images"] == 0
+
+
+def test_a_folder_that_cannot_be_listed_is_recorded(tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    _photo(images / "ok" / "a.png")
+    _photo(images / "locked" / "b.png")
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if os.fsdecode(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with Project.create(tmp_path / "p", images=images) as project:
+        report = project.add_images()
+        assert (report.added, report.errors) == (1, 1)
+        (err,) = project.errors()
+        assert err["path"] == "locked/" and "Permission denied" in err["reason"]
+        assert project.status()["errors"] == 1
+        monkeypatch.setattr(os, "scandir", real_scandir)
+        again = project.add_images()  # readable now: the photo comes in, the error goes
+        assert (again.added, again.errors) == (1, 0)
+        assert project.errors() == []

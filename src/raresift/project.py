@@ -202,7 +202,12 @@ class Project:
         first = not known
         added = errors = 0
         batch: list[_registry.FoundFile] = []
-        for found in _registry.scan(root, skip=known.__contains__, progress=progress):
+        folder_errors: list[tuple[str, str]] = []
+        scan = _registry.scan(
+            root, skip=known.__contains__, progress=progress,
+            on_error=lambda raw, reason: folder_errors.append((_registry.display_path(raw) + "/", reason)),
+        )
+        for found in scan:
             if found.path in known:
                 continue  # two raw names with the same printable id: keep the first
             known.add(found.path)
@@ -214,6 +219,8 @@ class Project:
         if batch:
             errors += self._insert_found(batch)
             added += len(batch)
+        self._record_folder_errors(folder_errors)
+        errors += len(folder_errors)
         if first and added:
             self._draw_test_split()
         total = self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
@@ -237,6 +244,16 @@ class Project:
                         (cur.lastrowid, f.path, f.error, now),
                     )
         return n_err
+
+    def _record_folder_errors(self, folder_errors: list[tuple[str, str]]) -> None:
+        """Folders the last scan could not list (their photos are missing from the registry)."""
+        now = time.time()
+        with self._tx():
+            self.db.execute("DELETE FROM errors WHERE stage = 'scan'")  # a folder fixed since is no error
+            self.db.executemany(
+                "INSERT INTO errors (image_id, path, stage, reason, at) VALUES (NULL, ?, 'scan', ?, ?)",
+                [(path, reason, now) for path, reason in folder_errors],
+            )
 
     def _hashed_split(self, path: str) -> str:
         """Split of an image added after the first scan: a stable draw from (seed, id)."""

@@ -68,6 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto",
                    help="auto = ONNX Runtime (model exported once and cached), falling back to eager PyTorch")
     p.add_argument("--reembed", action="store_true", help="discard the vectors and embed again (to change model, tiles or resize)")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="try again the files recorded as unreadable (after you fixed or replaced them)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="embed at most N photos in this run")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local (default: this machine) or ray (Ray Data with a pool of model actors, for "
@@ -202,7 +204,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         try:
             report = project.embed(
                 model=args.model, tiles=tiles, resize=resize, batch_size=args.batch_size,
-                workers=args.workers, backend=args.backend, reembed=args.reembed, limit=args.limit,
+                workers=args.workers, backend=args.backend, reembed=args.reembed, retry_errors=args.retry_errors,
+                limit=args.limit,
                 engine=args.engine, ray_address=args.ray_address, on_start=on_start, progress=lambda n: bar.update(n) if bar else None,
             )
         finally:

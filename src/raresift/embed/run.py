@@ -104,6 +104,7 @@ def embed_project(
     backend: str = "auto",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     reembed: bool = False,
+    retry_errors: bool = False,
     limit: int | None = None,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
@@ -126,6 +127,8 @@ def embed_project(
         Decoding threads (default: number of cores).
     reembed:
         Discard existing vectors and start over (needed to change model, tiles or resize).
+    retry_errors:
+        Try again the files recorded as unreadable (e.g. after fixing or replacing them).
     limit:
         Embed at most this many photos in this run (the rest stay pending).
     progress, on_start:
@@ -188,6 +191,10 @@ def embed_project(
         },
     )
 
+    if retry_errors:
+        with project._tx() as db:
+            db.execute("DELETE FROM errors WHERE image_id IN (SELECT id FROM images WHERE status = 'error')")
+            db.execute("UPDATE images SET status = 'new' WHERE status = 'error' AND fs_path IS NOT NULL")
     todo = [
         (row[0], bytes(row[1]))
         for row in project.db.execute("SELECT id, fs_path FROM images WHERE status = 'new' ORDER BY id")

@@ -33,11 +33,12 @@ def display_path(raw: bytes) -> str:
     return raw.decode("utf-8", errors="backslashreplace")
 
 
-def walk_images(root: Path) -> Iterator[bytes]:
+def walk_images(root: Path, *, on_error: Callable[[bytes, str], None] | None = None) -> Iterator[bytes]:
     """Yield the raw relative paths of image files under ``root`` (recursively, sorted, any case of extension).
 
     Symlinks to files are followed (a broken one is still yielded, so it can be reported);
-    symlinked folders are not descended into, which keeps the walk free of cycles.
+    symlinked folders are not descended into, which keeps the walk free of cycles. A folder that
+    cannot be listed is reported to ``on_error(relative path, reason)`` and skipped.
     """
     root_b = os.fsencode(root)
     stack = [b""]
@@ -46,7 +47,9 @@ def walk_images(root: Path) -> Iterator[bytes]:
         here = os.path.join(root_b, rel) if rel else root_b
         try:
             entries = sorted(os.scandir(here), key=lambda e: e.name)
-        except OSError:
+        except OSError as exc:
+            if on_error is not None and rel:
+                on_error(rel.replace(os.sep.encode(), b"/"), f"cannot list folder: {exc.strerror or exc}")
             continue
         subdirs = []
         for entry in entries:
@@ -95,9 +98,13 @@ def scan(
     skip: Callable[[str], bool] = lambda _p: False,
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
+    on_error: Callable[[bytes, str], None] | None = None,
 ) -> Iterator[FoundFile]:
-    """Describe every image file under ``root`` whose id ``skip`` does not reject, hashing in threads."""
-    todo = (raw for raw in walk_images(root) if not skip(display_path(raw)))
+    """Describe every image file under ``root`` whose id ``skip`` does not reject, hashing in threads.
+
+    Folders that cannot be listed go to ``on_error`` (see :func:`walk_images`).
+    """
+    todo = (raw for raw in walk_images(root, on_error=on_error) if not skip(display_path(raw)))
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         # Chunks bound the number of pending futures; map() keeps order; hashlib and file reads
