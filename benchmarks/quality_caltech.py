@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         classes = args.classes.split(",")
     else:
         classes = [c for c, n in sorted(zip(names, counts), key=lambda t: t[1]) if n < args.share * len(ids)]
-    clusters = cluster_features(X, seed=args.seed)
+    clusters = cluster_levels(X, seed=args.seed)
     print(f"Caltech-101: {len(ids)} photos, {len(classes)} rare classes (< {args.share:.0%}); "
           f"{args.repeats} sessions per class (plain strategies: {args.plain_repeats})", file=sys.stderr)
     results: dict[str, dict[str, dict[int, tuple[float, float]]]] = {}

@@ -167,3 +167,39 @@ def test_text_scores_follow_the_concept_logits_and_take_the_best_view():
     logits[2, :, 0] = 8.0  # photo 2 is a fish in every view
     s = text_scores_from_logits(logits, bee)
     assert s[1] > s[0] > s[2]
+
+
+def test_look_alike_concepts_from_the_labelling_guidelines():
+    okapi = concepts_for("okapi")  # no ImageNet class; zebra's guidelines name it as a look-alike
+    assert [c[1] for c in okapi] == ["zebra"] and okapi[0][2] < 1
+
+
+def test_explore_picks_cover_coarse_clusters_first_then_fine_ones():
+    from raresift.learn.coldstart import cluster_levels, explore_picks
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 8)) * 5
+    X = np.concatenate([c + rng.normal(size=(50, 8)) for c in centres]).astype(np.float32)
+    coarse = (np.repeat(np.arange(6), 50) // 2, rng.random(300).astype(np.float32))  # 3 coarse clusters
+    fine = (np.repeat(np.arange(6), 50), rng.random(300).astype(np.float32))  # 6 fine clusters
+    cand = np.arange(300)
+    picks = explore_picks([coarse, fine], cand, np.array([], dtype=np.int64), 5, np.random.default_rng(1))
+    assert len(set(picks.tolist())) == 5
+    assert len(set(coarse[0][picks[:3]])) == 3  # one per coarse cluster first
+    assert len(set(fine[0][picks])) == 5  # then clusters not covered at the fine level
+    labelled = np.arange(5) * 50  # one photo of each of the fine clusters 0..4
+    nxt = explore_picks([fine], np.setdiff1d(cand, labelled), labelled, 1, np.random.default_rng(2))
+    assert fine[0][np.setdiff1d(cand, labelled)[nxt[0]]] == 5
+    levels = cluster_levels(X, seed=0)
+    assert len(levels) == 2 and all(len(ids) == 300 for ids, _ in levels)
+    assert len(np.unique(levels[0][0])) < len(np.unique(levels[1][0]))
+
+
+def test_positives_and_unlabelled_photos_are_enough_to_train():
+    X, y = _clusters()
+    pos = np.flatnonzero(y)[:5]
+    s = fit_scorer(X, pos, np.ones(5), unlabeled=np.setdiff1d(np.arange(400), pos), rng=np.random.default_rng(0))
+    assert s.fitted
+    z = s.score(X)
+    assert y[np.argsort(-z)[:30]].mean() > 0.8
+    assert not fit_scorer(X, pos, np.ones(5)).fitted  # nothing to contrast the positives with

