@@ -248,3 +248,42 @@ def test_create_app_refuses_a_folder_that_is_no_project(tmp_path):
 
     with pytest.raises(NotAProjectError):
         create_app(tmp_path / "nothing")
+
+
+def test_a_grid_page_spanning_two_rounds_is_one_transaction(client, monkeypatch):
+    # Photos of two rounds on one page; bob labels a photo of the second round just before the
+    # write. The reply is a 409, and none of ann's labels (of either round) may be committed.
+    first = client.post("/api/rounds", json={"n": 3, "seed": 1}).json()["items"]
+    second = client.post("/api/rounds", json={"n": 3, "seed": 2}).json()["items"]
+    again = {it["image_id"] for it in second}
+    only_first = [it for it in first if it["image_id"] not in again]  # photos the second round did not take again
+    assert only_first and len(second) >= 2 and only_first[0]["round"] != second[0]["round"]
+    page = only_first[:2] + second[:2]
+    victim = page[-1]["image_id"]
+    from raresift.store import labels as store_labels
+
+    original = store_labels.append
+    calls = []
+
+    def append_after_bob(conn, items, **kw):
+        items = list(items)
+        calls.append(items)
+        if len(calls) == 1:  # bob's own write below comes through here too
+            with Project.open(client.project_path) as p:
+                p.label([(victim, 1)], who="bob")
+        return original(conn, items, **kw)
+
+    monkeypatch.setattr(store_labels, "append", append_after_bob)
+    body = {"items": [{"image_id": it["image_id"], "value": 1, "expected": it["event"]} for it in page],
+            "who": "ann"}
+    err = assert_error(client.post("/api/labels", json=body), 409, "label_conflict")
+    assert err["details"]["image_id"] == victim
+    monkeypatch.setattr(store_labels, "append", original)
+    with Project.open(client.project_path) as p:
+        assert p.db.execute("SELECT COUNT(*) FROM labels WHERE who = 'ann'").fetchone()[0] == 0
+        assert p.status()["labels"] == 1
+    # Sent again without the stale photo, the page is written whole, each label with its own round.
+    r = client.post("/api/labels", json={"items": body["items"][:-1], "who": "ann"})
+    assert r.status_code == 200, r.text
+    got = {(ev["image_id"], ev["round"], ev["strategy"]) for ev in r.json()["events"]}
+    assert got == {(it["image_id"], it["round"], it["strategy"]) for it in page[:-1]}

@@ -60,7 +60,7 @@ def latest(conn: sqlite3.Connection, image_id: int) -> LabelEvent | None:
 
 def append(
     conn: sqlite3.Connection,
-    items: Iterable[tuple[int, int | None]],
+    items: Iterable[tuple[int, int | None] | tuple[int, int | None, int | None, str | None]],
     *,
     who: str,
     source: str,
@@ -69,6 +69,9 @@ def append(
     expected: dict[int, int | None] | None = None,
 ) -> list[LabelEvent]:
     """Append label events for ``(image_id, value)`` pairs in one transaction (all or nothing).
+
+    An item may also be ``(image_id, value, round_id, strategy)``: its own round and strategy
+    instead of the ``round_id`` / ``strategy`` arguments (one transaction for photos of several rounds).
 
     ``expected`` maps an image id to the id of the newest event the caller saw (None: it saw no
     label); if the image has a newer event, :class:`LabelConflict` is raised and nothing is written.
@@ -79,7 +82,9 @@ def append(
     events = []
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for image_id, value in items:
+        for item in items:
+            image_id, value = item[0], item[1]
+            round_id_, strategy_ = (item[2], item[3]) if len(item) > 2 else (round_id, strategy)
             prev = latest(conn, image_id)
             if expected is not None and image_id in expected:
                 seen = expected[image_id]
@@ -92,10 +97,10 @@ def append(
             cur = conn.execute(
                 "INSERT INTO labels (image_id, value, who, at, round_id, strategy, source, replaces, conflict) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (image_id, value, who, now, round_id, strategy, source, prev.id if prev else None, int(conflict)),
+                (image_id, value, who, now, round_id_, strategy_, source, prev.id if prev else None, int(conflict)),
             )
             events.append(
-                LabelEvent(cur.lastrowid, image_id, value, who, now, round_id, strategy, source,
+                LabelEvent(cur.lastrowid, image_id, value, who, now, round_id_, strategy_, source,
                            prev.id if prev else None, conflict)
             )
         conn.execute("COMMIT")

@@ -216,35 +216,22 @@ def label_items(
 ) -> list[_labels.LabelEvent]:
     """Record ``(image_id, value, check, expected_event)`` items with the round / strategy that queued each.
 
-    Where ``check`` is true, a label given by someone else since ``expected_event`` raises
-    :class:`raresift.store.labels.LabelConflict` and nothing of that round's group is written.
+    All items are written in one transaction, whichever rounds queued them: where ``check`` is
+    true and someone else labelled the photo since ``expected_event``,
+    :class:`raresift.store.labels.LabelConflict` is raised and nothing at all is written.
     Items are validated before anything is written.
     """
-    for image_id, value, _, _ in items:
+    rows = []
+    expected: dict[int, int | None] = {}
+    for image_id, value, check, exp in items:
         if project.db.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone() is None:
             raise InputError(f"no image with database id {image_id} in this project")
         if value not in (0, 1, None):
             raise InputError(f"label must be 1, 0 or null (withdraw), got {value!r}")
-    groups: dict[tuple[int | None, str | None], list[tuple[int, int | None, bool, int | None]]] = {}
-    for it in items:
-        groups.setdefault(_round_of(project, it[0]), []).append(it)
-    if len(groups) > 1:
-        # Check every group before writing any, so a conflict leaves nothing half-written
-        # (a label arriving between the check and the write is still caught by the write).
-        for group in groups.values():
-            for image_id, _, check, expected in group:
-                if check:
-                    ev = _labels.latest(project.db, image_id)
-                    if (ev.id if ev else None) != expected:
-                        raise _labels.LabelConflict(image_id, ev)
-    events: list[_labels.LabelEvent] = []
-    for (round_id, strategy), group in groups.items():
-        expected = {image_id: exp for image_id, _, check, exp in group if check}
-        events += project.label(
-            [(image_id, value) for image_id, value, _, _ in group],
-            who=who, source=source, round_id=round_id, strategy=strategy, expected=expected or None,
-        )
-    return events
+        rows.append((int(image_id), None if value is None else int(value), *_round_of(project, image_id)))
+        if check:
+            expected[int(image_id)] = exp
+    return _labels.append(project.db, rows, who=who, source=source, expected=expected or None)
 
 
 def undo(project: Project, *, who: str, image_id: int | None = None, event_id: int | None = None,
