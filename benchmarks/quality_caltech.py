@@ -28,7 +28,7 @@ from threadpoolctl import threadpool_limits
 
 from raresift import Project
 from raresift.learn.coldstart import (
-    cluster_features,
+    cluster_levels,
     concepts_for,
     text_scores_from_logits,
 )
