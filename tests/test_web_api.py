@@ -287,3 +287,32 @@ def test_a_grid_page_spanning_two_rounds_is_one_transaction(client, monkeypatch)
     assert r.status_code == 200, r.text
     got = {(ev["image_id"], ev["round"], ev["strategy"]) for ev in r.json()["events"]}
     assert got == {(it["image_id"], it["round"], it["strategy"]) for it in page[:-1]}
+
+
+def test_photos_recorded_as_unreadable_are_not_served(tmp_path):
+    from conftest import make_collection
+    from corpus import write_png_bomb
+
+    images = tmp_path / "images"
+    make_collection(images, n=4, n_rare=1)
+    write_png_bomb(images / "bomb.png")  # 40000 x 40000 pixels in 190 kB
+    (images / "cut.jpg").write_bytes((images / "a" / "img_0001.jpg").read_bytes()[:300])
+    with Project.create(tmp_path / "project", images=images) as p:
+        p.add_images()
+        ids = {r["path"]: r["id"] for r in p.db.execute("SELECT id, path FROM images")}
+        # Not decoded yet ('new'): served, so a project can be labelled while it embeds.
+        with TestClient(create_app(p.path)) as c:
+            assert c.get(f"/api/images/{ids['bomb.png']}/file").status_code == 200
+        p.embed(batch_size=16)
+        status = dict(p.db.execute("SELECT path, status FROM images").fetchall())
+    assert status["bomb.png"] == status["cut.jpg"] == "error" and status["a/img_0001.jpg"] == "embedded"
+    with TestClient(create_app(tmp_path / "project")) as c:
+        for name, why in (("bomb.png", "decompression bomb"), ("cut.jpg", "runcated")):
+            r = c.get(f"/api/images/{ids[name]}/file")
+            err = assert_error(r, 410, "unreadable_photo")
+            assert why in err["message"] and err["details"]["status"] == "error"
+            assert not r.headers["content-type"].startswith("image/")
+            assert c.get(f"/api/images/{ids[name]}").json()["has_file"] is False
+        ok = c.get(f"/api/images/{ids['a/img_0001.jpg']}/file")
+        assert ok.status_code == 200 and ok.content == (images / "a" / "img_0001.jpg").read_bytes()
+        assert c.get(f"/api/images/{ids['a/img_0001.jpg']}").json()["has_file"] is True

@@ -49,6 +49,7 @@ HERE = Path(__file__).resolve().parent
 MAX_BODY = 256 * 1024  # labels and round requests are a few hundred bytes; nothing needs more
 TOKEN_HEADER = "x-raresift-token"
 TOKEN_COOKIE = "raresift_token"
+SERVED_STATUSES = ("embedded", "new")  # photos that decoded fine, or not tried yet; never 'error'
 PHOTO_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
                ".bmp": "image/bmp", ".gif": "image/gif", ".tif": "image/tiff", ".tiff": "image/tiff"}
 
@@ -62,8 +63,9 @@ def _error(status: int, code: str, message: str, details: Any = None, headers: d
 
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
-               422: "invalid_request", 500: "internal_error"}
+               405: "method_not_allowed", 409: "conflict", 410: "gone", 413: "too_large",
+               415: "unsupported_media_type", 422: "invalid_request", 500: "internal_error",
+               503: "unavailable"}
 
 
 def _event_json(ev: LabelEvent | None) -> dict[str, Any] | None:
@@ -85,6 +87,7 @@ class ErrorOut(BaseModel):
 
 ERRORS = {status: {"model": ErrorOut, "description": code} for status, code in _HTTP_CODES.items()
           if status in (400, 404, 409, 413, 422)}
+FILE_ERRORS = {**ERRORS, 410: {"model": ErrorOut, "description": "unreadable_photo: the file did not decode"}}
 
 
 # ---------------------------------------------------------------------- models
@@ -472,12 +475,22 @@ def create_app(
             return _error(404, "not_found", f"no photo with id {image_id}")
         return backend.item(project, image_id)
 
-    @app.get("/api/images/{image_id:int}/file", responses={200: {"content": {"image/jpeg": {}}}, **ERRORS},
-             summary="The photo file (registered photos only, by id)")
+    @app.get("/api/images/{image_id:int}/file", responses={200: {"content": {"image/jpeg": {}}}, **FILE_ERRORS},
+             summary="The photo file (registered photos that decoded, by id)",
+             description="410 unreadable_photo for a photo recorded as unreadable (status 'error').")
     def api_image_file(project: ProjectDep, image_id: ImageIdPath):
         row = project.db.execute("SELECT status FROM images WHERE id = ?", (image_id,)).fetchone()
         if row is None:
             return _error(404, "not_found", f"no photo with id {image_id}")
+        if row["status"] not in SERVED_STATUSES:
+            # A file raresift could not decode (corrupt, truncated, a decompression bomb) is not
+            # handed to the browser either: it would only fail there, or worse.
+            reason = project.db.execute(
+                "SELECT reason FROM errors WHERE image_id = ? ORDER BY at DESC LIMIT 1", (image_id,)).fetchone()
+            return _error(410, "unreadable_photo",
+                          f"photo {image_id} could not be read when it was added, so it is not served"
+                          + (f" ({reason[0]})" if reason else ""),
+                          {"image_id": image_id, "status": row["status"]})
         file = project.file_path(image_id)
         if file is None or not file.is_file():
             return _error(404, "not_found", f"photo {image_id} has no readable file")

@@ -105,12 +105,13 @@ def _normalise(project: Project, rows: Iterable[Any], purpose: str) -> list[dict
 def _decorate(project: Project, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add each photo's path, split and newest label event (the client sends it back as ``expected``)."""
     for it in items:
-        row = project.db.execute("SELECT path, split, fs_path FROM images WHERE id = ?", (it["image_id"],)).fetchone()
+        row = project.db.execute(
+            "SELECT path, split, fs_path, status FROM images WHERE id = ?", (it["image_id"],)).fetchone()
         if row is None:
             raise InputError(f"no image with database id {it['image_id']} in this project")
         it["path"] = it.get("path") or row["path"]
         it["split"] = it.get("split") or row["split"]
-        it["has_file"] = row["fs_path"] is not None
+        it["has_file"] = row["fs_path"] is not None and row["status"] != "error"  # unreadable files are not served
         ev = _labels.latest(project.db, it["image_id"])
         it["event"] = ev.id if ev else None
         it["label"] = ev.value if ev else None
