@@ -152,8 +152,8 @@ def test_labels_on_full_disk_are_refused_never_falsely_acknowledged(small_fs, tm
             else:
                 refused.append(status)
                 err = json.loads(body)["error"]
-                assert status == 503 and err["code"] == "database_busy", (status, err)
-                assert "disk" in err["message"], err  # "disk I/O error" or "database or disk is full"
+                assert status == 503 and err["code"] == "disk_full", (status, err)  # not "database busy"
+                assert "disk holding the project is full" in err["message"], err
         assert refused, "a full disk must refuse some labels"
         filler.unlink()
         for i in range(31, 41):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -316,3 +318,43 @@ def test_photos_recorded_as_unreadable_are_not_served(tmp_path):
         ok = c.get(f"/api/images/{ids['a/img_0001.jpg']}/file")
         assert ok.status_code == 200 and ok.content == (images / "a" / "img_0001.jpg").read_bytes()
         assert c.get(f"/api/images/{ids['a/img_0001.jpg']}").json()["has_file"] is True
+
+
+def _sqlite_error(message: str, code: int) -> sqlite3.OperationalError:
+    exc = sqlite3.OperationalError(message)
+    exc.sqlite_errorcode = code  # as the sqlite3 module sets it
+    return exc
+
+
+@pytest.mark.parametrize("exc, free, code, words", [
+    (_sqlite_error("database or disk is full", sqlite3.SQLITE_FULL), 10**9, "disk_full", "disk holding the project is full"),
+    (OSError(errno.ENOSPC, "No space left on device"), 0, "disk_full", "disk holding the project is full"),
+    (_sqlite_error("disk I/O error", sqlite3.SQLITE_IOERR_WRITE), 4096, "disk_full", "4 KiB left"),
+    (_sqlite_error("disk I/O error", sqlite3.SQLITE_IOERR_WRITE), 10**11, "database_error", "could not be read or written"),
+    (_sqlite_error("database is locked", sqlite3.SQLITE_BUSY), 0, "database_busy", "busy"),
+])
+def test_a_full_disk_is_not_reported_as_a_busy_database(client, monkeypatch, exc, free, code, words):
+    from raresift.web import app as web_app
+    from raresift.web import backend
+
+    def fail(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(backend, "label_items", fail)
+    monkeypatch.setattr(web_app, "_free_space", lambda path: free)
+    r = client.post("/api/labels", json={"items": [{"image_id": 1, "value": 1}]})
+    err = assert_error(r, 503, code)
+    assert words in err["message"]
+    assert ("busy" in err["message"]) == (code == "database_busy")
+    assert ("full" in err["message"]) == (code == "disk_full")
+
+
+def test_export_onto_a_full_disk_says_so(client, monkeypatch):
+    from raresift.web import backend
+
+    def fail(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(backend, "export", fail)
+    err = assert_error(client.post("/api/export", json={"top": 5}), 503, "disk_full")
+    assert "No space left on device" in err["message"]

@@ -16,10 +16,12 @@ the ``raresift_token`` cookie, or ``?token=`` once, which sets the cookie). Requ
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
 import mimetypes
 import os
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from http.cookies import SimpleCookie
@@ -87,7 +89,42 @@ class ErrorOut(BaseModel):
 
 ERRORS = {status: {"model": ErrorOut, "description": code} for status, code in _HTTP_CODES.items()
           if status in (400, 404, 409, 413, 422)}
+ERRORS[503] = {"model": ErrorOut, "description": "disk_full, database_busy or database_error: the request failed; "
+               "try again (after freeing disk space for disk_full)"}
 FILE_ERRORS = {**ERRORS, 410: {"model": ErrorOut, "description": "unreadable_photo: the file did not decode"}}
+
+
+LOW_DISK = 64 * 1024 * 1024  # below this much free space, an SQLite I/O error is taken for a full disk
+
+
+def _free_space(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _storage_error(exc: Exception, project_path: Path) -> tuple[str, str]:
+    """(code, message) for a database or disk error: disk full, database busy, or another I/O failure."""
+    text = str(exc)
+    lowered = text.lower()
+    primary = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    free = _free_space(project_path)
+    full = (
+        (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))
+        or primary == sqlite3.SQLITE_FULL
+        or "disk is full" in lowered
+        # SQLite reports some writes that ran out of space as a plain "disk I/O error".
+        or ((primary == sqlite3.SQLITE_IOERR or "disk i/o error" in lowered) and free is not None and free < LOW_DISK)
+    )
+    if full:
+        left = "" if free is None else f" ({free // 1024} KiB left)"
+        return "disk_full", (f"the disk holding the project is full{left}: free some space, then try "
+                             f"again ({text})")
+    if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "locked" in lowered or "busy" in lowered:
+        return "database_busy", (f"the project database is busy: another program (embed, a second server?) held "
+                                 f"it too long; try again ({text})")
+    return "database_error", f"the project database could not be read or written ({text}); try again"
 
 
 # ---------------------------------------------------------------------- models
@@ -365,9 +402,19 @@ def create_app(
         return _error(400, "bad_request", str(exc))
 
     @app.exception_handler(sqlite3.OperationalError)
-    async def _busy(request: Request, exc: sqlite3.OperationalError):
+    async def _database_error(request: Request, exc: sqlite3.OperationalError):
         log.warning("database error: %s", exc)
-        return _error(503, "database_busy", f"the project database is busy ({exc}); try again")
+        code, message = _storage_error(exc, request.app.state.project_path)
+        return _error(503, code, message)
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.warning("disk full: %s", exc)
+            code, message = _storage_error(exc, request.app.state.project_path)
+            return _error(503, code, message)
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
