@@ -358,3 +358,31 @@ def test_export_onto_a_full_disk_says_so(client, monkeypatch):
     monkeypatch.setattr(backend, "export", fail)
     err = assert_error(client.post("/api/export", json={"top": 5}), 503, "disk_full")
     assert "No space left on device" in err["message"]
+
+
+def test_start_up_imports_what_the_first_round_needs(embedded_project):
+    # In a fresh interpreter: scikit-learn's k-means and SciPy's optimiser (seconds of imports on the
+    # first round) are loaded in the background when the app starts, before any round is asked for.
+    import subprocess
+    import sys
+
+    project = embedded_project[0]
+    code = f"""
+import sys, warnings
+warnings.simplefilter("ignore")
+from fastapi.testclient import TestClient
+from raresift.web import create_app
+from raresift.web.backend import WARM_MODULES
+app = create_app({str(project)!r})
+assert "sklearn.cluster" not in sys.modules and "scipy.optimize" not in sys.modules
+with TestClient(app) as c:
+    app.state.warm_up.join(120)
+    print(sorted(m for m in WARM_MODULES if m in sys.modules))
+    print(c.get("/api/status").status_code)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    loaded, status = r.stdout.split("\n")[:2]
+    from raresift.web.backend import WARM_MODULES
+
+    assert loaded == str(sorted(WARM_MODULES)) and status == "200"

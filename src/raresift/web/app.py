@@ -24,6 +24,7 @@ import os
 import shutil
 import sqlite3
 from collections.abc import Iterator
+from contextlib import asynccontextmanager
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -335,6 +336,7 @@ def create_app(
     who: str | None = None,
     allowed_hosts: list[str] | None = None,
     max_body: int = MAX_BODY,
+    warm: bool = True,
 ) -> FastAPI:
     """The labelling app for the project at ``project_path``.
 
@@ -342,6 +344,8 @@ def create_app(
     when the page sends none (default: the user name). ``allowed_hosts``: when given, requests
     whose ``Host`` header names another host are refused (use it for a server bound to
     127.0.0.1 without a token, against DNS rebinding). ``max_body``: largest request body, bytes.
+    ``warm``: on start-up, import what rounds need in the background (see :func:`backend.warm_up`),
+    so that the page's first round does not wait for it.
     """
     path = Path(project_path)
     with Project.open(path) as project:  # fail now, not on the first request
@@ -350,7 +354,13 @@ def create_app(
     static_files = {p.name: p for p in sorted((HERE / "static").iterdir()) if p.is_file()}
     templates = Jinja2Templates(directory=str(HERE / "templates"))
 
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.warm_up = backend.warm_up() if warm else None
+        yield
+
     app = FastAPI(
+        lifespan=lifespan,
         title="raresift labelling API",
         version=__version__,
         description="The JSON API the raresift labelling page uses. Every error has the shape "

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import getpass
 import importlib
+import logging
 import math
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +26,7 @@ from ..store import labels as _labels
 
 __all__ = [
     "default_who",
+    "warm_up",
     "strategies",
     "queue",
     "new_round",
@@ -37,7 +40,31 @@ __all__ = [
     "wilson",
 ]
 
+log = logging.getLogger(__name__)
+
 FALLBACK_STRATEGY = "random"
+# What the first round imports: the learning loop, SciPy's optimiser (training the head) and
+# scikit-learn's k-means (exploring a cold project). Together 1,000+ modules (scikit-learn pulls in
+# pandas and pyarrow), one to several seconds that the first `/api/rounds` would otherwise wait for.
+WARM_MODULES = ("raresift.learn.loop", "raresift.evaluate", "raresift.export", "scipy.optimize", "sklearn.cluster")
+
+
+def warm_up(modules: Iterable[str] = WARM_MODULES) -> threading.Thread:
+    """Import what rounds need in a background thread (started at once; returned for joining).
+
+    A request that needs one of the modules meanwhile waits for that import, never imports twice.
+    """
+
+    def run() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # a missing optional part: the request that needs it says so
+                log.debug("warm-up: cannot import %s: %s", name, exc)
+
+    thread = threading.Thread(target=run, name="raresift-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def default_who() -> str:
