@@ -94,3 +94,16 @@ def test_cli_simulate_reuses_an_embedded_project(embedded_project, tmp_path, cap
                  "--no-progress"]) == 2  # 40 photos cannot hold 400 labels
     assert "seed protocol" in capsys.readouterr().err
     assert main(["simulate", "--truth", str(key), "--no-progress"]) == 2
+
+
+def test_cli_simulate_embeds_a_folder_with_a_truth_folder(tmp_path, capsys):
+    from conftest import make_collection
+
+    make_collection(tmp_path / "photos", n=16, n_rare=3)  # subfolders a/ and b/
+    args = ["simulate", "--images", str(tmp_path / "photos"), "--truth-folder", "a", "--budget", "6",
+            "--batch", "3", "--repeats", "1", "--k", "3", "--json", str(tmp_path / "r.json"), "--no-progress"]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["photos"] == 16 and result["positives"] == 8  # half the photos lie under a/
+    assert result["project"] is None  # embedded into a temporary folder, removed after
+    assert result["curve"][-1]["labels"] == 6
