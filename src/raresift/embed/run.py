@@ -152,6 +152,7 @@ def embed_project(
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     if engine not in ENGINES:
         raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    asked_threads, asked_workers = threads, workers  # the Ray engine sizes its actors by the cluster's cores
     threads = threads or default_threads()
     workers = workers or threads
 
@@ -219,7 +220,7 @@ def embed_project(
         from ..scale.ray_engine import embed_on_ray
 
         embed_on_ray(
-            todo, root=root, views=views, model=model, backend=backend, threads=threads, workers=workers,
+            todo, root=root, views=views, model=model, backend=backend, threads=asked_threads, workers=asked_workers,
             batch_size=batch_size, max_pixels=max_pixels, address=ray_address, store=store,
         )
         remaining = project.db.execute("SELECT COUNT(*) FROM images WHERE status = 'new'").fetchone()[0]
