@@ -162,3 +162,26 @@ def test_local_server_refuses_foreign_host_names(served):
     url, _, _ = served
     assert raw_get(url, "/api/status", {"Host": "evil.example:8765"})[0] == 400
     assert raw_get(url, "/api/status")[0] == 200
+
+
+def test_serve_help_matches_what_the_page_and_server_do():
+    import argparse
+
+    from raresift.commands import web
+
+    parser = argparse.ArgumentParser(prog="raresift")
+    web.register(parser.add_subparsers())
+    sub = parser._subparsers._group_actions[0].choices["serve"]  # the parser built just above
+    text = " ".join(sub.format_help().split())
+    js = (Path(web.__file__).parents[1] / "web" / "static" / "app.js").read_text()
+    handled = set(re.findall(r'"([^"]+)"', re.search(r"const HANDLED = new Set\(\[(.*?)\]\)", js, re.DOTALL).group(1)))
+    # Every key the help names is one the page handles, and the grid size is the page's.
+    for keys in re.findall(r"((?:[\w]+/)*[\w]+) = ", text.split("Keys:")[1].split(". /grid")[0]):
+        for key in keys.split("/"):
+            assert key in handled, (key, handled)
+    assert int(re.search(r"const GRID = (\d+);", js).group(1)) == web.GRID
+    assert f"/grid shows {web.GRID} photos" in text and "Enter saves the page" in text and "Enter" in handled
+    assert re.search(r'if \(!saved && MODE === "grid"\) pick = names.find\(\(n\) => /\^\(top', js)
+    assert f"default {web.DEFAULT_PORT}" in text and f"default {web.DEFAULT_HOST}" in text
+    args = parser.parse_args(["serve", "p"])
+    assert (args.host, args.port, args.no_browser, args.token) == (web.DEFAULT_HOST, web.DEFAULT_PORT, False, None)

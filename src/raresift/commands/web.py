@@ -14,23 +14,28 @@ from ..errors import InputError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
+GRID = 16  # photos on a grid page (GRID in web/static/app.js)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="label photos in the browser (local web app)",
-        description="Start the labelling web app for PROJECT and open it in the browser. Keys: 1/y = shows the "
-        "class, 0/n = does not, Backspace/u = undo, s = skip; /grid labels 16 top candidates at once, "
-        "/evaluate measures precision@K on the test photos. Binds 127.0.0.1 by default; binding another "
-        "address needs an access token (--token, or one is generated and printed).",
+        description="Start the labelling web app for PROJECT and open it in the browser (unless --no-browser). "
+        "Keys: 1/y = shows the class, 0/n = does not, Backspace/u = undo, s = skip, t = train and queue the "
+        f"next round. /grid shows {GRID} photos at a time (its rounds take the top candidates by default): "
+        "click or Space marks a positive, Enter saves the page (marked = yes, the rest = no). /evaluate "
+        "measures precision@K on the test photos against random. Every label is saved before the page moves "
+        "on. Binds 127.0.0.1 by default; binding another address needs an access token (--token, or one is "
+        "generated and printed).",
     )
-    p.add_argument("project", type=Path, help="project folder (made with `raresift init`, embedded)")
+    p.add_argument("project", type=Path, help="project folder (made with `raresift init`; rounds need `raresift embed`)")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free port)")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser")
     p.add_argument("--token", default=None, metavar="T",
-                   help="access token every request must carry (required off 127.0.0.1; generated when omitted)")
+                   help="access token every request must carry (at least 8 characters); off this machine one is "
+                   "generated and printed when none is given")
     p.add_argument("--who", default=None, help="name recorded with labels when the page gives none (default: user name)")
     p.set_defaults(handler=cmd_serve)
 
