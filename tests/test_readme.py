@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -45,6 +46,18 @@ def workdir(tmp_path_factory) -> Path:
 
 def test_workflow_block_runs(workdir):
     assert (workdir / "insects" / "raresift.sqlite").is_file()
+
+
+def test_learn_block_runs(workdir):
+    done = sh(blocks("learn"), workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    batch = json.loads((workdir / "batch.json").read_text())
+    assert 0 < len(batch) <= 25  # a 30-photo collection has fewer than 25 unlabelled pool photos left
+    assert {"path", "image_id", "score", "strategy", "round", "split"} <= set(batch[0])
+    assert (workdir / "insects.csv").read_text().startswith("rank,path,score,label,split")
+    done = subprocess.run([sys.executable, "-c", blocks("python-learn")], cwd=workdir, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (workdir / "top.jsonl").stat().st_size > 0
 
 
 def test_python_block_runs(workdir):

@@ -7,6 +7,10 @@ A project is a folder::
       embeddings/
         vectors.npy          (images, views, dim) features, view 0 = whole photo, 1.. = tiles
         logits.npy           (images, views, 1000) ImageNet logits (built-in models only)
+        index.faiss, ...     FAISS index and caches derived from the vectors (raresift.scale)
+      learn/                 caches of the learning loop (text-query scores, clusters)
+      exports/               what the web page exported
+      embed.lock             held while `embed` runs
 """
 
 from __future__ import annotations
@@ -399,14 +403,12 @@ class Project:
         return _vectors.open_read(self._embed_dir / LOGITS_FILE)
 
     def embedded_mask(self) -> np.ndarray:
-        """Boolean array over rows (id - 1): True where the image is embedded."""
-        n = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0]
-        mask = np.zeros(n, dtype=bool)
-        rows = np.fromiter(
-            (r[0] for r in self.db.execute("SELECT id FROM images WHERE status = 'embedded'")), dtype=np.int64
-        )
-        mask[rows - 1] = True
-        return mask
+        """Boolean array over rows (id - 1): True where the image is embedded.
+
+        Read by SQL aggregates (no Python object per image: a round at 10^6 photos reads it)."""
+        from .scale.scoring import embedded_mask
+
+        return embedded_mask(self)
 
     def embeddings(self) -> tuple[list[str], np.ndarray]:
         """``(ids, matrix)``: the id of every embedded image and its whole-photo vector (row i = ids[i]).
@@ -443,8 +445,12 @@ class Project:
         return Path(os.fsdecode(os.path.join(os.fsencode(root), bytes(row[0]))))
 
     def splits(self) -> np.ndarray:
-        """Array over rows (id - 1) of split names ('pool' / 'test')."""
-        return np.array([r[0] for r in self.db.execute("SELECT split FROM images ORDER BY id")], dtype=object)
+        """Array over rows (id - 1) of split names ('pool' / 'test'), a ``<U4`` string array.
+
+        Read by SQL aggregates (no Python object per image: a round at 10^6 photos reads it)."""
+        from .scale.scoring import split_names
+
+        return split_names(self)
 
     # ------------------------------------------------------------------ labels
     def label(
