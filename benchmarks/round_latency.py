@@ -3,15 +3,18 @@
 For each size it makes (once, under ``--workdir``) a project with ``raresift init --embeddings``
 from synthetic 1280-d float32 vectors (clusters of non-negative vectors, like pooled CNN features;
 the rare class is one cluster, 1%), imports 200 labels from a CSV (20 positive), reads the vector
-file once (warm page cache), then times ``raresift next PROJECT --n 100 --json`` from outside.
-A second, in-process run of the same round splits the time into start-up (interpreter and imports,
-timed as ``raresift --version``), training, scoring and selection (everything else: reading labels
-and splits, choosing, recording the round). Usage::
+file once (warm page cache), runs one round (the first round after the vectors change writes the
+signed-square-root features and row norms the rounds score from, beside the vectors; timed and
+shown as "first round"), reads those files once, then times ``raresift next PROJECT --n 100 --json``
+from outside. A second, in-process run of the same round splits the time into start-up (interpreter
+and imports, timed as ``raresift --version``), training, scoring and selection (everything else:
+reading labels and splits, choosing, recording the round). Usage::
 
     python benchmarks/round_latency.py [--sizes 10000 100000 1000000] [--workdir /work/devdata/round-latency]
         [--repeats 3] [--clean]
 
-The 10^6 project takes about 5 GB of disk (plus 5 GB while it is made); ``--clean`` removes it afterwards.
+The 10^6 project takes about 10 GB of disk (5 GB of vectors, 5 GB of features; plus 5 GB while it
+is made); ``--clean`` removes it afterwards.
 """
 
 from __future__ import annotations
@@ -94,65 +97,19 @@ def make_project(workdir: Path, n: int) -> Path:
     return project
 
 
-def warm(project: Path) -> None:
-    with open(project / "embeddings" / "vectors.npy", "rb") as fh:
-        while fh.read(1 << 24):
-            pass
+def warm(project: Path, *patterns: str) -> None:
+    """Read the project's embedding files matching ``patterns`` once (warm page cache)."""
+    for pattern in patterns:
+        for path in (project / "embeddings").glob(pattern):
+            with open(path, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
 
 
 def time_command(cmd: list[str]) -> tuple[float, str]:
     t0 = time.perf_counter()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return time.perf_counter() - t0, out
-
-
-def install_proposed_fast_paths() -> None:
-    """The changes proposed for `raresift next` at 10^6 photos (see docs/SCALE.md), patched in for measuring.
-
-    * ``Project.embedded_mask`` / ``Project.splits``: SQL aggregates instead of a Python object per image;
-    * ``Model.logits``: with one view per photo, ``unit(f(x)) . w + b`` as one BLAS product per 65,536-row
-      block on the memory map of ``f(x)`` (cached once per vector file; ``f`` = the signed square root
-      raresift.learn applies), divided by cached row norms: no per-round copy or normalisation.
-    """
-    from raresift.learn import loop
-    from raresift.project import Project
-    from raresift.scale import scoring
-
-    Project.embedded_mask = scoring.embedded_mask
-    Project.splits = scoring.split_names
-    plain = loop.Model.logits
-
-    def logits(self, *, rng=None):
-        vectors = self.project.vectors()
-        head = self.scorer.head
-        if head is None or (vectors.shape[1] > 1 and self.pooling != "whole"):
-            return plain(self, rng=rng)
-        power = _features_use_power(vectors, self.pooling)
-        if power is None:
-            return plain(self, rng=rng)
-        norms = scoring.row_norms(self.project, vectors, power=power)
-        feats = scoring.whole_features(self.project, vectors, power=power)  # f(x) cached: a plain product
-        z = scoring.linear_scores(feats, head.coef_, head.intercept_, norms)
-        if self.prior is not None and self.scorer.prior_weight:
-            z += np.float32(self.scorer.prior_weight) * np.nan_to_num(self.prior[: len(z)], nan=0.0).astype(np.float32)
-        z[~self.project.embedded_mask()[: len(z)]] = -np.inf
-        return z
-
-    loop.Model.logits = logits
-
-
-def _features_use_power(vectors, pooling: str) -> bool | None:
-    """Whether raresift.learn's whole-photo feature is unit(signed sqrt(x)) (True) or unit(x) (False)."""
-    from raresift.learn.features import featurize
-
-    sample = np.asarray(vectors[:64, 0, :], dtype=np.float32)
-    want = featurize(sample[:, None, :], pooling)
-    for power in (True, False):
-        x = np.sign(sample) * np.sqrt(np.abs(sample)) if power else sample
-        unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
-        if np.allclose(unit, want, atol=1e-5):
-            return power
-    return None
 
 
 def split_round(project: Path, n: int) -> dict[str, float]:
@@ -198,27 +155,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--clean", action="store_true", help="delete the projects afterwards")
-    ap.add_argument("--proposed", action="store_true",
-                    help="also time the command with the proposed fast paths patched in")
     ap.add_argument("--split", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one timed round
-    ap.add_argument("--run", type=Path, default=None, help=argparse.SUPPRESS)  # internal: the patched command
     args = ap.parse_args(argv)
     if args.split is not None:
-        if args.proposed:
-            install_proposed_fast_paths()
         print(json.dumps(split_round(args.split, args.n)))
         return 0
-    if args.run is not None:  # `raresift next` with the proposed fast paths
-        install_proposed_fast_paths()
-        from raresift.cli import main as cli
-
-        return cli(["next", str(args.run), "--n", str(args.n), "--json"])
 
     print(f"load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} usable CPUs", flush=True)
     rows = []
     for size in args.sizes:
         project = make_project(args.workdir, size)
-        warm(project)
+        warm(project, "vectors.npy")
+        # The first round after the vectors change writes the features cache (signed square roots,
+        # float32) and the row norms beside the vectors; later rounds only read them.
+        first, out = time_command([*raresift_cmd(), "next", str(project), "--n", str(args.n), "--json"])
+        assert out.count('"path"') == args.n, out[:200]
+        warm(project, "features-*.npy", "norms-*.npy")
         startup = statistics.median(time_command([*raresift_cmd(), "--version"])[0] for _ in range(3))
         walls = []
         for _ in range(args.repeats):
@@ -228,33 +180,22 @@ def main(argv: list[str] | None = None) -> int:
         # In a fresh process, so imports are paid inside the round as they are by the command.
         _, out = time_command([sys.executable, __file__, "--split", str(project), "--n", str(args.n)])
         parts = json.loads(out.strip().splitlines()[-1])
-        rows.append((f"{size:,}", statistics.median(walls), min(walls), startup, parts))
-        print(f"  {size:>9,}: median {rows[-1][1]:.2f} s over {args.repeats} runs", flush=True)
-        if args.proposed:
-            walls = []
-            for _ in range(args.repeats):
-                wall, out = time_command([sys.executable, __file__, "--run", str(project), "--n", str(args.n)])
-                if out.count('"path"') != args.n:
-                    raise RuntimeError(out[:200])
-                walls.append(wall)
-            _, out = time_command([sys.executable, __file__, "--split", str(project), "--n", str(args.n),
-                                   "--proposed"])
-            parts = json.loads(out.strip().splitlines()[-1])
-            rows.append((f"{size:,}, proposed fast paths", statistics.median(walls), min(walls), startup, parts))
-            print(f"  {size:>9,} with the proposed fast paths: median {rows[-1][1]:.2f} s", flush=True)
+        rows.append((f"{size:,}", statistics.median(walls), min(walls), first, startup, parts))
+        print(f"  {size:>9,}: median {rows[-1][1]:.2f} s over {args.repeats} runs (first round {first:.2f} s)",
+              flush=True)
         if args.clean:
             shutil.rmtree(project, ignore_errors=True)
     print()
     print(f"`raresift next --n {args.n} --json`, {N_LABELS} labels, {DIM}-d float32 vectors, warm page cache")
     print()
-    print("| photos | whole command (median) | best | start-up | training | scoring | selection + rest |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for size, med, best, startup, p in rows:
+    print("| photos | whole command (median) | best | first round | start-up | training | scoring | selection + rest |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for size, med, best, first, startup, p in rows:
         inproc = p["training"] + p["scoring"] + p["selection"]
         share = {k: v / (inproc + startup) for k, v in p.items()}
-        print(f"| {size} | {med:.2f} s | {best:.2f} s | {startup:.2f} s ({startup / (inproc + startup):.0%}) | "
-              f"{p['training']:.2f} s ({share['training']:.0%}) | {p['scoring']:.2f} s ({share['scoring']:.0%}) | "
-              f"{p['selection']:.2f} s ({share['selection']:.0%}) |")
+        print(f"| {size} | {med:.2f} s | {best:.2f} s | {first:.2f} s | {startup:.2f} s "
+              f"({startup / (inproc + startup):.0%}) | {p['training']:.2f} s ({share['training']:.0%}) | "
+              f"{p['scoring']:.2f} s ({share['scoring']:.0%}) | {p['selection']:.2f} s ({share['selection']:.0%}) |")
     return 0
 
 

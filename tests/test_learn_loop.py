@@ -79,6 +79,32 @@ def test_scores_rank_positives_first_and_replay_with_a_seed(tmp_path):
     assert [x["path"] for x in a] == [x["path"] for x in b]
 
 
+def test_scores_from_the_cached_features_equal_featurised_blocks(tmp_path, monkeypatch):
+    from raresift.learn import loop
+    from raresift.scale import scoring
+
+    project, truth = vectors_project(tmp_path)
+    ids, splits = project.image_ids(), project.splits()
+    pool_pos = [p for p, s in zip(ids, splits) if s == "pool" and truth[p]]
+    oracle(project, next_batch(project, 60, strategy="random", seed=3), truth)
+    next_batch(project, 5, examples=pool_pos[:2], seed=0)  # a prior that still counts
+    with project._tx() as db:  # two photos not embedded
+        db.execute("UPDATE images SET status = 'error' WHERE id IN (3, 250)")
+    model = loop.train(project, seed=0)
+    assert model.scorer.fitted and model.prior is not None and model.scorer.prior_weight > 0
+    fast = model.logits()
+    assert len(list((tmp_path / "proj" / "embeddings").glob("features-power-*.npy"))) == 1  # the fast path ran
+    plain = model._block_logits()
+    assert np.isneginf(fast[[2, 249]]).all() and np.isfinite(np.delete(fast, [2, 249])).all()
+    np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-4)
+    # Where the features cannot be written (a read-only project), the blocks are featurised instead.
+    def refuse(*a, **k):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(scoring, "whole_features", refuse)
+    np.testing.assert_array_equal(model.logits(), plain)
+
+
 def test_test_labels_never_train_the_model(tmp_path):
     project, truth = vectors_project(tmp_path)
     test_ids = [p for p, s in zip(project.image_ids(), project.splits()) if s == "test"]

@@ -37,18 +37,38 @@ def vectors_project(vectors_template, tmp_path):
     p.close()
 
 
-def test_masks_equal_the_project_methods(vectors_project):
+def _plain_mask(p):
+    """The embedded mask read row by row (what Project.embedded_mask did before the fast path)."""
+    n = p.db.execute("SELECT MAX(id) FROM images").fetchone()[0]
+    mask = np.zeros(n, dtype=bool)
+    for (image_id,) in p.db.execute("SELECT id FROM images WHERE status = 'embedded'"):
+        mask[image_id - 1] = True
+    return mask
+
+
+def _plain_splits(p):
+    return np.array([r[0] for r in p.db.execute("SELECT split FROM images ORDER BY id")], dtype=object)
+
+
+def test_masks_equal_the_plain_reads(vectors_project):
     p, _ = vectors_project
-    np.testing.assert_array_equal(scoring.embedded_mask(p), p.embedded_mask())
-    np.testing.assert_array_equal(scoring.split_names(p), p.splits().astype(str))
+    np.testing.assert_array_equal(scoring.embedded_mask(p), _plain_mask(p))
+    splits = scoring.split_names(p)
+    assert splits.dtype == np.dtype("<U4") and 0 < (splits == "test").sum() < len(splits)
+    np.testing.assert_array_equal(splits, _plain_splits(p).astype(str))
+    # The project's methods are these fast paths.
+    np.testing.assert_array_equal(p.splits(), splits)
+    np.testing.assert_array_equal(p.embedded_mask(), _plain_mask(p))
     with p._tx() as db:  # some images not embedded
         db.execute("UPDATE images SET status = 'error' WHERE id IN (1, 7, 70000)")
     mask = scoring.embedded_mask(p)
-    np.testing.assert_array_equal(mask, p.embedded_mask())
+    np.testing.assert_array_equal(mask, _plain_mask(p))
     assert not mask[[0, 6, 69999]].any() and mask.sum() == 69997
     with p._tx() as db:  # most not embedded: the other branch
         db.execute("UPDATE images SET status = 'new' WHERE id > 100")
-    np.testing.assert_array_equal(scoring.embedded_mask(p), p.embedded_mask())
+    mask = scoring.embedded_mask(p)
+    np.testing.assert_array_equal(mask, _plain_mask(p))
+    assert mask.sum() == 98
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -101,3 +121,21 @@ def test_row_norms_are_cached_and_follow_the_vector_file(vectors_project):
     again = scoring.row_norms(p)
     assert again[0] == pytest.approx(2 * first[0], rel=1e-5)
     assert len(list((p.path / "embeddings").glob("norms-plain-*.npy"))) == 1
+
+
+def test_cache_files_of_dead_processes_and_old_vectors_are_dropped(vectors_project):
+    p, _ = vectors_project
+    folder = p.path / "embeddings"
+    norms = scoring.row_norms(p, power=True)
+    (cache,) = folder.glob("norms-power-*.npy")
+    stale = folder / "norms-power-1-2.npy"  # of an earlier vector file
+    dead = folder / f"{cache.stem}.tmp999999999.npy"  # half written by a process that is gone
+    live = folder / f"{cache.stem}.tmp1.npy"  # being written by a live process (pid 1)
+    for f in (stale, dead, live):
+        f.write_bytes(b"x")
+    os.utime(folder / "vectors.npy", ns=(time.time_ns(), time.time_ns() + 10**9))
+    again = scoring.row_norms(p, power=True)
+    np.testing.assert_array_equal(again, norms)
+    left = sorted(f.name for f in folder.glob("norms-power-*"))
+    assert live.name in left and stale.name not in left and dead.name not in left and cache.name not in left
+    assert len(left) == 2  # the new cache and the live process's file

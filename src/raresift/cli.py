@@ -21,6 +21,7 @@ from .errors import RaresiftError
 COMMAND_MODULES = (
     "raresift.commands.core",
     "raresift.commands.learn",
+    "raresift.scale.commands",
     "raresift.commands.web",
 )
 

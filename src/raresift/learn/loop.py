@@ -83,7 +83,45 @@ class Model:
         self.pooling = pooling
 
     def logits(self, *, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Scores (log-odds scale) of every row; -inf where not embedded."""
+        """Scores (log-odds scale) of every row; -inf where not embedded.
+
+        With one view per photo and a fitted head this is the fast path of
+        :mod:`raresift.scale.scoring` (one BLAS product per block on cached features, the same
+        values as featurising every block); otherwise every block is featurised and scored.
+        """
+        if self.scorer.fitted:
+            z = self._linear_logits()
+            if z is not None:
+                return z
+        return self._block_logits(rng=rng)
+
+    def _linear_logits(self) -> np.ndarray | None:
+        """``unit(sqrt(x)) . w + b`` (+ the prior) for every row from cached signed-square-root features
+        and their norms (written once per vector file beside it); None where that does not apply
+        (tiles, a head that is not linear) or the cache cannot be written (read-only project)."""
+        from ..scale import scoring
+
+        head = self.scorer.head
+        vectors = self.project.vectors()
+        mask = self.mask
+        # featurize() with one view: unit(signed square root of the whole-photo vector), for any pooling.
+        if vectors.ndim != 3 or vectors.shape[1] != 1 or not hasattr(head, "coef_") or len(mask) > len(vectors):
+            return None
+        if np.ndim(head.coef_) != 1 or len(head.coef_) != vectors.shape[2]:
+            return None
+        try:
+            norms = scoring.row_norms(self.project, vectors, power=True)
+            feats = scoring.whole_features(self.project, vectors, power=True)
+        except OSError:
+            return None
+        z = scoring.linear_scores(feats[: len(mask)], head.coef_, head.intercept_, norms[: len(mask)])
+        if self.prior is not None and self.scorer.prior_weight:
+            prior = np.nan_to_num(np.asarray(self.prior[: len(mask)], dtype=np.float32), nan=0.0)
+            z += np.float32(self.scorer.prior_weight) * prior
+        z[~mask] = -np.inf
+        return z
+
+    def _block_logits(self, *, rng: np.random.Generator | None = None) -> np.ndarray:
         mask = self.mask
         vectors = self.project.vectors()[: len(mask)]
         out = np.full(len(mask), -np.inf, dtype=np.float32)

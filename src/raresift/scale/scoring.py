@@ -23,6 +23,8 @@ These helpers avoid all three and return exactly what the plain code returns:
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -96,11 +98,13 @@ def row_norms(project: Project, vectors: np.ndarray | None = None, *, power: boo
             np.sqrt(np.abs(block).sum(axis=1, dtype=np.float32), out=norms[start : start + len(block)])
         else:
             np.sqrt(np.einsum("ij,ij->i", block, block), out=norms[start : start + len(block)])
-    for old in path.parent.glob(f"norms-{kind}-*.npy"):
-        old.unlink(missing_ok=True)
-    tmp = cache.with_name(cache.stem + ".tmp.npy")
-    np.save(tmp, norms)
-    os.replace(tmp, cache)
+    _drop_stale(path.parent, f"norms-{kind}-", keep=cache)
+    tmp = _tmp_name(cache)
+    try:
+        np.save(tmp, norms)
+        os.replace(tmp, cache)
+    finally:
+        tmp.unlink(missing_ok=True)
     return norms
 
 
@@ -120,19 +124,51 @@ def whole_features(project: Project, vectors: np.ndarray | None = None, *, power
         feats = np.load(cache, mmap_mode="r")
         if feats.shape == whole.shape:
             return feats
-    for old in path.parent.glob(f"features-{kind}-*.npy"):
-        old.unlink(missing_ok=True)
-    tmp = cache.with_name(cache.stem + ".tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=whole.shape)
-    for start in range(0, whole.shape[0], SCORE_BLOCK):
-        view = out[start : start + SCORE_BLOCK]
-        np.copyto(view, whole[start : start + SCORE_BLOCK])
-        if power:
-            _signed_sqrt(view)
-    out.flush()
-    del out
-    os.replace(tmp, cache)
+    _drop_stale(path.parent, f"features-{kind}-", keep=cache)
+    tmp = _tmp_name(cache)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=whole.shape)
+        for start in range(0, whole.shape[0], SCORE_BLOCK):
+            view = out[start : start + SCORE_BLOCK]
+            np.copyto(view, whole[start : start + SCORE_BLOCK])
+            if power:
+                _signed_sqrt(view)
+        out.flush()
+        del out
+        os.replace(tmp, cache)
+    finally:
+        tmp.unlink(missing_ok=True)
     return np.load(cache, mmap_mode="r")
+
+
+def _tmp_name(cache: Path) -> Path:
+    """A file name of this process only: two processes (the web server and a command) may build the
+    same cache at once; each writes its own file and the last rename wins (same content)."""
+    return cache.with_name(f"{cache.stem}.tmp{os.getpid()}.npy")
+
+
+def _drop_stale(folder: Path, prefix: str, *, keep: Path) -> None:
+    """Delete the caches of earlier vector files, and half-written ones of processes that died
+    (those of live processes are theirs to finish)."""
+    for old in folder.glob(f"{prefix}*.npy"):
+        if old == keep:
+            continue
+        match = re.fullmatch(r".*\.tmp(\d+)\.npy", old.name)
+        if match and _alive(int(match.group(1))):
+            continue
+        old.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def linear_scores(vectors: np.ndarray, coef: np.ndarray, intercept: float, norms: np.ndarray, *,
