@@ -307,12 +307,14 @@ def test_photos_recorded_as_unreadable_are_not_served(tmp_path):
             assert c.get(f"/api/images/{ids['bomb.png']}/file").status_code == 200
         p.embed(batch_size=16)
         status = dict(p.db.execute("SELECT path, status FROM images").fetchall())
+        reasons = dict(p.db.execute("SELECT path, reason FROM errors").fetchall())
     assert status["bomb.png"] == status["cut.jpg"] == "error" and status["a/img_0001.jpg"] == "embedded"
     with TestClient(create_app(tmp_path / "project")) as c:
-        for name, why in (("bomb.png", "decompression bomb"), ("cut.jpg", "runcated")):
+        for name in ("bomb.png", "cut.jpg"):
             r = c.get(f"/api/images/{ids[name]}/file")
             err = assert_error(r, 410, "unreadable_photo")
-            assert why in err["message"] and err["details"]["status"] == "error"
+            assert "could not be read" in err["message"] and reasons[name] in err["message"]
+            assert err["details"]["status"] == "error"
             assert not r.headers["content-type"].startswith("image/")
             assert c.get(f"/api/images/{ids[name]}").json()["has_file"] is False
         ok = c.get(f"/api/images/{ids['a/img_0001.jpg']}/file")
