@@ -105,6 +105,49 @@ def test_scores_from_the_cached_features_equal_featurised_blocks(tmp_path, monke
     np.testing.assert_array_equal(model.logits(), plain)
 
 
+def test_the_head_fits_on_one_blas_thread(tmp_path, monkeypatch):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from raresift.learn import loop
+    from raresift.learn.head import RareHead
+
+    project, truth = vectors_project(tmp_path)
+    oracle(project, next_batch(project, 60, strategy="random", seed=3), truth)
+    seen = []
+    real_fit = RareHead.fit
+
+    def fit(self, *a, **k):
+        seen.append([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"])
+        return real_fit(self, *a, **k)
+
+    monkeypatch.setattr(RareHead, "fit", fit)
+    with threadpool_limits(limits=2, user_api="blas"):  # two threads outside, as on a 2-core machine
+        assert loop.train(project, seed=0).scorer.fitted
+        assert {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"} <= {1, 2}
+    assert len(seen) == 1 and seen[0] and set(seen[0]) == {1}
+
+
+def test_a_module_is_imported_in_the_background(tmp_path, monkeypatch):
+    import sys
+
+    from raresift.learn.loop import _import_in_background
+
+    (tmp_path / "rs_background_probe.py").write_text("import time\ntime.sleep(0.2)\nVALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "rs_background_probe", raising=False)
+    thread = _import_in_background("rs_background_probe")
+    assert thread is not None
+    import rs_background_probe  # waits for the background import, does not import twice
+
+    assert rs_background_probe.VALUE == 42
+    thread.join(5)
+    assert not thread.is_alive() and _import_in_background("rs_background_probe") is None
+    missing = _import_in_background("rs_no_such_module_here")
+    missing.join(5)
+    assert not missing.is_alive()  # the error is left to the caller's own import
+    monkeypatch.delitem(sys.modules, "rs_background_probe")
+
+
 def test_test_labels_never_train_the_model(tmp_path):
     project, truth = vectors_project(tmp_path)
     test_ids = [p for p, s in zip(project.image_ids(), project.splits()) if s == "test"]

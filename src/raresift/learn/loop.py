@@ -10,8 +10,12 @@ Only labels of the *pool* split train the model; labels of the test split are ke
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import json
+import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -181,10 +185,27 @@ def _clusters(project: Project, pooling: str, n_embedded: int) -> list[tuple[np.
     return levels
 
 
+def _import_in_background(name: str) -> threading.Thread | None:
+    """Start importing ``name`` in a daemon thread (SciPy's optimiser: 0.3-2 s of start-up); whoever
+    imports it meanwhile waits for that import, never imports twice. None if it is imported already."""
+    if name in sys.modules:
+        return None
+
+    def run() -> None:
+        with contextlib.suppress(Exception):  # the caller's own import reports the error
+            importlib.import_module(name)
+
+    thread = threading.Thread(target=run, name=f"raresift-import-{name}", daemon=True)
+    thread.start()
+    return thread
+
+
 def train(project: Project, *, seed: int | None = 0, head_params: dict | None = None) -> Model:
     """Fit the head on all current labels of the pool split (or fall back to the cold start)."""
     vectors = project.vectors()
     labels = project.label_array()
+    if (labels == 1).any():  # a head will be fitted: import its solver while SQLite reads the splits
+        _import_in_background("scipy.optimize")
     splits = project.splits()
     mask = project.embedded_mask()
     n = min(len(labels), vectors.shape[0])

@@ -99,8 +99,13 @@ def fit_scorer(
     if unlabeled is not None and len(unlabeled) and head.unlabeled_weight > 0:
         take = np.sort(rng.choice(unlabeled, size=min(len(unlabeled), head.max_unlabeled), replace=False))
         U = X[take]
+    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+
     try:
-        head.fit(X[np.asarray(labelled)], y, X_unlabeled=U)
+        # One BLAS thread: the products are small (a few thousand rows), and threads waiting on each
+        # other cost more than they save (25x slower fits seen on 2 busy cores).
+        with threadpool_limits(limits=1, user_api="blas"):
+            head.fit(X[np.asarray(labelled)], y, X_unlabeled=U)
     except NotReadyError:  # only positives and no weak negatives to contrast them with
         return Scorer(None, kind="prior" if has_prior else "random")
     w = prior_weight * 50.0 / (50.0 + len(y)) if has_prior else 0.0
