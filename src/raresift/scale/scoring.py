@@ -40,13 +40,15 @@ SCORE_BLOCK = 65536  # rows per matrix-vector product: big enough for BLAS to st
 def embedded_mask(project: Project) -> np.ndarray:
     """Same as :meth:`Project.embedded_mask`, without a Python object per embedded image.
 
-    The ``images_status`` index answers which images are *not* embedded (usually none or few);
-    ``MAX(id)`` and ``COUNT(*)`` are answered from the primary key and the smallest index.
+    The ``images_status`` index answers which images are *not* embedded (usually none or few), and
+    how many; ``MAX(id)`` is one look-up in the primary key and a bare ``COUNT(*)`` counts b-tree
+    pages, not rows (asked together, or the embedded ones counted, each walks 10^6 entries: 0.1 s).
     """
     db = project.db
-    n, rows = db.execute("SELECT COALESCE(MAX(id), 0), COUNT(*) FROM images").fetchone()
-    embedded = db.execute("SELECT COUNT(*) FROM images WHERE status = 'embedded'").fetchone()[0]
-    if embedded * 2 >= rows and rows == n:  # ids are 1..n without gaps (nothing deletes images)
+    n = db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0]
+    rows = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+    waiting = db.execute("SELECT COUNT(*) FROM images WHERE status IN ('new', 'error')").fetchone()[0]
+    if (rows - waiting) * 2 >= rows and rows == n:  # ids are 1..n without gaps (nothing deletes images)
         mask = np.ones(n, dtype=bool)
         mask[_ids(project, "status IN ('new', 'error')", n) - 1] = False
         return mask
