@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 
 import numpy as np
@@ -129,13 +130,17 @@ def test_cache_files_of_dead_processes_and_old_vectors_are_dropped(vectors_proje
     norms = scoring.row_norms(p, power=True)
     (cache,) = folder.glob("norms-power-*.npy")
     stale = folder / "norms-power-1-2.npy"  # of an earlier vector file
-    dead = folder / f"{cache.stem}.tmp999999999.npy"  # half written by a process that is gone
-    live = folder / f"{cache.stem}.tmp1.npy"  # being written by a live process (pid 1)
-    for f in (stale, dead, live):
+    dead = folder / f"{cache.stem}.tmp999999999-5.npy"  # half written by a process that is gone
+    live = folder / f"{cache.stem}.tmp1-5.npy"  # being written by a live process (pid 1)
+    gone = folder / f"{cache.stem}.tmp{os.getpid()}-1.npy"  # by a thread of this process that is gone
+    writer = threading.Thread(target=threading.Event().wait, args=(5,), daemon=True)
+    writer.start()  # a thread of this process that is still writing
+    busy = folder / f"{cache.stem}.tmp{os.getpid()}-{writer.ident}.npy"
+    for f in (stale, dead, live, gone, busy):
         f.write_bytes(b"x")
     os.utime(folder / "vectors.npy", ns=(time.time_ns(), time.time_ns() + 10**9))
     again = scoring.row_norms(p, power=True)
     np.testing.assert_array_equal(again, norms)
-    left = sorted(f.name for f in folder.glob("norms-power-*"))
-    assert live.name in left and stale.name not in left and dead.name not in left and cache.name not in left
-    assert len(left) == 2  # the new cache and the live process's file
+    left = {f.name for f in folder.glob("norms-power-*")}
+    assert {live.name, busy.name} <= left and not {stale.name, dead.name, gone.name, cache.name} & left
+    assert len(left) == 3  # the new cache, the live process's file and the running thread's

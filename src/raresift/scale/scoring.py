@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -144,26 +145,28 @@ def whole_features(project: Project, vectors: np.ndarray | None = None, *, power
 
 
 def _tmp_name(cache: Path) -> Path:
-    """A file name of this process only: two processes (the web server and a command) may build the
-    same cache at once; each writes its own file and the last rename wins (same content)."""
-    return cache.with_name(f"{cache.stem}.tmp{os.getpid()}.npy")
+    """A file name of this thread only: two processes (the web server and a command), or two requests
+    of the web server, may build the same cache at once; each writes its own file and the last
+    rename wins (same content)."""
+    return cache.with_name(f"{cache.stem}.tmp{os.getpid()}-{threading.get_ident()}.npy")
 
 
 def _drop_stale(folder: Path, prefix: str, *, keep: Path) -> None:
-    """Delete the caches of earlier vector files, and half-written ones of processes that died
-    (those of live processes are theirs to finish)."""
+    """Delete the caches of earlier vector files, and half-written ones of processes or threads that
+    are gone (those still running are theirs to finish)."""
     for old in folder.glob(f"{prefix}*.npy"):
         if old == keep:
             continue
-        match = re.fullmatch(r".*\.tmp(\d+)\.npy", old.name)
-        if match and _alive(int(match.group(1))):
+        match = re.fullmatch(r".*\.tmp(\d+)-(\d+)\.npy", old.name)
+        if match and _writing(int(match.group(1)), int(match.group(2))):
             continue
         old.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def _writing(pid: int, thread: int) -> bool:
+    """Whether the thread ``thread`` of process ``pid`` may still be writing its file."""
     if pid == os.getpid():
-        return False
+        return thread != threading.get_ident() and thread in {t.ident for t in threading.enumerate()}
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
