@@ -349,6 +349,7 @@ class Project:
                 "embed.dtype": np.dtype(dtype).name,
             }
         )
+        self.prepare_scoring()
         return len(id_list)
 
     # ------------------------------------------------------------------ embeddings
@@ -370,6 +371,24 @@ class Project:
         from .embed.run import embed_project
 
         return embed_project(self, **options)
+
+    def prepare_scoring(self) -> None:
+        """Write the caches that make a labelling round fast at scale (signed-square-root features and
+        their norms, see :mod:`raresift.scale.scoring`), so the first `next` does not pay for them.
+
+        Only for one view per photo (no tiles), the case the fast scoring path serves; a project
+        folder that cannot be written to is left as it is (rounds then score block by block)."""
+        info = self.embedding_info()
+        if info is None or info["views"] != 1:
+            return
+        from .scale import scoring
+
+        try:
+            vectors = self.vectors()
+            scoring.row_norms(self, vectors, power=True)
+            scoring.whole_features(self, vectors, power=True)
+        except OSError as exc:
+            log.warning("scoring caches not written (%s); rounds will score block by block", exc)
 
     def embedding_info(self) -> dict[str, Any] | None:
         """The embedding settings of the project (model, dim, views, tiles, ...), or None before `embed`."""

@@ -254,6 +254,8 @@ def embed_project(
                 raise InputError(_ROOT_GONE.format(root=project.images_root))
             store([i for i, _ in ok], feats, logits, bad)
     remaining = project.db.execute("SELECT COUNT(*) FROM images WHERE status = 'new'").fetchone()[0]
+    if remaining == 0:
+        project.prepare_scoring()
     return EmbedReport(
         embedded=done,
         errors=failed,
