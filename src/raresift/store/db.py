@@ -90,6 +90,13 @@ MIGRATIONS: list[tuple[int, str, str]] = [
               AND l.value IS NOT NULL;
         """,
     ),
+    (
+        2,
+        "partial index of the test split (reading the split of 10^6 photos each round)",
+        """
+        CREATE INDEX images_test ON images(id) WHERE split = 'test';
+        """,
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
