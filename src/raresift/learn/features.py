@@ -3,9 +3,15 @@
 The vector file holds ``(rows, views, dim)``: view 0 is the whole photo, views 1.. are tiles.
 A photo's feature is the L2-normalised whole-photo vector, and, when tiles exist, the
 L2-normalised max and mean over its tiles, concatenated, all after a signed square root of each
-value (power normalisation: +1.5 points of precision@50 on the flower photos) (each part scaled so the whole
-feature has unit length). Small objects (an insect on a flower) light up one tile; the max
-over tiles keeps that signal, which the squeezed whole photo loses.
+value (power normalisation: +1.5 points of precision@50 on the flower photos). Each part is
+scaled by its weight in :data:`PART_WEIGHTS` and the whole feature has unit length. Small objects
+(an insect on a flower) light up one tile; the max over tiles keeps that signal, which the
+squeezed whole photo loses. The whole photo weighs half as much as each tile part: the tiles see
+the same scene at three times the resolution (their mean is a sharper view of the whole scene),
+so at equal weights the low-resolution view, mostly background, took a third of every similarity
+and of the head's regularisation budget. Measured on the flower photos: +2 to 3 points of
+precision@50 at 25-50 labels, level at 100-200; on a whole-scene rare class (daisies among
+dandelions) level (``benchmarks/RESULTS.md``). Photos without tiles are not affected.
 
 Everything here works on blocks of rows, so scoring a million photos never copies the whole
 memory map (see :func:`iter_blocks`).
@@ -17,13 +23,17 @@ from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["BLOCK_ROWS", "DEFAULT_POOLING", "POOLINGS", "feature_dim", "featurize", "gather", "iter_blocks"]
+__all__ = [
+    "BLOCK_ROWS", "DEFAULT_POOLING", "PART_WEIGHTS", "POOLINGS", "feature_dim", "featurize", "gather", "iter_blocks",
+]
 
 # Rows per block when streaming over the memory map: ~20 MB of float16 at 1280-d, 1 view.
 BLOCK_ROWS = 8192
 
 POOLINGS = ("whole", "whole+max", "whole+mean+max")
 DEFAULT_POOLING = "whole+mean+max"
+# Relative weight of each part of a tiled photo's feature (the feature is rescaled to unit length).
+PART_WEIGHTS = {"whole": 0.5, "mean": 1.0, "max": 1.0}
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -58,13 +68,13 @@ def featurize(block: np.ndarray, pooling: str = DEFAULT_POOLING) -> np.ndarray:
     if block.shape[1] <= 1 or pooling == "whole":
         return _unit(_power(np.array(block[:, 0, :], dtype=np.float32)))
     block = _power(np.array(block, dtype=np.float32))
-    whole = _unit(block[:, 0, :].copy())
     tiles = block[:, 1:, :]
-    parts = [whole, _unit(tiles.max(axis=1))]
-    if pooling == "whole+mean+max":
-        parts.insert(1, _unit(tiles.mean(axis=1)))
-    out = np.concatenate(parts, axis=1)
-    out *= 1.0 / np.sqrt(len(parts))
+    names = ("whole", "mean", "max") if pooling == "whole+mean+max" else ("whole", "max")
+    parts = {"whole": lambda: block[:, 0, :].copy(), "mean": lambda: tiles.mean(axis=1),
+             "max": lambda: tiles.max(axis=1)}
+    weights = np.array([PART_WEIGHTS[name] for name in names], dtype=np.float64)
+    weights /= np.sqrt((weights**2).sum())  # unit length overall
+    out = np.concatenate([_unit(parts[name]()) * np.float32(w) for name, w in zip(names, weights)], axis=1)
     return out
 
 
