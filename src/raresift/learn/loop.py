@@ -29,7 +29,7 @@ from .coldstart import (
     explore_picks,
     text_scores,
 )
-from .features import DEFAULT_POOLING, featurize, gather, iter_blocks
+from .features import DEFAULT_POOLING, PART_WEIGHTS, featurize, gather, iter_blocks
 from .model import HEAD_DEFAULTS, Scorer, fit_scorer, sigmoid, standardise
 from .strategies import get_strategy
 
@@ -140,13 +140,25 @@ class Model:
         return out
 
 
+def _cache_key(project: Project, *parts: object) -> str:
+    """Key of a cache derived from the vectors: the parts, the embedding settings, the feature
+    weights and the vector file's stamp (any re-embedding or change of features refreshes it)."""
+    try:
+        st = (project.path / "embeddings" / "vectors.npy").stat()
+        stamp = [st.st_size, st.st_mtime_ns]
+    except OSError:
+        stamp = None
+    text = json.dumps([list(parts), project.embedding_info(), PART_WEIGHTS, stamp], default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
 def _prior(project: Project, *, pool_rows: np.ndarray, n_embedded: int) -> tuple[np.ndarray | None, str | None]:
     """The standardised cold-start prior of the project (text query or examples), cached on disk."""
     query = project.meta(_META_QUERY)
     examples = json.loads(project.meta(_META_EXAMPLES) or "[]")
     if not query and not examples:
         return None, None
-    key = hashlib.sha1(json.dumps([query, examples, n_embedded, DEFAULT_POOLING]).encode()).hexdigest()[:16]
+    key = _cache_key(project, query, examples, n_embedded, DEFAULT_POOLING)
     cache = project.path / _CACHE_DIR / f"prior-{key}.npy"
     if cache.is_file():
         return np.load(cache), ("text" if query else "examples")
@@ -168,7 +180,7 @@ def _prior(project: Project, *, pool_rows: np.ndarray, n_embedded: int) -> tuple
 
 def _clusters(project: Project, pooling: str, n_embedded: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """k-means clusterings of the collection (for exploring without query or examples), cached on disk."""
-    key = hashlib.sha1(json.dumps([n_embedded, project.embedding_info(), pooling]).encode()).hexdigest()[:16]
+    key = _cache_key(project, n_embedded, pooling)
     cache = project.path / _CACHE_DIR / f"clusters-{key}.npz"
     if cache.is_file():
         with np.load(cache) as f:
