@@ -101,6 +101,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--project", type=Path, default=None, metavar="DIR",
                    help="project folder to embed into and keep, or an embedded project to reuse (skips embedding)")
     p.add_argument("--tiles", type=int, default=None, metavar="N", help="tiles when embedding a new project (see embed)")
+    p.add_argument("--model", default=None, metavar="NAME|PATH.onnx",
+                   help="model when embedding a new project (see embed; default efficientnet-lite0)")
     p.add_argument("--json", dest="json_path", type=Path, default=None, metavar="FILE",
                    help="write the result as JSON to FILE, and the plot beside it (FILE with .png)")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="where to write the plot")
@@ -174,7 +176,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     if args.images is None and args.project is None:
         raise InputError("give --images DIR (photos) or --project DIR (an embedded project)")
-    embed_options = {"tiles": args.tiles} if args.tiles is not None else None
+    embed_options = {k: v for k, v in (("tiles", args.tiles), ("model", args.model)) if v is not None} or None
     with tqdm(total=args.repeats, desc="sessions", unit="run", disable=args.no_progress or None, file=sys.stderr) as bar:
         result = simulate(
             images=args.images, truth=args.truth, truth_folder=args.truth_folder, protocol=args.protocol,
