@@ -115,7 +115,8 @@ def _paste(view: Image.Image, obj: Image.Image, rng: np.random.Generator) -> Ima
 
 
 def run_demo(folder: str | os.PathLike, *, n_images: int = 240, progress: bool = True) -> int:
-    """The `raresift demo` command: build the collection, register it, embed it, print the status."""
+    """The `raresift demo` command: build the collection, register and embed it, print the status, then
+    replay a short simulated labelling session against the answer key."""
     from .commands.core import print_status
     from .project import Project
 

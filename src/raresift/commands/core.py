@@ -107,7 +107,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="try raresift offline on sample photos that ship with the installed packages",
         description="Build a small collection from the sample photos that ship inside installed packages "
         "(scikit-image, scikit-learn): textures and scenes, a few with a small cat in them, "
-        "the rare class. Then register, embed, and show the project status.",
+        "the rare class. Then register and embed them, show the project status, and replay a short "
+        "labelling session (an oracle answers from the answer key) that starts from the text query 'cat'.",
     )
     p.add_argument("--dir", type=Path, default=Path("raresift-demo"), help="working folder (default ./raresift-demo)")
     p.add_argument("--images", type=int, default=240, metavar="N", help="photos in the sample collection (default 240)")
