@@ -59,7 +59,7 @@ def test_ray_engine_equals_local_engine(tmp_path, local_ray):
     argv = ["embed", str(tmp_path / "ray"), "--engine", "ray", "--tiles", "0", "--batch-size", "32", "--no-progress"]
     assert main(argv) == 0
     with Project.open(tmp_path / "ray") as p:
-        assert p.embedding_info()["model"] == "efficientnet-lite0"
+        assert p.embedding_info()["model"] == "efficientnet-lite2"  # the default model
         remote = np.asarray(p.vectors(), dtype=np.float32)
         remote_logits = np.asarray(p.logits(), dtype=np.float32)
         status = p.status()

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..project import DEFAULT_SEED, DEFAULT_TEST_FRACTION, Project
 
-DEFAULT_MODEL = "efficientnet-lite0"  # same as raresift.embed.models.DEFAULT_MODEL (kept import-free)
+DEFAULT_MODEL = "efficientnet-lite2"  # same as raresift.embed.models.DEFAULT_MODEL (kept import-free)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,8 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("project", type=Path)
     p.add_argument(
-        "--model", default=DEFAULT_MODEL, metavar="NAME|PATH.onnx",
-        help="efficientnet-lite0 (default; 224 px, fast), efficientnet-lite2 (260 px, better, ~2.5x slower), "
+        "--model", default=None, metavar="NAME|PATH.onnx",
+        help=f"{DEFAULT_MODEL} (default; 260 px, ranks best), efficientnet-lite0 (224 px, 1.8x faster), "
         "or your own image encoder exported to ONNX (input size read from the file)",
     )
     p.add_argument(
@@ -193,7 +193,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     with Project.open(args.project) as project:
         info = project.embedding_info()
         # Options not given continue with the project's settings, else the defaults.
-        same = info is not None and not args.reembed and info["model"] == args.model
+        model = args.model or (info["model"] if info is not None and not args.reembed else DEFAULT_MODEL)
+        same = info is not None and not args.reembed and info["model"] == model
         tiles = args.tiles if args.tiles is not None else (info["tiles"] if same else DEFAULT_TILES)
         resize = args.resize or (info["resize"] if same and info["resize"] else DEFAULT_RESIZE)
         bar = None
@@ -204,7 +205,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
         try:
             report = project.embed(
-                model=args.model, tiles=tiles, resize=resize, batch_size=args.batch_size,
+                model=model, tiles=tiles, resize=resize, batch_size=args.batch_size,
                 workers=args.workers, backend=args.backend, reembed=args.reembed, retry_errors=args.retry_errors,
                 limit=args.limit,
                 engine=args.engine, ray_address=args.ray_address, on_start=on_start, progress=lambda n: bar.update(n) if bar else None,

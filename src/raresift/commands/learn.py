@@ -102,7 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="project folder to embed into and keep, or an embedded project to reuse (skips embedding)")
     p.add_argument("--tiles", type=int, default=None, metavar="N", help="tiles when embedding a new project (see embed)")
     p.add_argument("--model", default=None, metavar="NAME|PATH.onnx",
-                   help="model when embedding a new project (see embed; default efficientnet-lite0)")
+                   help="model when embedding a new project (see embed; default efficientnet-lite2)")
     p.add_argument("--json", dest="json_path", type=Path, default=None, metavar="FILE",
                    help="write the result as JSON to FILE, and the plot beside it (FILE with .png)")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="where to write the plot")

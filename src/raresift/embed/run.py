@@ -116,7 +116,7 @@ def embed_project(
     Parameters
     ----------
     model:
-        ``efficientnet-lite0`` (default), ``efficientnet-lite2`` or a path to an ``.onnx`` image encoder.
+        ``efficientnet-lite2`` (default), ``efficientnet-lite0`` (faster) or a path to an ``.onnx`` image encoder.
     tiles:
         N > 0 also embeds an N x N grid of overlapping tiles of each photo; 0 = whole photo only.
     resize:
