@@ -25,6 +25,7 @@ import numpy as np
 
 __all__ = [
     "BLOCK_ROWS", "DEFAULT_POOLING", "PART_WEIGHTS", "POOLINGS", "feature_dim", "featurize", "gather", "iter_blocks",
+    "signed_sqrt",
 ]
 
 # Rows per block when streaming over the memory map: ~20 MB of float16 at 1280-d, 1 view.
@@ -50,7 +51,7 @@ def feature_dim(views: int, dim: int, pooling: str = DEFAULT_POOLING) -> int:
     return dim * (2 if pooling == "whole+max" else 3)
 
 
-def _power(x: np.ndarray) -> np.ndarray:
+def signed_sqrt(x: np.ndarray) -> np.ndarray:
     """Signed square root, in place: damps the few large activations that dominate pooled CNN features."""
     if x.size and x.min() < 0:
         neg = x < 0
@@ -66,8 +67,8 @@ def featurize(block: np.ndarray, pooling: str = DEFAULT_POOLING) -> np.ndarray:
     if block.ndim == 2:
         block = block[:, None, :]
     if block.shape[1] <= 1 or pooling == "whole":
-        return _unit(_power(np.array(block[:, 0, :], dtype=np.float32)))
-    block = _power(np.array(block, dtype=np.float32))
+        return _unit(signed_sqrt(np.array(block[:, 0, :], dtype=np.float32)))
+    block = signed_sqrt(np.array(block, dtype=np.float32))
     tiles = block[:, 1:, :]
     names = ("whole", "mean", "max") if pooling == "whole+mean+max" else ("whole", "max")
     parts = {"whole": lambda: block[:, 0, :].copy(), "mean": lambda: tiles.mean(axis=1),

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..learn.features import signed_sqrt
+
 if TYPE_CHECKING:
     from ..project import Project
 
@@ -135,7 +137,7 @@ def whole_features(project: Project, vectors: np.ndarray | None = None, *, power
             view = out[start : start + SCORE_BLOCK]
             np.copyto(view, whole[start : start + SCORE_BLOCK])
             if power:
-                _signed_sqrt(view)
+                signed_sqrt(view)
         out.flush()
         del out
         os.replace(tmp, cache)
@@ -188,7 +190,7 @@ def linear_scores(vectors: np.ndarray, coef: np.ndarray, intercept: float, norms
     for start in range(0, len(out), SCORE_BLOCK):
         block, buf = _as_float32(whole[start : start + SCORE_BLOCK], buf, copy=power)
         if power:
-            _signed_sqrt(block)
+            signed_sqrt(block)
         np.matmul(block, coef, out=out[start : start + len(block)])
     safe = np.where(norms > 0, norms, 1.0).astype(np.float32, copy=False)
     out /= safe
@@ -200,15 +202,6 @@ def _whole(vectors: np.ndarray) -> np.ndarray:
     """The whole-photo view as a plain 2-D ndarray view of the memory map (no copy)."""
     arr = np.asarray(vectors)  # a plain ndarray on the same buffer: no memmap subclass overhead per block
     return arr[:, 0, :] if arr.ndim == 3 else arr
-
-
-def _signed_sqrt(x: np.ndarray) -> None:
-    if x.size and x.min() < 0:
-        neg = x < 0
-        np.sqrt(np.abs(x), out=x)
-        x[neg] *= -1
-    else:
-        np.sqrt(x, out=x)
 
 
 def _as_float32(block: np.ndarray, buf: np.ndarray | None, *, copy: bool = False
