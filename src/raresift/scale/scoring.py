@@ -86,10 +86,7 @@ def _ids(project: Project, where: str, n: int) -> np.ndarray:
 def row_norms(project: Project, vectors: np.ndarray | None = None, *, power: bool = False) -> np.ndarray:
     """L2 norm of every row's whole-photo vector, or of its signed square root (float32), cached on disk."""
     vectors = project.vectors() if vectors is None else vectors
-    path = project.path / "embeddings" / "vectors.npy"
-    st = path.stat()
-    kind = "power" if power else "plain"
-    cache = path.with_name(f"norms-{kind}-{st.st_size}-{st.st_mtime_ns}.npy")
+    path, kind, cache = _cache_file(project, "norms", power)
     if cache.is_file():
         norms = np.load(cache, mmap_mode="r")
         if norms.shape == (vectors.shape[0],):
@@ -121,10 +118,7 @@ def whole_features(project: Project, vectors: np.ndarray | None = None, *, power
     whole = _whole(vectors)
     if not power and whole.dtype == np.float32:
         return whole
-    path = project.path / "embeddings" / "vectors.npy"
-    st = path.stat()
-    kind = "power" if power else "plain"
-    cache = path.with_name(f"features-{kind}-{st.st_size}-{st.st_mtime_ns}.npy")
+    path, kind, cache = _cache_file(project, "features", power)
     if cache.is_file():
         feats = np.load(cache, mmap_mode="r")
         if feats.shape == whole.shape:
@@ -144,6 +138,15 @@ def whole_features(project: Project, vectors: np.ndarray | None = None, *, power
     finally:
         tmp.unlink(missing_ok=True)
     return np.load(cache, mmap_mode="r")
+
+
+def _cache_file(project: Project, what: str, power: bool) -> tuple[Path, str, Path]:
+    """(vector file, kind, cache file): the cache is named after the vector file's size and mtime,
+    so a changed vector file never meets an old cache."""
+    path = project.path / "embeddings" / "vectors.npy"
+    st = path.stat()
+    kind = "power" if power else "plain"
+    return path, kind, path.with_name(f"{what}-{kind}-{st.st_size}-{st.st_mtime_ns}.npy")
 
 
 def _tmp_name(cache: Path) -> Path:
