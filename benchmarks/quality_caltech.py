@@ -27,12 +27,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from raresift import Project
-from raresift.learn.coldstart import (
-    cluster_levels,
-    concepts_for,
-    text_scores_from_logits,
-)
+from raresift.learn.coldstart import concepts_for, text_scores_from_logits
 from raresift.learn.features import featurize, iter_blocks
+from raresift.learn.loop import clusters as project_clusters
 from raresift.simulate import SimulationData, replay
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "caltech101" / "101_ObjectCategories"
@@ -45,7 +42,7 @@ def _open(project: Path, images: Path) -> Project:
     else:
         p = Project.create(project, images=images)
         p.add_images()
-    if p.status()["pending"]:
+    if p.store.count_status("new"):
         p.embed()
     return p
 
@@ -75,14 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = np.flatnonzero(mask)
         ids = [project.image_ids()[r] for r in rows]
         X = np.concatenate([featurize(b) for _, b in iter_blocks(project.vectors(), rows=rows)])
-        logits = np.asarray(project.logits()[rows])
+        logits = np.asarray(project.imagenet_logits()[rows])
+        # the project's own clusterings, the ones `raresift next` explores
+        clusters = [(ids_[rows], dist[rows]) for ids_, dist in project_clusters(project.store)]
     folder = np.array([p.split("/")[0] for p in ids])
     names, counts = np.unique(folder, return_counts=True)
     if args.classes:
         classes = args.classes.split(",")
     else:
         classes = [c for c, n in sorted(zip(names, counts), key=lambda t: t[1]) if n < args.share * len(ids)]
-    clusters = cluster_levels(X, seed=args.seed)
     print(f"Caltech-101: {len(ids)} photos, {len(classes)} rare classes (< {args.share:.0%}); "
           f"{args.repeats} sessions per class (plain strategies: {args.plain_repeats})", file=sys.stderr)
     results: dict[str, dict[str, dict[int, tuple[float, float]]]] = {}

@@ -80,7 +80,7 @@ def make_project(workdir: Path, n: int) -> Path:
     ids.unlink()
     from raresift import Project
 
-    with Project.open(project) as p:
+    with Project(project) as p:
         pool = np.flatnonzero(p.splits() == "pool")
         paths = p.image_ids()
     rng = np.random.default_rng(1)
@@ -112,36 +112,47 @@ def time_command(cmd: list[str]) -> tuple[float, str]:
     return time.perf_counter() - t0, out
 
 
+def compare(project: Path, args) -> None:
+    """`next` of this raresift and of ``--baseline-src`` on the same project, interleaved runs, medians."""
+    env = dict(os.environ, PYTHONPATH=str(args.baseline_src))
+    base_cmd = [sys.executable, "-m", "raresift", "next", str(project), "--n", str(args.n), "--json"]
+    subprocess.run(base_cmd, check=True, capture_output=True, env=env)  # its own caches, once
+    ours, theirs = [], []
+    for _ in range(args.repeats):
+        ours.append(time_command([sys.executable, "-m", "raresift", *base_cmd[3:]])[0])
+        t0 = time.perf_counter()
+        subprocess.run(base_cmd, check=True, capture_output=True, env=env)
+        theirs.append(time.perf_counter() - t0)
+    a, b = statistics.median(ours), statistics.median(theirs)
+    print(f"  side by side, {args.repeats} interleaved runs: this raresift {a:.2f} s, baseline {b:.2f} s, "
+          f"ratio {a / b:.2f}", flush=True)
+
+
 def split_round(project: Path, n: int) -> dict[str, float]:
-    """One round in this process, timed by part (wrapping the learning loop's train and scoring)."""
+    """One round in this process, timed by part (wrapping the learner's fit and scoring)."""
     from raresift import Project
-    from raresift.learn import loop
+    from raresift.learn.session import Session
 
     parts = {"training": 0.0, "scoring": 0.0}
-    real_train, real_logits = loop.train, loop.Model.logits
+    real_fit, real_logits = Session.fit, Session.logits
 
-    def timed_train(*a, **k):
-        t0 = time.perf_counter()
-        try:
-            return real_train(*a, **k)
-        finally:
-            parts["training"] += time.perf_counter() - t0
+    def timed(real, name):
+        def run(self, *a, **k):
+            t0 = time.perf_counter()
+            try:
+                return real(self, *a, **k)
+            finally:
+                parts[name] += time.perf_counter() - t0
+        return run
 
-    def timed_logits(self, *a, **k):
-        t0 = time.perf_counter()
-        try:
-            return real_logits(self, *a, **k)
-        finally:
-            parts["scoring"] += time.perf_counter() - t0
-
-    loop.train, loop.Model.logits = timed_train, timed_logits
+    Session.fit, Session.logits = timed(real_fit, "training"), timed(real_logits, "scoring")
     try:
         t0 = time.perf_counter()
-        with Project.open(project) as p:
-            batch = loop.next_batch(p, n, seed=0)
+        with Project(project) as p:
+            batch = p.next(n, seed=0)
         total = time.perf_counter() - t0
     finally:
-        loop.train, loop.Model.logits = real_train, real_logits
+        Session.fit, Session.logits = real_fit, real_logits
     if len(batch) != n:
         raise RuntimeError(f"next returned {len(batch)} photos, expected {n}")
     parts["selection"] = total - parts["training"] - parts["scoring"]
@@ -156,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--clean", action="store_true", help="delete the projects afterwards")
     ap.add_argument("--split", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one timed round
+    ap.add_argument("--baseline-src", type=Path, default=None, metavar="DIR",
+                    help="the src/ folder of another raresift (e.g. a git worktree of an older commit): its "
+                    "`next` is timed on the same project, interleaved with this one's, and the ratio printed")
     args = ap.parse_args(argv)
     if args.split is not None:
         print(json.dumps(split_round(args.split, args.n)))
@@ -168,12 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         # The first round after the vectors change writes the features cache (signed square roots,
         # float32) and the row norms beside the vectors; later rounds only read them. Dropped here so
         # that "first round" is always that one, as after `raresift init --embeddings`.
-        for cache in [*(project / "embeddings").glob("features-*.npy"), *(project / "embeddings").glob("norms-*.npy")]:
+        for cache in [*(project / "embeddings").glob("sqrt*.npy")]:
             cache.unlink()
         warm(project, "vectors.npy")
         first, out = time_command([*raresift_cmd(), "next", str(project), "--n", str(args.n), "--json"])
         assert out.count('"path"') == args.n, out[:200]
-        warm(project, "features-*.npy", "norms-*.npy")
+        warm(project, "sqrt*.npy")
         startup = statistics.median(time_command([*raresift_cmd(), "--version"])[0] for _ in range(3))
         walls = []
         for _ in range(args.repeats):
@@ -186,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"{size:,}", statistics.median(walls), min(walls), first, startup, parts))
         print(f"  {size:>9,}: median {rows[-1][1]:.2f} s over {args.repeats} runs (first round {first:.2f} s)",
               flush=True)
+        if args.baseline_src is not None:
+            compare(project, args)
         if args.clean:
             shutil.rmtree(project, ignore_errors=True)
     print()

@@ -5,7 +5,7 @@ Caltech class in turn is the rare class. A simulated labelling session starts fr
 20 random photos of the pool split, then runs ``--rounds`` rounds of ``--batch`` photos chosen by
 raresift's default strategy and head (``raresift.learn``), once scoring the whole pool ("full
 scan") and once scoring only the SEALS candidate pool: the unlabelled photos among the ``k``
-nearest neighbours of the labelled ones (FAISS index, ``raresift.scale.index``). Quality =
+nearest neighbours of the labelled ones (FAISS index, ``raresift.index``). Quality =
 average precision of the final model on the test split, and the share of the pool's positives
 found among the labels. Reported: means over classes and seeds, and the SEALS - full difference.
 
@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from raresift.learn.features import featurize
-from raresift.learn.model import fit_scorer, sigmoid
+from raresift.index import VectorIndex, build_index, candidate_pool
+from raresift.learn.features import MatrixFeatures, featurize
+from raresift.learn.session import Session, fit_scorer, sigmoid
 from raresift.learn.strategies import get_strategy
-from raresift.scale.index import VectorIndex, build_index, candidate_pool
 
 SMALL_CLASSES = ("butterfly", "dragonfly", "ant", "scorpion", "crab", "starfish", "sunflower", "lotus",
                  "wild_cat", "cougar_face", "llama", "kangaroo")
@@ -72,31 +72,31 @@ class _Matrix:
 
 def simulate(X, truth, pool, test, *, index: VectorIndex | None, k: int, rounds: int, batch: int,
              seed: int) -> tuple[float, float, float]:
-    """One session; returns (test AP, share of pool positives found, mean candidate-pool share)."""
+    """One session of raresift's learner (:class:`raresift.learn.session.Session`), picking from the whole
+    pool or from the SEALS candidate pool; returns (test AP, share of pool positives found, mean pool share)."""
     rng = np.random.default_rng(seed)
-    labelled = np.zeros(len(X), dtype=bool)
+    labels = np.full(len(X), -1, dtype=np.int8)
     pos = pool[truth[pool] == 1]
-    labelled[rng.choice(pos, size=min(5, len(pos)), replace=False)] = True
-    labelled[rng.choice(pool, size=20, replace=False)] = True
-    is_test = np.zeros(len(X), dtype=bool)
-    is_test[test] = True
-    strategy = get_strategy("default")
+    first = np.concatenate([rng.choice(pos, size=min(5, len(pos)), replace=False),
+                            rng.choice(pool, size=20, replace=False)])
+    labels[first] = truth[first]
+    in_pool = np.zeros(len(X), dtype=bool)
+    in_pool[pool] = True
+    session = Session(MatrixFeatures(X), labels, in_pool)
     pool_share = []
     for _ in range(rounds):
-        lab = np.flatnonzero(labelled)
+        labelled = session.labels >= 0
         if index is None:
-            cand = pool[~labelled[pool]]
+            cand = in_pool & ~labelled
         else:
-            cand = candidate_pool(index, X, lab, k=k, exclude=labelled | is_test)
-        pool_share.append(len(cand) / len(pool))
-        # Weak negatives: a random sample of the whole unlabelled pool (cheap at any size: random rows).
-        scorer = fit_scorer(_Matrix(X), lab, truth[lab], unlabeled=pool[~labelled[pool]], rng=rng)
-        proba = sigmoid(scorer.score(X[cand]))
-        picks, _ = strategy(proba, batch, rng=rng, features=_Matrix(X[cand]))
-        labelled[cand[picks]] = True
-    lab = np.flatnonzero(labelled)
-    scorer = fit_scorer(_Matrix(X), lab, truth[lab], unlabeled=pool[~labelled[pool]], rng=rng)
-    ap = average_precision(scorer.score(X[test]), truth[test])
+            cand = np.zeros(len(X), dtype=bool)
+            cand[candidate_pool(index, X, np.flatnonzero(labelled), k=k, exclude=labelled | ~in_pool)] = True
+        pool_share.append(cand.sum() / len(pool))
+        picks = session.query(batch, "default", rng=rng, candidates=cand)
+        session.update(picks.rows, truth[picks.rows])
+    session.fit(rng)
+    ap = average_precision(session.logits()[test], truth[test])
+    lab = np.flatnonzero(session.labels >= 0)
     found = truth[lab].sum() / max(1, truth[pool].sum())
     return ap, float(found), float(np.mean(pool_share))
 
@@ -153,9 +153,9 @@ def scale(args) -> None:
             vectors = p.vectors()
             n = vectors.shape[0]
             t0 = time.perf_counter()
-            from raresift.scale.index import project_index
+            from raresift.index import project_index
 
-            index = project_index(p, save=args.save_index)
+            index = project_index(p.store, save=args.save_index)
             build = time.perf_counter() - t0
             index._faiss()
             index.path = None  # keep the timed rounds free of the on-disk neighbour cache
@@ -191,7 +191,7 @@ def scale(args) -> None:
                                 unlabeled=np.arange(len(lab), len(train_x)), rng=rng)
             t.append(time.perf_counter())
             cand_x = gather(vectors, cand)
-            proba = sigmoid(scorer.score(cand_x))
+            proba = sigmoid(scorer.head.decision_function(cand_x))
             t.append(time.perf_counter())
             get_strategy("default")(proba, 100, rng=rng, features=_Matrix(cand_x))
             t.append(time.perf_counter())
@@ -201,7 +201,7 @@ def scale(args) -> None:
         # Full scan, scoring alone, for comparison (same head, every row).
         t0 = time.perf_counter()
         for start in range(0, n, 8192):
-            scorer.score(featurize(vectors[start : start + 8192]))
+            scorer.head.decision_function(featurize(vectors[start : start + 8192]))
         full = time.perf_counter() - t0
         print(f"| {n:,} | {index.kind}, {build:.1f} s | {med[0]:.2f} s | {med[1]:.2f} s | {med[2]:.3f} s | "
               f"{med[3]:.2f} s | **{med.sum():.2f} s** | {len(cand):,} | {first:.2f} s | {full:.2f} s |", flush=True)

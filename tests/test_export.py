@@ -11,21 +11,19 @@ from test_learn_loop import oracle, vectors_project
 from raresift import Project
 from raresift.cli import main
 from raresift.errors import InputError
-from raresift.export import export
-from raresift.learn.loop import next_batch
 
 
 @pytest.fixture
 def trained(tmp_path):
     project, truth = vectors_project(tmp_path)
-    oracle(project, next_batch(project, 60, strategy="random", seed=0), truth)
+    oracle(project, project.next(60, strategy="random", seed=0), truth)
     yield project, truth
     project.close()
 
 
 def test_csv_lists_positives_then_top_candidates(trained, tmp_path):
     project, truth = trained
-    out = export(project, top=15, fmt="csv", out=tmp_path / "out" / "top.csv")
+    out = project.export(top=15, fmt="csv", out=tmp_path / "out" / "top.csv")
     rows = list(csv.DictReader(out.read_text().splitlines()))
     positives = [p for p, v in project.labels().items() if v == 1]
     assert [r["label"] for r in rows[: len(positives)]] == ["1"] * len(positives)
@@ -41,10 +39,10 @@ def test_csv_lists_positives_then_top_candidates(trained, tmp_path):
 
 def test_jsonl_and_label_studio(trained, tmp_path):
     project, _ = trained
-    lines = export(project, top=5, fmt="jsonl", out=tmp_path / "a.jsonl").read_text().splitlines()
+    lines = project.export(top=5, fmt="jsonl", out=tmp_path / "a.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
     assert {"rank", "path", "score", "label", "split"} <= set(first)
-    tasks = json.loads(export(project, top=5, fmt="label-studio", out=tmp_path / "ls.json",
+    tasks = json.loads(project.export(top=5, fmt="label-studio", out=tmp_path / "ls.json",
                               url_prefix="http://host/img/").read_text())
     assert len(tasks) == len(lines)
     t = tasks[-1]
@@ -58,13 +56,13 @@ def test_jsonl_and_label_studio(trained, tmp_path):
 def test_bad_export_requests(trained, tmp_path):
     project, _ = trained
     with pytest.raises(InputError, match="valid: csv"):
-        export(project, top=5, fmt="xml", out=tmp_path / "x")
+        project.export(top=5, fmt="xml", out=tmp_path / "x")
     with pytest.raises(InputError):
-        export(project, top=5, fmt="csv", out=tmp_path)  # a folder
+        project.export(top=5, fmt="csv", out=tmp_path)  # a folder
     with pytest.raises(InputError, match="no file"):
-        export(project, top=5, fmt="folder", out=tmp_path / "f")  # external vectors: no photo files
+        project.export(top=5, fmt="folder", out=tmp_path / "f")  # external vectors: no photo files
     with pytest.raises(InputError):
-        export(project, top=-1, fmt="csv", out=tmp_path / "y.csv")
+        project.export(top=-1, fmt="csv", out=tmp_path / "y.csv")
 
 
 def test_folder_export_copies_or_links_photos(embedded_project, tmp_path):
@@ -87,3 +85,24 @@ def test_folder_export_copies_or_links_photos(embedded_project, tmp_path):
     linked = next((tmp_path / "g" / "candidate").iterdir())
     assert linked.is_symlink() and linked.resolve().is_file()
     assert main(["export", str(project_dir), "--top", "2", "--format", "folder", "--out", str(tmp_path / "g")]) == 2
+
+
+def test_imagefolder_export_loads_with_the_datasets_package(embedded_project, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    project_dir, _images, truth = embedded_project
+    with Project(project_dir) as p:
+        pool = [path for path, s in zip(p.image_ids(), p.splits()) if s == "pool"][:12]
+        p.label([(path, truth[path]) for path in pool], who="ann")
+        n_pos = sum(truth[path] for path in pool)
+        out = p.export(top=5, fmt="imagefolder", out=tmp_path / "ds")
+    meta = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert len(meta) == 12 + 5
+    assert sum(m["label"] == "positive" for m in meta) == n_pos and sum(m["label"] == "candidate" for m in meta) == 5
+    assert all(m["labelled_by"] == "ann" for m in meta if m["verified"]) and all((out / m["file_name"]).is_file()
+                                                                                for m in meta)
+    ds = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
+    assert ds.num_rows == 17
+    assert sorted(ds["label"]) == sorted(m["label"] for m in meta)
+    assert ds[0]["image"].size[0] > 0

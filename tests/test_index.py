@@ -9,7 +9,7 @@ from PIL import Image
 
 from raresift import Project
 from raresift.errors import InputError
-from raresift.scale.index import (
+from raresift.index import (
     VectorIndex,
     build_index,
     candidate_pool,
@@ -111,7 +111,7 @@ def test_project_index_on_real_photos_finds_a_resized_copy(tmp_path):
     with Project.create(tmp_path / "p", images=images) as p:
         p.add_images()
         p.embed(batch_size=16)
-        index = project_index(p)
+        index = project_index(p.store)
         assert (p.path / "embeddings" / "index.faiss").is_file()
         vectors = p.vectors()
         a, b = p.image_id("b/img_0002.jpg") - 1, p.image_id("b/copy_of_0002.jpg") - 1
@@ -122,14 +122,14 @@ def test_project_index_on_real_photos_finds_a_resized_copy(tmp_path):
         # Reused while nothing changes, read lazily: neighbours found before come from the cache
         # beside it, so the next command does not even load the FAISS file for them.
         pool = candidate_pool(index, vectors, [a, b], k=5)
-        again = project_index(p)
+        again = project_index(p.store)
         assert again.stamp == index.stamp and again.size == 17 and again.index is None
         np.testing.assert_array_equal(candidate_pool(again, vectors, [a, b], k=5), pool)
         assert again.index is None
         candidate_pool(again, vectors, [a, b, 0], k=5)  # a new label: now it searches
         assert again.index is not None
         p.embed(reembed=True, limit=10)
-        smaller = project_index(p)
+        smaller = project_index(p.store)
         assert smaller.size == 10 and smaller.stamp != index.stamp
 
 

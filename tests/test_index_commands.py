@@ -9,7 +9,7 @@ import pytest
 
 from raresift import Project
 from raresift.errors import InputError
-from raresift.scale import commands
+from raresift.commands import index as commands
 
 
 def run(argv: list[str], capsys) -> object:

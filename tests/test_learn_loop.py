@@ -10,7 +10,6 @@ import pytest
 from raresift import Project
 from raresift.cli import main
 from raresift.errors import InputError, NotReadyError
-from raresift.learn.loop import next_batch, pending, scores
 
 KEYS = {"path", "image_id", "score", "strategy", "round", "split"}
 
@@ -38,7 +37,7 @@ def oracle(project, batch, truth):
 
 def test_next_batch_records_round_and_queue_and_learns(tmp_path):
     project, truth = vectors_project(tmp_path)
-    first = next_batch(project, 30, seed=1)
+    first = project.next(30, seed=1)
     assert len(first) == 30 and all(KEYS <= set(b) for b in first)
     assert {b["split"] for b in first} == {"pool"}
     assert {b["strategy"] for b in first} == {"coldstart-explore"}  # no labels, no query: explore clusters
@@ -47,12 +46,12 @@ def test_next_batch_records_round_and_queue_and_learns(tmp_path):
     assert json.loads(rnd[0][4])["model"] == "random"
     assert len(list((tmp_path / "proj" / "learn").glob("clusters-*.npz"))) == 1
     assert project.db.execute("SELECT COUNT(*) FROM queue").fetchone()[0] == 30
-    assert [p["path"] for p in pending(project)] == [b["path"] for b in first]
+    assert [p["path"] for p in project.pending()] == [b["path"] for b in first]
     oracle(project, first, truth)
-    assert pending(project) == []
+    assert project.pending() == []
     found = sum(truth[b["path"]] for b in first)
     for _ in range(3):
-        batch = next_batch(project, 20, seed=2)
+        batch = project.next(20, seed=2)
         labelled = set(project.labels())
         assert not {b["path"] for b in batch} & labelled, "a labelled photo served again"
         oracle(project, batch, truth)
@@ -67,42 +66,45 @@ def test_next_batch_records_round_and_queue_and_learns(tmp_path):
 
 def test_scores_rank_positives_first_and_replay_with_a_seed(tmp_path):
     project, truth = vectors_project(tmp_path)
-    assert np.allclose(scores(project), 0.5)  # nothing known yet
-    batch = next_batch(project, 80, strategy="random", seed=3)
+    assert np.allclose(project.scores(), 0.5)  # nothing known yet
+    batch = project.next(80, strategy="random", seed=3)
     oracle(project, batch, truth)
-    s = scores(project)
+    s = project.scores()
     assert s.shape == (300,) and np.isfinite(s).all() and ((s >= 0) & (s <= 1)).all()
     y = np.array(list(truth.values()))
     assert y[np.argsort(-s)[:20]].mean() > 0.7
-    a = next_batch(project, 10, seed=7)
-    b = next_batch(project, 10, seed=7)
+    a = project.next(10, seed=7)
+    b = project.next(10, seed=7)
     assert [x["path"] for x in a] == [x["path"] for x in b]
 
 
 def test_scores_from_the_cached_features_equal_featurised_blocks(tmp_path, monkeypatch):
-    from raresift.learn import loop
-    from raresift.scale import scoring
+    from raresift.learn import features, loop
 
     project, truth = vectors_project(tmp_path)
     ids, splits = project.image_ids(), project.splits()
     pool_pos = [p for p, s in zip(ids, splits) if s == "pool" and truth[p]]
-    oracle(project, next_batch(project, 60, strategy="random", seed=3), truth)
-    next_batch(project, 5, examples=pool_pos[:2], seed=0)  # a prior that still counts
-    with project._tx() as db:  # two photos not embedded
+    oracle(project, project.next(60, strategy="random", seed=3), truth)
+    project.next(5, examples=pool_pos[:2], seed=0)  # a prior that still counts
+    with project.store.tx() as db:  # two photos not embedded
         db.execute("UPDATE images SET status = 'error' WHERE id IN (3, 250)")
-    model = loop.train(project, seed=0)
-    assert model.scorer.fitted and model.prior is not None and model.scorer.prior_weight > 0
-    fast = model.logits()
-    assert len(list((tmp_path / "proj" / "embeddings").glob("features-power-*.npy"))) == 1  # the fast path ran
-    plain = model._block_logits()
-    assert np.isneginf(fast[[2, 249]]).all() and np.isfinite(np.delete(fast, [2, 249])).all()
+    model = loop.current_model(project.store)
+    scorer = model.session.scorer
+    assert scorer.fitted and model.session.prior is not None and scorer.prior_weight > 0
+    assert np.isneginf(model.logits[[2, 249]]).all() and np.isfinite(np.delete(model.logits, [2, 249])).all()
+    vectors = project.vectors()
+    coef, b = scorer.head.coef_, scorer.head.intercept_
+    fast = features.VectorFeatures(vectors, cache=project.store.vector_cache).linear(coef, b)
+    assert len(list((tmp_path / "proj" / "embeddings").glob("sqrtfeat-*.npy"))) == 1  # the fast path ran
+    plain = features.VectorFeatures(vectors).linear(coef, b)  # every block featurised
     np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-4)
     # Where the features cannot be written (a read-only project), the blocks are featurised instead.
     def refuse(*a, **k):
         raise PermissionError("read-only")
 
-    monkeypatch.setattr(scoring, "whole_features", refuse)
-    np.testing.assert_array_equal(model.logits(), plain)
+    monkeypatch.setattr(features, "sqrt_features", refuse)
+    np.testing.assert_array_equal(features.VectorFeatures(vectors, cache=project.store.vector_cache).linear(coef, b),
+                                  plain)
 
 
 def test_the_head_fits_on_one_blas_thread(tmp_path, monkeypatch):
@@ -112,7 +114,7 @@ def test_the_head_fits_on_one_blas_thread(tmp_path, monkeypatch):
     from raresift.learn.head import RareHead
 
     project, truth = vectors_project(tmp_path)
-    oracle(project, next_batch(project, 60, strategy="random", seed=3), truth)
+    oracle(project, project.next(60, strategy="random", seed=3), truth)
     seen = []
     real_fit = RareHead.fit
 
@@ -122,7 +124,7 @@ def test_the_head_fits_on_one_blas_thread(tmp_path, monkeypatch):
 
     monkeypatch.setattr(RareHead, "fit", fit)
     with threadpool_limits(limits=2, user_api="blas"):  # two threads outside, as on a 2-core machine
-        assert loop.train(project, seed=0).scorer.fitted
+        assert loop.current_model(project.store).session.scorer.fitted
         assert {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"} <= {1, 2}
     assert len(seen) == 1 and seen[0] and set(seen[0]) == {1}
 
@@ -152,45 +154,45 @@ def test_test_labels_never_train_the_model(tmp_path):
     project, truth = vectors_project(tmp_path)
     test_ids = [p for p, s in zip(project.image_ids(), project.splits()) if s == "test"]
     project.label([(p, truth[p]) for p in test_ids], who="x")
-    assert np.allclose(scores(project), 0.5)  # only test labels: still no model
+    assert np.allclose(project.scores(), 0.5)  # only test labels: still no model
 
 
 def test_evaluate_serves_test_photos(tmp_path):
     project, truth = vectors_project(tmp_path)
-    oracle(project, next_batch(project, 80, strategy="random", seed=3), truth)
-    top = next_batch(project, 20, evaluate=True, seed=0)
+    oracle(project, project.next(80, strategy="random", seed=3), truth)
+    top = project.next(20, evaluate=True, seed=0)
     assert len(top) == 20 and {b["split"] for b in top} == {"test"}
-    s = scores(project)
+    s = project.scores()
     test_rows = np.flatnonzero(project.splits() == "test")
     best = set(test_rows[np.argsort(-s[test_rows])[:20]] + 1)
     assert {b["image_id"] for b in top} == best
     project.label([(top[0]["path"], 1)], who="x")
-    again = next_batch(project, 20, evaluate=True, seed=0)
+    again = project.next(20, evaluate=True, seed=0)
     assert len(again) == 19  # the labelled one is not served again
-    rnd = next_batch(project, 15, evaluate=True, strategy="random", seed=0)
+    rnd = project.next(15, evaluate=True, strategy="random", seed=0)
     # Drawn from all test photos (an unbiased sample); the one labelled already is not served.
     queued = project.db.execute("SELECT COUNT(*) FROM queue WHERE round_id = ?", (rnd[0]["round"],)).fetchone()[0]
     assert queued == 15 and 14 <= len(rnd) <= 15 and {b["strategy"] for b in rnd} == {"random"}
-    more = next_batch(project, 200, evaluate=True, strategy="random", seed=1)
+    more = project.next(200, evaluate=True, strategy="random", seed=1)
     assert not {b["image_id"] for b in more} & {b["image_id"] for b in rnd}, "a test photo drawn twice"
-    assert {p["purpose"] for p in pending(project, purpose="evaluate")} == {"evaluate"}
-    assert pending(project, purpose="label") == []
+    assert {p["purpose"] for p in project.pending(purpose="evaluate")} == {"evaluate"}
+    assert project.pending(purpose="label") == []
 
 
 def test_bad_requests_raise_clear_errors(tmp_path):
     project, _ = vectors_project(tmp_path)
     with pytest.raises(InputError, match="valid: random"):
-        next_batch(project, 5, strategy="best")
+        project.next(5, strategy="best")
     with pytest.raises(InputError):
-        next_batch(project, 0)
+        project.next(0)
     with pytest.raises(NotReadyError, match="logits"):
-        next_batch(project, 5, query="insect")  # external vectors have no ImageNet logits
+        project.next(5, query="insect")  # external vectors have no ImageNet logits
     with pytest.raises(InputError, match="no ImageNet concept"):
-        next_batch(project, 5, query="qwzx blorp")
+        project.next(5, query="qwzx blorp")
     with pytest.raises(InputError):
-        next_batch(project, 5, examples=["no/such.jpg"])
+        project.next(5, examples=["no/such.jpg"])
     with pytest.raises(InputError):
-        pending(project, purpose="fun")
+        project.pending(purpose="fun")
 
 
 def test_examples_start_with_their_neighbours(tmp_path):
@@ -198,14 +200,14 @@ def test_examples_start_with_their_neighbours(tmp_path):
     ids, splits = project.image_ids(), project.splits()
     test_pos = [p for p, s in zip(ids, splits) if s == "test" and truth[p]]
     # Examples from the test split are not labelled (they would bias the test): similarity alone ranks.
-    batch = next_batch(project, 10, examples=test_pos[:2], seed=0)
+    batch = project.next(10, examples=test_pos[:2], seed=0)
     assert {b["strategy"] for b in batch} == {"coldstart-examples"}
     assert sum(truth[b["path"]] for b in batch) >= 6
     assert project.labels() == {}
     # Examples from the pool are positives the person gave: labelled, and the model learns from them
     # (against unlabelled photos as weak negatives).
     pool_pos = [p for p, s in zip(ids, splits) if s == "pool" and truth[p]]
-    batch = next_batch(project, 10, examples=pool_pos[:2], seed=0)
+    batch = project.next(10, examples=pool_pos[:2], seed=0)
     assert project.labels() == {pool_pos[0]: 1, pool_pos[1]: 1}
     assert "top" in {b["strategy"] for b in batch}
     assert sum(truth[b["path"]] for b in batch) >= 6

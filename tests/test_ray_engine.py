@@ -10,7 +10,7 @@ from conftest import make_collection
 
 from raresift import Project
 from raresift.cli import main
-from raresift.scale.ray_engine import plan_actors
+from raresift.embed.ray_engine import plan_actors
 
 ray = pytest.importorskip("ray")
 
@@ -72,7 +72,7 @@ def test_ray_engine_equals_local_engine(tmp_path, local_ray):
     assert ok.sum() == 200
     a, b = local[ok, 0], remote[ok, 0]
     cos = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    assert cos.min() >= 0.999, cos.min()
+    assert cos.min() >= 0.99999, cos.min()  # the same graph and the same model-call chunks: the same vectors
     np.testing.assert_allclose(remote_logits[ok], local_logits[ok], atol=0.05)
 
 

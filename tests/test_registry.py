@@ -161,16 +161,15 @@ def test_a_folder_that_cannot_be_listed_is_recorded(tmp_path, monkeypatch):
 
 def test_bring_your_own_vectors_prepares_fast_rounds(tmp_path):
     """init --embeddings writes the scoring caches, so the first round pays nothing extra."""
-    from raresift.learn.loop import next_batch
-
+    
     matrix = np.random.default_rng(1).normal(size=(200, 12)).astype(np.float32)
     np.save(tmp_path / "emb.npy", matrix)
     (tmp_path / "ids.txt").write_text("\n".join(f"img{i}" for i in range(200)) + "\n")
     with Project.create(tmp_path / "p") as project:
         project.import_embeddings(tmp_path / "emb.npy", tmp_path / "ids.txt")
-        caches = sorted((tmp_path / "p" / "embeddings").glob("*-power-*.npy"))
-        assert [c.name.split("-")[0] for c in caches] == ["features", "norms"]
+        caches = sorted((tmp_path / "p" / "embeddings").glob("sqrt*.npy"))
+        assert [c.name.split("-")[0] for c in caches] == ["sqrtfeat", "sqrtnorm"]
         stamps = [c.stat().st_mtime_ns for c in caches]
         project.label([(f"img{i}", int(i < 5)) for i in range(20)])
-        assert len(next_batch(project, 10, seed=0)) == 10
+        assert len(project.next(10, seed=0)) == 10
         assert [c.stat().st_mtime_ns for c in caches] == stamps  # reused, not rebuilt

@@ -116,32 +116,21 @@ def test_images_folder_empty(tmp_path):
 
 
 def _run_as_nobody(argv: list[str]) -> tuple[int, str]:
-    """Run the CLI in a forked child whose user is `nobody` (so file permissions apply to it)."""
-    from raresift.cli import build_parser, main
-
-    build_parser()  # import every command module now: the child cannot read root's files
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        sys.stderr = io.TextIOWrapper(os.fdopen(w, "wb"), encoding="utf-8")
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            code = main(argv)
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-            code = 99
-        sys.stderr.flush()
-        os._exit(int(code or 0))
-    os.close(w)
-    err = b""
-    while chunk := os.read(r, 65536):
-        err += chunk
-    os.close(r)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), err.decode()
+    """Run the CLI as the user `nobody` (so file permissions apply to it), in a fresh interpreter that
+    imports every command module while it is still root (nobody cannot read root's files), then drops
+    its privileges. A fresh process, not a fork of this one: a fork of a process with threads (ONNX
+    Runtime's pools, tqdm's monitor) can inherit a lock held by another thread and hang."""
+    code = (
+        "import os, sys, traceback\n"
+        "from raresift.cli import build_parser, main\n"
+        "build_parser()\n"
+        "os.setgid(65534)\n"
+        "os.setuid(65534)\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *[str(a) for a in argv]], capture_output=True, text=True,
+                          timeout=300)
+    return done.returncode, done.stderr
 
 
 @pytest.fixture

@@ -220,10 +220,9 @@ def test_evaluation_and_export_from_the_page(client):
     page = [{"image_id": it["image_id"], "value": truth[it["path"]]} for it in items]
     assert client.post("/api/labels", json={"items": page}).status_code == 200
     ev = client.get("/api/evaluation?k=5").json()
-    from raresift.evaluate import evaluate
 
     with Project.open(client.project_path) as p:
-        assert ev == evaluate(p, k=5)  # the page shows exactly what the library computes
+        assert ev == p.evaluate(k=5)  # the page shows exactly what the library computes
     assert ev["k"] == 5 and ev["labels"] == 5
     assert_error(client.get("/api/evaluation?k=0"), 422)
     out = client.post("/api/export", json={"top": 10, "fmt": "csv"})
@@ -337,7 +336,7 @@ def _sqlite_error(message: str, code: int) -> sqlite3.OperationalError:
 ])
 def test_a_full_disk_is_not_reported_as_a_busy_database(client, monkeypatch, exc, free, code, words):
     from raresift.web import app as web_app
-    from raresift.web import backend
+    from raresift import labelling as backend
 
     def fail(*args, **kwargs):
         raise exc
@@ -352,7 +351,7 @@ def test_a_full_disk_is_not_reported_as_a_busy_database(client, monkeypatch, exc
 
 
 def test_export_onto_a_full_disk_says_so(client, monkeypatch):
-    from raresift.web import backend
+    from raresift import labelling as backend
 
     def fail(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -374,7 +373,7 @@ import sys, warnings
 warnings.simplefilter("ignore")
 from fastapi.testclient import TestClient
 from raresift.web import create_app
-from raresift.web.backend import WARM_MODULES
+from raresift.labelling import WARM_MODULES
 app = create_app({str(project)!r})
 assert "sklearn.cluster" not in sys.modules and "scipy.optimize" not in sys.modules
 with TestClient(app) as c:
@@ -385,6 +384,32 @@ with TestClient(app) as c:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     loaded, status = r.stdout.split("\n")[:2]
-    from raresift.web.backend import WARM_MODULES
+    from raresift.labelling import WARM_MODULES
 
     assert loaded == str(sorted(WARM_MODULES)) and status == "200"
+
+
+def test_examples_from_a_dropped_file_and_from_a_box(client, tmp_path):
+    import base64
+    import io
+
+    import numpy as np
+    from conftest import make_photo
+
+    buf = io.BytesIO()
+    make_photo(np.random.default_rng(5), rare=True).save(buf, format="PNG")
+    r = client.post("/api/examples", json={"data": base64.b64encode(buf.getvalue()).decode(), "name": "phone.png"})
+    assert r.status_code == 200, r.text
+    key = r.json()["key"]
+    assert key.startswith("file:")
+    items = client.post("/api/rounds", json={"n": 4, "examples": [key]}).json()["items"]
+    assert len(items) == 4
+    truth = client.truth
+    assert sum(truth[it["path"]] for it in items) >= 2  # photos like a rare one come first
+    box = client.post("/api/examples", json={"image_id": items[0]["image_id"], "box": [5, 5, 60, 40]})
+    assert box.status_code == 200 and box.json()["key"] != key
+    assert_error(client.post("/api/examples", json={"image_id": 1}), 400)
+    assert_error(client.post("/api/examples", json={"data": "not base64 !!"}), 400)
+    assert_error(client.post("/api/rounds", json={"n": 2, "examples": ["file:nothex"]}), 422)
+    with Project.open(client.project_path) as p:
+        assert p.status()["images"] == len(truth)  # examples never become photos of the collection

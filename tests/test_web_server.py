@@ -179,9 +179,12 @@ def test_serve_help_matches_what_the_page_and_server_do():
     for keys in re.findall(r"((?:[\w]+/)*[\w]+) = ", text.split("Keys:")[1].split(". /grid")[0]):
         for key in keys.split("/"):
             assert key in handled, (key, handled)
-    assert int(re.search(r"const GRID = (\d+);", js).group(1)) == web.GRID
+    # the page's grid size is the settings' (the server writes it into the page; app.js reads it there)
+    from raresift.settings import default
+
+    assert web.GRID == default("grid_page") and "body.dataset.grid" in js
     assert f"/grid shows {web.GRID} photos" in text and "Enter saves the page" in text and "Enter" in handled
-    assert re.search(r'if \(!saved && MODE === "grid"\) pick = names.find\(\(n\) => /\^\(top', js)
+    assert 'if (!saved && MODE === "grid" && names.includes("top")) pick = "top";' in js  # the grid's rounds: top
     assert f"default {web.DEFAULT_PORT}" in text and f"default {web.DEFAULT_HOST}" in text
     args = parser.parse_args(["serve", "p"])
     assert (args.host, args.port, args.no_browser, args.token) == (web.DEFAULT_HOST, web.DEFAULT_PORT, False, None)

@@ -3,10 +3,10 @@
 The Python entry point is :class:`Project`::
 
     from raresift import Project
-    project = Project.create("insects", images="photos/")
+    project = Project.create("insects", images="photos/")      # Project("insects") opens one
     project.add_images()
     project.embed()
-    ids, matrix = project.embeddings()
+    batch = project.next(25, query="insect or spider")
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from .errors import (
     EmbeddingError,
     InputError,
     LabelImportError,
+    MissingExtraError,
     NotAProjectError,
     NotReadyError,
     ProjectError,
@@ -38,4 +39,5 @@ __all__ = [
     "LabelImportError",
     "EmbeddingError",
     "NotReadyError",
+    "MissingExtraError",
 ]

@@ -1,7 +1,7 @@
 """The `raresift` command. Thin: it parses arguments, calls the library and prints.
 
 Subcommands live in ``raresift.commands.*`` modules, each with a ``register(subparsers)``
-function; heavy libraries are imported only inside the command that needs them, so the
+function, imported here by name; heavy libraries are imported only inside the command that needs them, so the
 command starts fast. Library errors become one line on stderr and a non-zero exit code.
 """
 
@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import sqlite3
 import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .commands import core, index, learn, web
 from .errors import RaresiftError
 
 # Order = order in `raresift --help`.
-COMMAND_MODULES = (
-    "raresift.commands.core",
-    "raresift.commands.learn",
-    "raresift.scale.commands",
-    "raresift.commands.web",
-)
+COMMAND_MODULES = (core, learn, index, web)
 
 EXIT_ERROR = 2  # raresift refused bad input or state; nothing was lost
 EXIT_INTERRUPTED = 130
@@ -38,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"raresift {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for module in COMMAND_MODULES:
+        module.register(sub)
     return parser
 
 

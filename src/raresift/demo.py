@@ -11,13 +11,13 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-__all__ = ["make_collection", "run_demo", "sample_photo_files"]
+__all__ = ["demo_session", "make_collection", "prepare_demo", "sample_photo_files"]
 
 # Real photos (not drawings or charts) shipped by scikit-image / scikit-learn, used as scenes.
 _SCENES = {
@@ -114,40 +114,29 @@ def _paste(view: Image.Image, obj: Image.Image, rng: np.random.Generator) -> Ima
     return view
 
 
-def run_demo(folder: str | os.PathLike, *, n_images: int = 240, progress: bool = True) -> int:
-    """The `raresift demo` command: build the collection, register and embed it, print the status, then
-    replay a short simulated labelling session against the answer key."""
-    from .commands.core import print_status
+def prepare_demo(folder: str | os.PathLike, *, n_images: int = 240,
+                 on_start: Callable[[int], None] | None = None, progress: Callable[[int], None] | None = None,
+                 ) -> tuple[Path, Path, bool]:
+    """Build the sample collection (once), register and embed it into ``folder/project``.
+
+    Returns ``(project folder, answer key, whether the photos were written now)``.
+    """
     from .project import Project
 
     folder = Path(folder)
-    photos = folder / "photos"
     truth = folder / "truth.csv"
-    if not truth.exists():
+    made = not truth.exists()
+    if made:
         make_collection(folder, n_images=n_images)
-        print(f"wrote {n_images} sample photos to {photos} (answer key: {truth})", file=sys.stderr)
     project_dir = folder / "project"
-    with Project.create(project_dir, images=photos, exist_ok=True) as project:
+    with Project.create(project_dir, images=folder / "photos", exist_ok=True) as project:
         project.add_images()
-        from tqdm import tqdm
-
-        bar = tqdm(desc="embedding", unit="img", disable=not progress or None, file=sys.stderr)
-        report = project.embed(on_start=lambda n: setattr(bar, "total", n), progress=bar.update)
-        bar.close()
-        print(f"embedded {report.embedded} photos in {report.seconds:.1f} s ({report.backend})", file=sys.stderr)
-        print_status(project.status(), as_json=False)
-    _simulated_session(project_dir, truth)
-    return 0
+        project.embed(on_start=on_start, progress=progress)
+    return project_dir, truth, made
 
 
-def _simulated_session(project_dir: Path, truth: Path) -> None:
-    """Finish the demo with labelling sessions replayed against the answer key (seconds)."""
+def demo_session(project_dir: Path, truth: Path) -> dict:
+    """Labelling sessions replayed against the answer key from the text query 'cat' (seconds)."""
     from .simulate import simulate
 
-    result = simulate(project=project_dir, truth=truth, query="cat", budget=50, batch=10, repeats=3, k=None)
-    print("\nsimulated labelling (an oracle answers from truth.csv; cold start from the text 'cat'):")
-    for p in result["curve"]:
-        print(f"  {p['labels']:>3} labels: {p['positives_found_mean']:.1f} cats found, "
-              f"precision@K on the test split {p['precision_at_k_mean']:.2f}")
-    print(f"  random sampling: precision {result['random_precision_at_k_mean']:.2f}; "
-          f"label your own with `raresift next {project_dir} --query cat`")
+    return simulate(project=project_dir, truth=truth, query="cat", budget=50, batch=10, repeats=3, k=None)

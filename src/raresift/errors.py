@@ -14,6 +14,7 @@ those into a one-line message and a non-zero exit code, the web API into one JSO
      |    +-- LabelImportError        a labels CSV with a bad line (nothing imported)
      +-- EmbeddingError               the model cannot be loaded or does not fit the project
      +-- NotReadyError                a step needs an earlier one (e.g. `next` before `embed`)
+     +-- MissingExtraError            an optional part is not installed; the message names the extra
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "LabelImportError",
     "EmbeddingError",
     "NotReadyError",
+    "MissingExtraError",
 ]
 
 
@@ -65,3 +67,11 @@ class EmbeddingError(RaresiftError):
 
 class NotReadyError(RaresiftError):
     """An operation needs a step that has not been done yet."""
+
+
+class MissingExtraError(RaresiftError):
+    """An optional dependency is not installed; the message names the extra, e.g. ``raresift[notebook]``."""
+
+    def __init__(self, what: str, extra: str):
+        super().__init__(f"{what} needs the optional extra: pip install 'raresift[{extra}]'")
+        self.extra = extra

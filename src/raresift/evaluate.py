@@ -14,14 +14,14 @@ of them the current top N holds.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .errors import InputError, NotReadyError
-
-if TYPE_CHECKING:
-    from .project import Project
+from .learn.loop import scores
+from .settings import default
+from .store.store import Store
 
 __all__ = ["evaluate", "wilson"]
 
@@ -43,23 +43,22 @@ def _r(x: float | None, nd: int = 4) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), nd)
 
 
-def evaluate(project: Project, *, k: int = 50, top: int | None = None) -> dict[str, Any]:
+def evaluate(store: Store, *, k: int = default("k"), top: int | None = None) -> dict[str, Any]:
     """Precision@K of the current ranking on the test split, the random baseline and recall estimates.
 
     ``top`` is the size of the subset you would export (default: the collection's share that
     matches the test top K, i.e. K x photos / test photos). Values that need labels nobody gave
-    yet are None, and ``hints`` says which command supplies them.
+    yet are None, and ``hints`` says which command supplies them. The ranking is the one
+    ``next --evaluate`` queued for the same training labels (:func:`raresift.learn.loop.current_model`).
     """
-    from .learn.loop import scores
-
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise InputError(f"--k must be a whole number >= 1, got {k!r}")
     if top is not None and (not isinstance(top, int) or isinstance(top, bool) or top < 1):
         raise InputError(f"--top must be a whole number >= 1, got {top!r}")
-    s = scores(project)
+    s = scores(store)
     n_rows = len(s)
-    labels = project.label_array()[:n_rows]
-    splits = project.splits()[:n_rows]
+    labels = store.label_array()[:n_rows]
+    splits = store.splits()[:n_rows]
     embedded = np.isfinite(s)
     test = np.flatnonzero((splits == "test") & embedded)
     if len(test) == 0:
@@ -77,9 +76,7 @@ def evaluate(project: Project, *, k: int = 50, top: int | None = None) -> dict[s
     p_ci = wilson(n_pos, n_lab)
 
     # Random test photos: those served by `next --evaluate --strategy random` and labelled since.
-    random_ids = {r[0] for r in project.db.execute(
-        "SELECT q.image_id FROM queue q JOIN rounds r ON r.id = q.round_id "
-        "WHERE r.purpose = 'evaluate' AND q.strategy = 'random'")}
+    random_ids = store.evaluation_random_ids()
     rand_rows = np.array(sorted(i - 1 for i in random_ids if i - 1 < n_rows), dtype=np.int64)
     rand_rows = rand_rows[(labels[rand_rows] >= 0) & embedded[rand_rows] & (splits[rand_rows] == "test")] \
         if len(rand_rows) else rand_rows
@@ -116,17 +113,17 @@ def evaluate(project: Project, *, k: int = 50, top: int | None = None) -> dict[s
 
     hints = []
     if missing:
-        hints.append(f"{missing} of the test top {kk} have no label: run `raresift next {project.path} --evaluate --n {kk}` "
+        hints.append(f"{missing} of the test top {kk} have no label: run `raresift next {store.root} --evaluate --n {kk}` "
                      "and label them")
     if n_rand < 100:
-        hints.append(f"{n_rand} random test photos are labelled; label more (`raresift next {project.path} --evaluate "
+        hints.append(f"{n_rand} random test photos are labelled; label more (`raresift next {store.root} --evaluate "
                      "--strategy random --n 100`) for the baseline, prevalence and recall")
-    status = project.status()
+    n_labels = store.label_counts()["labels"]
     return {
         "k": kk,
         "test_photos": len(test),
         "collection_photos": n_all,
-        "labels": int(status["labels"]),
+        "labels": int(n_labels),
         "top_k_labelled": n_lab,
         "top_k_positives": n_pos,
         "top_k_missing": missing,

@@ -12,18 +12,17 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .errors import InputError
-
-if TYPE_CHECKING:
-    from .project import Project
+from .learn.loop import scores
+from .store.store import Store
 
 __all__ = ["FORMATS", "LABEL_STUDIO_CONFIG", "export", "ranked"]
 
-FORMATS = ("csv", "jsonl", "folder", "label-studio")
+FORMATS = ("csv", "jsonl", "folder", "label-studio", "imagefolder")
 POSITIVE_DIR = "positive"
 CANDIDATE_DIR = "candidate"
 # The labelling config the Label Studio tasks fit (paste it into the project's Labeling Setup).
@@ -37,15 +36,14 @@ LABEL_STUDIO_CONFIG = """<View>
 """
 
 
-def ranked(project: Project, *, top: int) -> list[dict[str, Any]]:
-    """The exported rows: labelled positives first (by score), then the top ``top`` unlabelled photos."""
-    from .learn.loop import scores
-
+def ranked(store: Store, *, top: int, negatives: bool = False) -> list[dict[str, Any]]:
+    """The exported rows: labelled positives first (by score), then the top ``top`` unlabelled photos
+    (and, with ``negatives``, the photos labelled negative last)."""
     if not isinstance(top, int) or isinstance(top, bool) or top < 0:
         raise InputError(f"--top must be a whole number >= 0, got {top!r}")
-    s = scores(project)
-    labels = project.label_array()[: len(s)]
-    splits = project.splits()[: len(s)]
+    s = scores(store)
+    labels = store.label_array()[: len(s)]
+    splits = store.splits()[: len(s)]
     ok = np.isfinite(s)
     key = np.where(ok, s, -np.inf)
     positives = np.flatnonzero(labels == 1)
@@ -56,8 +54,10 @@ def ranked(project: Project, *, top: int) -> list[dict[str, Any]]:
     else:
         part = unl
     part = part[np.lexsort((part, -key[part]))]
-    rows = np.concatenate([positives, part]).astype(np.int64)
-    paths = dict(project.db.execute("SELECT id, path FROM images").fetchall()) if len(rows) else {}
+    neg = np.flatnonzero(labels == 0) if negatives else np.zeros(0, dtype=np.int64)
+    neg = neg[np.lexsort((neg, -key[neg]))]
+    rows = np.concatenate([positives, part, neg]).astype(np.int64)
+    paths = store.paths_of(rows + 1)
     out = []
     for rank, r in enumerate(rows, 1):
         out.append({
@@ -65,13 +65,13 @@ def ranked(project: Project, *, top: int) -> list[dict[str, Any]]:
             "path": paths[int(r) + 1],
             "image_id": int(r) + 1,
             "score": None if not np.isfinite(s[r]) else round(float(s[r]), 6),
-            "label": 1 if labels[r] == 1 else None,
+            "label": int(labels[r]) if labels[r] >= 0 else None,
             "split": str(splits[r]),
         })
     return out
 
 
-def export(project: Project, *, top: int, fmt: str, out: str | os.PathLike, link: bool = False,
+def export(store: Store, *, top: int, fmt: str, out: str | os.PathLike, link: bool = False,
            url_prefix: str | None = None) -> Path:
     """Write the ranked subset to ``out`` in format ``fmt`` (csv, jsonl, folder, label-studio); returns ``out``.
 
@@ -79,13 +79,19 @@ def export(project: Project, *, top: int, fmt: str, out: str | os.PathLike, link
     subfolders with copies of the photos, or symbolic links with ``link``, plus ``ranking.csv``.
     ``label-studio`` writes a JSON list of tasks with the score as a prediction; images are given as
     ``url_prefix`` + path (default: Label Studio's local-files URL of the absolute file path).
+    ``imagefolder`` writes the Hugging Face ``imagefolder`` layout, a dataset to train on: one folder
+    per class (``positive/``, ``negative/``: the labelled photos; ``candidate/``: the top unlabelled
+    ones, unverified) and ``metadata.jsonl`` (file_name, label, verified, score, split, labelled_by),
+    loadable with ``datasets.load_dataset("imagefolder", data_dir=out)``.
     """
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
     out = Path(out)
-    rows = ranked(project, top=top)
+    rows = ranked(store, top=top, negatives=fmt == "imagefolder")
     if fmt == "folder":
-        return _folder(project, rows, out, link)
+        return _folder(store, rows, out, link)
+    if fmt == "imagefolder":
+        return _imagefolder(store, rows, out, link)
     if out.exists() and out.is_dir():
         raise InputError(f"{out} is a folder; give a file name for --format {fmt}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -101,16 +107,16 @@ def export(project: Project, *, top: int, fmt: str, out: str | os.PathLike, link
             for r in rows:
                 fh.write(json.dumps(r) + "\n")
         else:
-            json.dump([_task(project, r, url_prefix) for r in rows], fh, indent=1)
+            json.dump([_task(store, r, url_prefix) for r in rows], fh, indent=1)
     os.replace(tmp, out)
     return out
 
 
-def _task(project: Project, row: dict[str, Any], url_prefix: str | None) -> dict[str, Any]:
+def _task(store: Store, row: dict[str, Any], url_prefix: str | None) -> dict[str, Any]:
     if url_prefix is not None:
         image = url_prefix + row["path"]
     else:
-        f = project.file_path(row["image_id"])
+        f = store.file_path(row["image_id"])
         image = f"/data/local-files/?d={str(f.resolve()).lstrip('/')}" if f is not None else row["path"]
     score = row["score"] if row["score"] is not None else 0.0
     choice = "positive" if (row["label"] == 1 or score >= 0.5) else "negative"
@@ -127,27 +133,52 @@ def _task(project: Project, row: dict[str, Any], url_prefix: str | None) -> dict
     return task
 
 
-def _folder(project: Project, rows: list[dict[str, Any]], out: Path, link: bool) -> Path:
+def _imagefolder(store: Store, rows: list[dict[str, Any]], out: Path, link: bool) -> Path:
+    _check_new_folder(store, rows, out)
+    who = store.labellers()
+    names = {1: "positive", 0: "negative", None: "candidate"}
+    with open(out / "metadata.jsonl", "w", encoding="utf-8") as fh:
+        for r in rows:
+            cls = names[r["label"]]
+            (out / cls).mkdir(exist_ok=True)
+            name = f"{r['rank']:06d}_{r['path'].replace('/', '__')}"
+            _place(store.file_path(r["image_id"]), out / cls / name, link)
+            fh.write(json.dumps({"file_name": f"{cls}/{name}", "label": cls, "verified": r["label"] is not None,
+                                 "score": r["score"], "split": r["split"], "path": r["path"],
+                                 "labelled_by": who.get(r["image_id"])}) + "\n")
+    return out
+
+
+def _check_new_folder(store: Store, rows: list[dict[str, Any]], out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"{out} exists and is not an empty folder; give a new folder for --format folder")
-    missing = [r["path"] for r in rows if project.file_path(r["image_id"]) is None]
+        raise InputError(f"{out} exists and is not an empty folder; give a new folder")
+    missing = [r["path"] for r in rows if store.file_path(r["image_id"]) is None]
     if missing:
         raise InputError(f"{len(missing)} photos have no file on disk (e.g. {missing[0]!r}); use --format csv or jsonl")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _place(src: Path, dst: Path, link: bool) -> None:
+    if link:
+        os.symlink(src.resolve(), dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def _folder(store: Store, rows: list[dict[str, Any]], out: Path, link: bool) -> Path:
+    _check_new_folder(store, rows, out)
     for sub in (POSITIVE_DIR, CANDIDATE_DIR):
         (out / sub).mkdir(parents=True, exist_ok=True)
     with open(out / "ranking.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["rank", "file", "path", "score", "label"])
         for r in rows:
-            src = project.file_path(r["image_id"])
+            src = store.file_path(r["image_id"])
             sub = POSITIVE_DIR if r["label"] == 1 else CANDIDATE_DIR
             # Rank first keeps the folder in ranking order; the id's folders are kept in the name.
             name = f"{r['rank']:06d}_{r['path'].replace('/', '__')}"
             dst = out / sub / name
-            if link:
-                os.symlink(src.resolve(), dst)
-            else:
-                shutil.copy2(src, dst)
+            _place(src, dst, link)
             w.writerow([r["rank"], f"{sub}/{name}", r["path"], "" if r["score"] is None else r["score"],
                         "" if r["label"] is None else r["label"]])
     return out

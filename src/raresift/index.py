@@ -31,31 +31,29 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, NotReadyError
-
-if TYPE_CHECKING:
-    from ..project import Project
+from .errors import InputError, NotReadyError
+from .store.store import Store
 
 __all__ = [
     "KINDS",
     "VectorIndex",
     "build_index",
     "candidate_pool",
+    "duplicate_groups",
     "more_like_this",
     "near_duplicates",
     "project_index",
+    "similar",
 ]
 
 log = logging.getLogger(__name__)
 
 KINDS = ("auto", "flat", "ivf-sq8", "ivf-pq")
 FLAT_MAX = 50_000  # above this, "auto" builds an inverted file (exact search gets slow and big)
-INDEX_FILE = "index.faiss"
-STAMP_FILE = "index.json"
 _BLOCK = 16384  # rows read from the memory map at a time while adding
 
 
@@ -237,7 +235,7 @@ def build_index(
 
 
 def project_index(
-    project: Project,
+    store: Store,
     *,
     kind: str = "auto",
     rebuild: bool = False,
@@ -250,9 +248,9 @@ def project_index(
     (and, unless ``kind`` is ``auto``, it is of the asked kind); otherwise it is rebuilt.
     Other options go to :func:`build_index`.
     """
-    vectors = project.vectors()
-    stamp = _stamp(project)
-    path = project.path / "embeddings" / INDEX_FILE
+    vectors = store.vectors()
+    stamp = {"vectors_generation": store.vectors_generation(), "rows": int(vectors.shape[0])}
+    path = store.paths.index
     if not rebuild and path.is_file() and path.with_suffix(".json").is_file():
         try:
             cached = VectorIndex.load(path, lazy=True)  # the FAISS file is read when a search needs it
@@ -262,9 +260,9 @@ def project_index(
             if cached.stamp == stamp and kind in ("auto", cached.kind):
                 cached._load_neighbours()
                 return cached
-    rows = np.flatnonzero(project.embedded_mask())
+    rows = np.flatnonzero(store.embedded_mask())
     if len(rows) == 0:
-        raise NotReadyError(f"{project.path} has no embedded photos to index; run `raresift embed` first")
+        raise NotReadyError(f"{store.root} has no embedded photos to index; run `raresift embed` first")
     t0 = time.perf_counter()
     built = build_index(vectors, rows, kind=kind, **options)
     built.stamp = stamp
@@ -413,16 +411,28 @@ def _pq_subquantizers(dim: int) -> int:
     return 1
 
 
-def _stamp(project: Project) -> dict:
-    """What the index depends on, cheap to read at any size (no per-image Python work)."""
-    path = project.path / "embeddings" / "vectors.npy"
-    st = path.stat()
-    embedded, last = project.db.execute(
-        "SELECT COUNT(*), COALESCE(MAX(id), 0) FROM images WHERE status = 'embedded'"
-    ).fetchone()
-    return {
-        "vectors_size": st.st_size,
-        "vectors_mtime_ns": st.st_mtime_ns,
-        "embedded": int(embedded),
-        "last_embedded": int(last),
-    }
+def similar(store: Store, examples: list[str | int], *, n: int = 20, unlabelled: bool = False) -> list[dict[str, Any]]:
+    """The ``n`` photos most like the example photos (ids or paths of the project), best first:
+    path, image_id, similarity. Labelled photos are listed too unless ``unlabelled``."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InputError(f"--n must be at least 1, got {n!r}")
+    index = project_index(store)
+    vectors = store.vectors()
+    rows = [(e if isinstance(e, int) else store.image_id(str(e))) - 1 for e in examples]
+    exclude = (store.label_array() >= 0) if unlabelled else None
+    found, sims = more_like_this(index, vectors, rows, n=n, exclude=exclude)
+    paths = store.paths_of(found + 1)
+    return [{"path": paths[int(r) + 1], "image_id": int(r) + 1, "similarity": round(float(s), 6)}
+            for r, s in zip(found, sims)]
+
+
+def duplicate_groups(store: Store, *, threshold: float = 0.95, k: int = 8) -> list[list[str]]:
+    """Groups of near-duplicate photos of the project (their ids), largest first."""
+    if not 0.0 < threshold <= 1.0:
+        raise InputError(f"--threshold must be in (0, 1], got {threshold}")
+    if not isinstance(k, int) or k < 1:
+        raise InputError(f"--k must be at least 1, got {k}")
+    index = project_index(store)
+    groups = near_duplicates(index, store.vectors(), threshold=threshold, k=k)
+    paths = store.paths_of(r + 1 for g in groups for r in g)
+    return [[paths[r + 1] for r in g] for g in groups]

@@ -21,10 +21,11 @@ import io
 import os
 from typing import Any
 
-from .errors import RaresiftError
+from . import labelling
+from .errors import MissingExtraError, RaresiftError
 from .project import Project
+from .settings import default
 from .store.labels import LabelConflict
-from .web import backend
 
 __all__ = ["Labeler", "KEYS"]
 
@@ -64,17 +65,20 @@ class Labeler:
         project: Project | str | os.PathLike,
         *,
         who: str | None = None,
-        batch: int = 20,
+        batch: int = default("batch"),
         strategy: str = "default",
         query: str | None = None,
         purpose: str = "label",
         max_side: int = 640,
     ):
-        import ipywidgets as w
+        try:
+            import ipywidgets as w
+        except ImportError:
+            raise MissingExtraError("the notebook labeller", "notebook") from None
 
         self._own = not isinstance(project, Project)
         self.project = Project.open(project) if self._own else project
-        self.who = who or backend.default_who()
+        self.who = who or labelling.default_who()
         self.batch = batch
         self.strategy = strategy
         self.query = query
@@ -148,7 +152,7 @@ class Labeler:
             return
         expected = {} if force else {"expected": it["event"]}
         try:
-            ev = backend.label_items(
+            ev = labelling.label_items(
                 self.project, [(it["image_id"], value, not force, expected.get("expected"))],
                 who=self.who, source="notebook",
             )[0]
@@ -172,11 +176,11 @@ class Labeler:
         """Withdraw the last label given here (or, after a restart, this person's newest label)."""
         if self.history:
             it, event_id = self.history.pop()
-            ev = backend.undo(self.project, who=self.who, image_id=it["image_id"], event_id=event_id,
+            ev = labelling.undo(self.project, who=self.who, image_id=it["image_id"], event_id=event_id,
                               source="notebook")
         else:
-            ev = backend.undo(self.project, who=self.who, source="notebook")
-        item = backend.item(self.project, ev.image_id)
+            ev = labelling.undo(self.project, who=self.who, source="notebook")
+        item = labelling.item(self.project, ev.image_id)
         self.items = [item] + [x for x in self.items if x["image_id"] != item["image_id"]]
         self.message = f"undone: {item['path']}"
         self._render()
@@ -190,13 +194,26 @@ class Labeler:
 
     def next_round(self, *, strategy: str | None = None, n: int | None = None, query: str | None = None) -> None:
         """Train on the labels so far and queue the next round's photos first."""
-        items = backend.new_round(
+        items = labelling.new_round(
             self.project, n=n or self.batch, strategy=strategy or self.strategy, query=query,
             evaluate=self.purpose == "evaluate", who=self.who,
         )
         ids = {x["image_id"] for x in items}
         self.items = items + [x for x in self.items if x["image_id"] not in ids]
         self.message = f"new round: {len(items)} photos"
+        self._render()
+
+    def add_example(self, image, *, box: tuple[float, float, float, float] | None = None,
+                    strategy: str | None = None, n: int | None = None) -> None:
+        """Search with a photo from outside the collection (a file path or the image's bytes; ``box`` =
+        x, y, width, height keeps a part): it is added to the project's examples, and a round of photos
+        like it is queued first."""
+        key = self.project.add_example(image, box=box)
+        items = labelling.new_round(self.project, n=n or self.batch, strategy=strategy or self.strategy,
+                                    examples=[key], who=self.who)
+        ids = {x["image_id"] for x in items}
+        self.items = items + [x for x in self.items if x["image_id"] not in ids]
+        self.message = f"queued {len(items)} photos like {key}"
         self._render()
 
     def refresh(self) -> None:
@@ -217,10 +234,10 @@ class Labeler:
     def _fill(self, *, first: bool = False) -> None:
         if self.items:
             return
-        self.items = backend.queue(self.project, purpose=self.purpose)
+        self.items = labelling.queue(self.project, purpose=self.purpose)
         if not self.items and self.purpose == "label":
             query = self.query if first else None
-            self.items = backend.new_round(self.project, n=self.batch, strategy=self.strategy, query=query,
+            self.items = labelling.new_round(self.project, n=self.batch, strategy=self.strategy, query=query,
                                            who=self.who)
 
     def _on_keys(self, change: dict) -> None:

@@ -26,18 +26,19 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, NotReadyError
-from .learn.coldstart import explore_picks
-from .learn.model import fit_scorer, sigmoid, standardise
+from .learn.features import MatrixFeatures
+from .learn.session import Session, standardise
 from .learn.strategies import get_strategy
+from .settings import default
 
 __all__ = ["PROTOCOLS", "SimulationData", "curve_points", "load_truth", "replay", "simulate"]
 
 PROTOCOLS = ("seed", "default")
 SEED_RANDOM_LABELS = 300
 SEED_ROUND = 100
-DEFAULT_BATCH = 25
-DEFAULT_BUDGET = 200
-DEFAULT_K = 50
+DEFAULT_BATCH = default("batch")
+DEFAULT_BUDGET = default("budget")
+DEFAULT_K = default("k")
 
 
 @dataclass
@@ -49,6 +50,9 @@ class SimulationData:
     prior: np.ndarray | None = None  # (n,) cold-start score (text query / examples), or None
     test_fraction: float = 0.4
     clusters: list[tuple[np.ndarray, np.ndarray]] | None = None  # k-means levels, for exploring
+    pool: np.ndarray | None = None  # (n,) bool: a fixed pool split (the project's); None = draw one per repeat
+    extra: tuple[np.ndarray, np.ndarray] | None = None  # (features, labels) of example photos from outside
+    prior_kind: str = "text"
 
 
 def curve_points(budget: int) -> list[int]:
@@ -88,38 +92,35 @@ def replay(
     head_params: dict | None = None,
     prior_weight: float | None = None,
 ) -> dict[str, Any]:
-    """One simulated session. Returns ``{"k", "prevalence", "points": [{labels, precision, ap, found}]}``.
+    """One simulated session, driven through :class:`raresift.learn.session.Session` (the learner of
+    ``raresift next``). Returns ``{"k", "prevalence", "points": [{labels, precision, ap, found}],
+    "rounds": [{"seed", "rows", "strategies"}]}``; round r is what ``raresift next --seed SEED`` picks
+    on a project holding the same labels.
 
     ``k=None`` means K = min(50, positives in this repeat's test split).
     """
     n = len(data.y)
-    perm = rng.permutation(n)
-    n_test = round(data.test_fraction * n)
-    test = np.sort(perm[:n_test])
-    pool = np.sort(perm[n_test:])
+    if data.pool is not None:
+        in_pool = np.asarray(data.pool, dtype=bool)
+        test = np.flatnonzero(~in_pool)
+    else:
+        perm = rng.permutation(n)
+        test = np.sort(perm[: round(data.test_fraction * n)])
+        in_pool = np.ones(n, dtype=bool)
+        in_pool[test] = False
     y_test = data.y[test]
     kk = min(DEFAULT_K, int(y_test.sum())) if k is None else k
     kk = max(kk, 1)
-    prior = None
-    if data.prior is not None:
-        prior = standardise(data.prior, pool)
     extra = {} if prior_weight is None else {"prior_weight": prior_weight}
+    session = Session(MatrixFeatures(data.X), np.full(n, -1, dtype=np.int8), in_pool, prior=data.prior,
+                      prior_kind=data.prior_kind, clusters=data.clusters, head_params=head_params,
+                      extra=data.extra, **extra)
     points: list[dict[str, float]] = []
-    labelled = np.zeros(0, dtype=np.int64)
-    in_pool_unlabelled = np.ones(n, dtype=bool)
-    in_pool_unlabelled[test] = False
+    rounds: list[dict[str, Any]] = []
 
-    last: list = [None]
-
-    def fit_and_score(lab: np.ndarray):
-        unl = np.flatnonzero(in_pool_unlabelled)
-        scorer = fit_scorer(data.X, lab, data.y[lab], unlabeled=unl, has_prior=prior is not None, rng=rng,
-                            head_params=head_params, previous=last[0], **extra)
-        last[0] = scorer
-        return scorer, scorer.score(data.X, prior, rng=rng)
-
-    def record(lab: np.ndarray, scores: np.ndarray) -> None:
-        s = scores[test]
+    def record() -> None:
+        s = session.logits(rng)[test]
+        lab = np.flatnonzero(session.labels >= 0)
         points.append({
             "labels": len(lab),
             "precision": _precision_at_k(s, y_test, kk, rng),
@@ -127,49 +128,43 @@ def replay(
             "found": int(data.y[lab].sum()),
         })
 
-    def take(idx: np.ndarray) -> np.ndarray:
-        in_pool_unlabelled[idx] = False
-        return np.concatenate([labelled, idx])
+    def ask(size: int, name: str, *, report: bool) -> bool:
+        """One round: the session fits and picks, the oracle answers. False when nothing is left."""
+        seed = int(rng.integers(2**31))
+        picks = session.query(size, name, rng=np.random.default_rng(seed))
+        if report:
+            record()
+        if not len(picks.rows):
+            return False
+        rounds.append({"seed": seed, "rows": picks.rows.tolist(), "strategies": picks.sources})
+        session.update(picks.rows, data.y[picks.rows])
+        return True
+
+    def n_labels() -> int:
+        return int((session.labels >= 0).sum())
 
     if protocol == "seed":
-        labelled = take(rng.choice(pool, size=min(SEED_RANDOM_LABELS, len(pool)), replace=False))
-        scorer, scores = fit_and_score(labelled)
-        record(labelled, scores)
-        cand = np.flatnonzero(in_pool_unlabelled)
-        if scorer.fitted:
-            picks, _ = get_strategy("uncertainty")(sigmoid(scores[cand]), SEED_ROUND, rng=rng)
-        else:  # no positive among the random labels: the model knows nothing, pick at random
-            picks, _ = get_strategy("random")(scores[cand], SEED_ROUND, rng=rng)
-        labelled = take(cand[picks])
-        _, scores = fit_and_score(labelled)
-        record(labelled, scores)
+        pool = np.flatnonzero(in_pool)
+        first = rng.choice(pool, size=min(SEED_RANDOM_LABELS, len(pool)), replace=False)
+        session.update(first, data.y[first])
+        ask(SEED_ROUND, "uncertainty", report=True)
+        session.fit(rng)
+        record()
     elif protocol == "default":
-        fn = get_strategy(strategy)
+        get_strategy(strategy)
         wanted = curve_points(budget)
-        while True:
-            scorer, scores = fit_and_score(labelled)
-            if len(labelled) in wanted:
-                record(labelled, scores)
-            if len(labelled) >= budget:
-                break
-            cand = np.flatnonzero(in_pool_unlabelled)
-            if len(cand) == 0:
-                break
+        exhausted = False
+        while n_labels() < budget and not exhausted:
             # Batches end exactly on the reporting points.
-            nxt = min([p for p in wanted if p > len(labelled)] + [budget])
-            size = min(batch, nxt - len(labelled))
-            if scorer.fitted:
-                picks, _ = fn(sigmoid(scores[cand]), size, rng=rng, features=_Rows(data.X, cand))
-            elif prior is not None:
-                picks, _ = get_strategy("top")(scores[cand], size, rng=rng)
-            elif data.clusters is not None:
-                picks = explore_picks(data.clusters, cand, labelled, size, rng)
-            else:
-                picks, _ = get_strategy("random")(scores[cand], size, rng=rng)
-            labelled = take(cand[picks])
+            nxt = min([p for p in wanted if p > n_labels()] + [budget])
+            exhausted = not ask(min(batch, nxt - n_labels()), strategy, report=n_labels() in wanted)
+        if not exhausted:
+            session.fit(np.random.default_rng(int(rng.integers(2**31))))
+            if n_labels() in wanted:
+                record()
     else:
         raise InputError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
-    return {"k": kk, "prevalence": float(y_test.mean()), "points": points}
+    return {"k": kk, "prevalence": float(y_test.mean()), "points": points, "rounds": rounds}
 
 
 def _summarise(runs: list[dict[str, Any]], k: int | None) -> dict[str, Any]:
@@ -195,16 +190,6 @@ def _summarise(runs: list[dict[str, Any]], k: int | None) -> dict[str, Any]:
         "random_precision_at_k_mean": round(float(np.mean([r["prevalence"] for r in runs])), 4),
         "curve": curve,
     }
-
-
-class _Rows:
-    """Lazy candidate view of a feature matrix: row i = X[rows[i]] (no copy of the whole block)."""
-
-    def __init__(self, X: np.ndarray, rows: np.ndarray):
-        self.X, self.rows = X, rows
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.X[self.rows[int(i)]]
 
 
 def load_truth(ids: list[str], *, truth: str | os.PathLike | None = None, truth_folder: str | None = None
@@ -269,7 +254,7 @@ def _open_project(images, project, embed_options, progress):
             project = Path(tmpdir.name) / "project"
         proj = Project.create(project, images=images, exist_ok=True)
         proj.add_images()
-    if proj.status()["pending"]:
+    if proj.store.count_status("new"):
         opts = dict(embed_options or {})
         if progress is not None:
             opts.setdefault("progress", progress)
@@ -285,13 +270,16 @@ def simulate(
     protocol: str = "default",
     strategy: str = "default",
     query: str | None = None,
+    examples: list[str | os.PathLike] | None = None,
     budget: int = DEFAULT_BUDGET,
-    repeats: int = 10,
+    repeats: int = default("repeats"),
     seed: int = 0,
     project: str | os.PathLike | None = None,
     k: int | None = DEFAULT_K,
     batch: int = DEFAULT_BATCH,
     test_fraction: float = 0.4,
+    split: str = "random",
+    trace: bool = False,
     json_path: str | os.PathLike | None = None,
     plot_path: str | os.PathLike | None = None,
     embed_options: dict | None = None,
@@ -305,10 +293,22 @@ def simulate(
     ``precision_at_k_mean``, ``precision_at_k_sd``, ``positives_found_mean``, ...). Writes the dict
     to ``json_path`` and a plot to ``plot_path`` (default: ``json_path`` with ``.png``) when given.
     ``progress`` is called with 1 after each repeat.
+
+    ``examples`` are image files from anywhere that show the class (one photo on your phone): they
+    start every session as `next --examples FILE` does (a positive that trains, and the prior of
+    similarity to it); combined with ``query``, the text prior is fused with theirs.
+
+    ``split="random"`` (the write-up's protocol) draws a new test split of ``test_fraction`` per repeat;
+    ``split="project"`` keeps the project's own test split. With ``trace``, the result also holds
+    ``sessions``: per repeat, the rounds (seed, image ids, strategies) in the order they were asked:
+    ``raresift next --seed SEED`` on a project with the same labels picks the same photos.
     """
     from .learn.coldstart import concepts_for, text_scores
     from .learn.features import featurize, iter_blocks
+    from .learn.loop import clusters as project_clusters
 
+    if split not in ("random", "project"):
+        raise InputError(f"unknown split {split!r}; valid: random, project")
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
     get_strategy(strategy)
@@ -334,18 +334,28 @@ def simulate(
             raise NotReadyError(f"only {len(rows)} embedded photos have an answer; a simulation needs more")
         vectors = proj.vectors()
         X = np.concatenate([featurize(b) for _, b in iter_blocks(vectors, rows=rows)])
-        prior = text_scores(proj, query)[rows] if query is not None else None
+        prior = text_scores(proj.store.logits(), mask, query)[rows] if query is not None else None
+        extra = None
+        if examples:
+            from .learn.coldstart import example_scores
+            from .learn.loop import example_features
+
+            keys = [proj.add_example(e) for e in examples]
+            feats = example_features(proj.store, keys)
+            extra = (feats, np.ones(len(keys), dtype=np.int64))
+            sim = example_scores(vectors, mask, feats)[rows]
+            prior = sim if prior is None else np.fmax(standardise(prior), standardise(sim))
+        clusters = None
+        if protocol == "default" and prior is None:  # the project's own clusterings, as `next` explores them
+            clusters = [(ids[rows], dist[rows]) for ids, dist in project_clusters(proj.store)]
+        pool = (proj.splits()[rows] == "pool") if split == "project" else None
         project_path = str(proj.path) if tmpdir is None else None
     finally:
         proj.close()
         if tmpdir is not None:
             tmpdir.cleanup()
-    clusters = None
-    if protocol == "default" and prior is None:
-        from .learn.coldstart import cluster_levels
-
-        clusters = cluster_levels(X, seed=seed)
-    data = SimulationData(X, y_all[rows].astype(np.int64), prior, test_fraction, clusters)
+    data = SimulationData(X, y_all[rows].astype(np.int64), prior, test_fraction, clusters, pool, extra,
+                          "text" if query is not None else "examples")
     if protocol == "seed" and len(rows) * (1 - test_fraction) < SEED_RANDOM_LABELS + SEED_ROUND:
         raise InputError(f"the seed protocol labels {SEED_RANDOM_LABELS + SEED_ROUND} pool photos; "
                          f"this collection has only {int(len(rows) * (1 - test_fraction))}")
@@ -360,6 +370,7 @@ def simulate(
         "protocol": protocol,
         "strategy": strategy if protocol == "default" else "uncertainty",
         "query": query,
+        "examples": [str(e) for e in examples] if examples else None,
         "concepts": [c[1] for c in concepts] if concepts else None,
         "budget": budget if protocol == "default" else SEED_RANDOM_LABELS + SEED_ROUND,
         "batch": batch if protocol == "default" else SEED_ROUND,
@@ -369,7 +380,11 @@ def simulate(
         "positives": int(data.y.sum()),
         "answer_key_unmatched": key_info["unmatched"],
         "project": project_path,
+        "split": split,
     })
+    if trace:
+        result["sessions"] = [[{"seed": r["seed"], "image_ids": [int(rows[i]) + 1 for i in r["rows"]],
+                                "strategies": r["strategies"]} for r in run["rounds"]] for run in runs]
     if json_path is not None:
         jp = Path(json_path)
         jp.parent.mkdir(parents=True, exist_ok=True)
@@ -384,17 +399,18 @@ def simulate(
 
 def plot(result: dict[str, Any], path: str | os.PathLike) -> Path:
     """Draw precision@K against labels (mean +- sd) and the random baseline; save as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object-oriented API on an Agg canvas: no pyplot, so a notebook's backend stays as it was.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     curve = result["curve"]
     xs = [p["labels"] for p in curve]
     ys = np.array([p["precision_at_k_mean"] for p in curve])
     sd = np.array([p["precision_at_k_sd"] for p in curve])
     k = result["k"] if isinstance(result["k"], int) else "K"
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     label = f"{result.get('protocol', '')} ({result.get('strategy', '')})"
     ax.plot(xs, ys, marker="o", label=label)
     ax.fill_between(xs, np.clip(ys - sd, 0, 1), np.clip(ys + sd, 0, 1), alpha=0.2)
@@ -409,5 +425,4 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
-    plt.close(fig)
     return out

@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
-from ..project import DEFAULT_SEED, DEFAULT_TEST_FRACTION, Project
+from ..project import Project
+from ..settings import default
 
-DEFAULT_MODEL = "efficientnet-lite2"  # same as raresift.embed.models.DEFAULT_MODEL (kept import-free)
+DEFAULT_MODEL = default("model")
+DEFAULT_TEST_FRACTION = default("test_fraction")
+DEFAULT_SEED = default("seed")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,7 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", default=None, metavar="NAME|PATH.onnx",
         help=f"{DEFAULT_MODEL} (default; 260 px, ranks best), efficientnet-lite0 (224 px, 1.8x faster), "
-        "or your own image encoder exported to ONNX (input size read from the file)",
+        "open_clip:ARCH[:PRETRAINED|:PATH] (a CLIP-family model: text queries in any words; needs "
+        "raresift[clip]), timm:NAME[:PATH] (DINOv2, ConvNeXt, ...; needs raresift[timm]), "
+        "or your own image encoder exported to ONNX (input size read from the file); weights are never "
+        "downloaded: from the local cache or PATH",
     )
     p.add_argument(
         "--tiles", type=int, default=None, metavar="N",
@@ -250,6 +256,29 @@ def cmd_import_labels(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from ..demo import demo_session, prepare_demo
 
-    return run_demo(args.dir, n_images=args.images, progress=not args.no_progress)
+    bar = None
+
+    def on_start(total: int) -> None:
+        nonlocal bar
+        bar = _bar(total, "embedding", disable=args.no_progress)
+
+    try:
+        project_dir, truth, made = prepare_demo(args.dir, n_images=args.images, on_start=on_start,
+                                                progress=lambda n: bar.update(n) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    if made:
+        print(f"wrote {args.images} sample photos to {args.dir / 'photos'} (answer key: {truth})", file=sys.stderr)
+    with Project(project_dir) as project:
+        print_status(project.status(), as_json=False)
+    result = demo_session(project_dir, truth)
+    print("\nsimulated labelling (an oracle answers from truth.csv; cold start from the text 'cat'):")
+    for p in result["curve"]:
+        print(f"  {p['labels']:>3} labels: {p['positives_found_mean']:.1f} cats found, "
+              f"precision@K on the test split {p['precision_at_k_mean']:.2f}")
+    print(f"  random sampling: precision {result['random_precision_at_k_mean']:.2f}; "
+          f"label your own with `raresift next {project_dir} --query cat`")
+    return 0

@@ -1,4 +1,4 @@
-"""Commands of the vector index: `similar` (more like this photo) and `duplicates` (near-duplicate groups).
+"""Commands of the vector index (`raresift.index`): `similar` (more like this photo) and `duplicates` (near-duplicate groups).
 
 Registered by ``raresift.cli`` like the other command modules (``register(subparsers)``). FAISS is
 imported only when one of these commands runs.
@@ -11,7 +11,6 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,19 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_similar(args: argparse.Namespace) -> int:
     from ..project import Project
-    from .index import more_like_this, project_index
 
-    if args.n < 1:
-        raise InputError(f"--n must be at least 1, got {args.n}")
-    with Project.open(args.project) as project:
-        index = project_index(project)
-        vectors = project.vectors()
-        rows = [project.image_id(e) - 1 for e in args.examples]
-        exclude = (project.label_array() >= 0) if args.unlabelled else None
-        found, sims = more_like_this(index, vectors, rows, n=args.n, exclude=exclude)
-        paths = _paths(project, found)
-    items = [{"path": paths[int(r)], "image_id": int(r) + 1, "similarity": round(float(s), 6)}
-             for r, s in zip(found, sims)]
+    with Project(args.project) as project:
+        items = project.similar(args.examples, n=args.n, unlabelled=args.unlabelled)
     if args.json:
         print(json.dumps(items, indent=2))
     else:
@@ -67,18 +56,11 @@ def cmd_similar(args: argparse.Namespace) -> int:
 
 
 def cmd_duplicates(args: argparse.Namespace) -> int:
+    from ..index import duplicate_groups
     from ..project import Project
-    from .index import near_duplicates, project_index
 
-    if not 0.0 < args.threshold <= 1.0:
-        raise InputError(f"--threshold must be in (0, 1], got {args.threshold}")
-    if args.k < 1:
-        raise InputError(f"--k must be at least 1, got {args.k}")
-    with Project.open(args.project) as project:
-        index = project_index(project)
-        groups = near_duplicates(index, project.vectors(), threshold=args.threshold, k=args.k)
-        paths = _paths(project, [r for g in groups for r in g])
-    named = [[paths[r] for r in g] for g in groups]
+    with Project(args.project) as project:
+        named = duplicate_groups(project.store, threshold=args.threshold, k=args.k)
     if args.json:
         print(json.dumps(named, indent=2))
     else:
@@ -86,13 +68,3 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
             print("\t".join(g))
         print(f"{len(named)} groups of near-duplicates, {sum(len(g) for g in named)} photos", file=sys.stderr)
     return 0
-
-
-def _paths(project, rows) -> dict[int, str]:
-    rows = sorted({int(r) for r in rows})
-    out: dict[int, str] = {}
-    for start in range(0, len(rows), 500):
-        chunk = [r + 1 for r in rows[start : start + 500]]
-        q = f"SELECT id, path FROM images WHERE id IN ({','.join('?' * len(chunk))})"
-        out.update({i - 1: p for i, p in project.db.execute(q, chunk)})
-    return out

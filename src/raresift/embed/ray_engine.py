@@ -26,8 +26,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..embed.decode import Views
-from ..errors import EmbeddingError, InputError
+from ..errors import EmbeddingError, InputError, MissingExtraError
+from .batches import decode_item, model_chunk, run_model
+from .decode import Views
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ class _EmbedActor:
         self._setup(**self.config)
 
     def _setup(self, *, root: bytes, model: str, backend: str, threads: int, size: int, tiles: int,
-               resize: str, max_pixels: int, decode_workers: int) -> None:
-        from ..embed.models import load_model
+               resize: str, max_pixels: int, decode_workers: int, chunk: int) -> None:
+        from .models import load_model
 
         self.root = root
         self.model = load_model(model, backend=backend, threads=threads)
@@ -54,11 +55,10 @@ class _EmbedActor:
             raise EmbeddingError(f"model {model} takes {self.model.size} px on this worker, {size} px on the driver")
         self.views = Views(size=size, tiles=tiles, resize=resize)
         self.max_pixels = max_pixels
+        self.chunk = chunk  # inputs per model call: the local engine's, so both compute the same vectors
         self.pool = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="raresift-decode")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ..embed.run import MODEL_CHUNK, decode_item, run_model
-
         ids = np.asarray(batch["id"], dtype=np.int64)
         raws = [bytes(r) for r in batch["path"]]
         decoded = list(self.pool.map(lambda raw: decode_item(self.root, raw, self.views, self.max_pixels), raws))
@@ -70,7 +70,7 @@ class _EmbedActor:
         logits = np.zeros((len(ids), count, 1000 if has_logits else 1), dtype=np.float16)
         if ok.any():
             stack = np.concatenate([a for a, err in decoded if err is None])
-            feats, lg = run_model(self.model, stack, max(len(ids), MODEL_CHUNK))
+            feats, lg = run_model(self.model, stack, self.chunk)
             vec[ok] = feats.reshape(int(ok.sum()), count, -1).astype(np.float16)
             if has_logits and lg is not None:
                 logits[ok] = lg.reshape(int(ok.sum()), count, -1).astype(np.float16)
@@ -128,8 +128,8 @@ def embed_on_ray(
     try:
         import ray
         import ray.data
-    except ImportError as exc:
-        raise InputError("--engine ray needs Ray: pip install 'raresift[ray]'") from exc
+    except ImportError:
+        raise MissingExtraError("--engine ray", "ray") from None
 
     started_here = False
     if not ray.is_initialized():
@@ -191,6 +191,7 @@ def _run(ray, todo, *, root, views, model, backend, threads, workers, batch_size
         "root": root, "model": model, "backend": backend, "threads": int(plan["threads"]),
         "size": views.size, "tiles": views.tiles, "resize": views.resize, "max_pixels": max_pixels,
         "decode_workers": int(workers or plan["num_cpus"]),
+        "chunk": model_chunk(batch_size),
     })
     out = ds.map_batches(
         actor,

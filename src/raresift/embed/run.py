@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import time
@@ -16,25 +17,22 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from ..errors import EmbeddingError, InputError, NotReadyError
-from ..store import vectors as _vectors
-from .decode import DEFAULT_MAX_PIXELS, RESIZE_MODES, DecodeError, Views, load_views
-from .models import DEFAULT_MODEL, default_threads, load_model
-
-if TYPE_CHECKING:
-    from ..project import Project
+from ..settings import default
+from ..store.store import Store
+from .batches import decode_item, model_chunk, run_model
+from .decode import DEFAULT_MAX_PIXELS, RESIZE_MODES, Views
+from .models import canonical_model_name, default_threads, load_model, model_weights
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TILES = 3  # measured: see README, "Tiles and resizing"
-DEFAULT_RESIZE = "crop"
-DEFAULT_BATCH_SIZE = 32
+DEFAULT_MODEL = default("model")
+DEFAULT_TILES = default("tiles")  # measured: see README, "Tiles and resizing"
+DEFAULT_RESIZE = default("resize")
+DEFAULT_BATCH_SIZE = default("embed_batch")
 MAX_TILES = 4
-MODEL_CHUNK = 64  # most inputs per model call
 ENGINES = ("local", "ray")
 
 
@@ -50,13 +48,12 @@ class EmbedReport:
     backend: str
 
 
-LOCK_FILE = "embed.lock"
 _ROOT_GONE = ("images folder {root} is not there (moved, renamed, or a drive not mounted?); photos saved so far "
               "are kept and none was marked unreadable: run embed again when the folder is back")
 
 
 @contextlib.contextmanager
-def _embed_lock(project: Project):
+def _embed_lock(store: Store):
     """Hold an exclusive lock on ``PROJECT/embed.lock`` while embedding.
 
     Two runs at once would embed every photo twice, and one growing or replacing the vector file
@@ -68,13 +65,13 @@ def _embed_lock(project: Project):
     except ImportError:  # not on a POSIX system: no lock
         yield
         return
-    fd = os.open(project.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(store.paths.embed_lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise InputError(
-                f"another `raresift embed` is running on {project.path}; wait for it to finish (or stop it) "
+                f"another `raresift embed` is running on {store.root}; wait for it to finish (or stop it) "
                 "and run this again"
             ) from None
         yield
@@ -84,16 +81,16 @@ def _embed_lock(project: Project):
 
 def _one_run_at_a_time(func):
     @functools.wraps(func)
-    def wrapper(project: Project, *args, **kwargs):
-        with _embed_lock(project):
-            return func(project, *args, **kwargs)
+    def wrapper(store: Store, *args, **kwargs):
+        with _embed_lock(store):
+            return func(store, *args, **kwargs)
 
     return wrapper
 
 
 @_one_run_at_a_time
 def embed_project(
-    project: Project,
+    store: Store,
     *,
     model: str = DEFAULT_MODEL,
     tiles: int = DEFAULT_TILES,
@@ -116,7 +113,9 @@ def embed_project(
     Parameters
     ----------
     model:
-        ``efficientnet-lite2`` (default), ``efficientnet-lite0`` (faster) or a path to an ``.onnx`` image encoder.
+        ``efficientnet-lite2`` (default), ``efficientnet-lite0`` (faster), ``open_clip:ARCH[:PRETRAINED|:PATH]``,
+        ``timm:NAME[:PATH]`` or a path to an ``.onnx`` image encoder. The hash of its weights file is recorded
+        (``embed.weights``): vectors of other weights are never mixed in, even under the same name.
     tiles:
         N > 0 also embeds an N x N grid of overlapping tiles of each photo; 0 = whole photo only.
     resize:
@@ -139,11 +138,11 @@ def embed_project(
     ray_address:
         With ``engine="ray"``: the address of a running Ray cluster (default: start a local Ray).
     """
-    if project.images_root is None:
-        raise InputError(f"{project.path} was made from an embeddings file; its vectors cannot be recomputed here")
-    if not project.images_root.is_dir():
+    if store.images_root is None:
+        raise InputError(f"{store.root} was made from an embeddings file; its vectors cannot be recomputed here")
+    if not store.images_root.is_dir():
         # Otherwise every photo would be recorded as unreadable for good, for a folder that is only away.
-        raise InputError(_ROOT_GONE.format(root=project.images_root))
+        raise InputError(_ROOT_GONE.format(root=store.images_root))
     if not 0 <= tiles <= MAX_TILES:
         raise InputError(f"--tiles must be between 0 and {MAX_TILES}, got {tiles}")
     if resize not in RESIZE_MODES:
@@ -156,74 +155,76 @@ def embed_project(
     threads = threads or default_threads()
     workers = workers or threads
 
+    model = canonical_model_name(model)  # a weights file by its absolute path
+    weights = model_weights(model)  # before anything changes: no weights on this machine stops here, in one line
     wanted = {"embed.model": model, "embed.tiles": str(tiles), "embed.resize": resize}
-    if project.embedding_info() is None or not (project.path / "embeddings" / "vectors.npy").exists():
+    if store.embedding_info() is None or not store.paths.vectors.exists():
         # Vectors without saved settings (killed before they were saved), or settings without vectors
         # (killed while discarding them, or a deleted file): neither can be trusted, start over.
-        project._reset_embeddings()
-    info = project.embedding_info()
+        store.reset_embeddings()
+    info = store.embedding_info()
     if info is not None and not reembed:
         have = {"embed.model": info["model"], "embed.tiles": str(info["tiles"]), "embed.resize": info["resize"]}
         if have != wanted:
             raise InputError(
-                f"{project.path} is embedded with model={info['model']} tiles={info['tiles']} resize={info['resize']}; "
+                f"{store.root} is embedded with model={info['model']} tiles={info['tiles']} resize={info['resize']}; "
                 "pass the same settings to continue, or --reembed to start over with new ones"
             )
+        had = store.meta("embed.weights")
+        if had and weights and had != weights:
+            raise InputError(
+                f"{store.root} is embedded with model={info['model']} weights={had}, and these weights are {weights}; "
+                "pass the same weights to continue, or --reembed to start over with new ones"
+            )
     if reembed:
-        project._reset_embeddings()
+        store.reset_embeddings()
 
     embedder = load_model(model, backend=backend, threads=threads)
     views = Views(size=embedder.size, tiles=tiles, resize=resize)
-    n_rows = project.db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0]
+    n_rows = store.n_rows()
     if n_rows == 0:
-        raise NotReadyError(f"{project.path} has no images; add some with `raresift add`")
-    edir = project.path / "embeddings"
-    vec = _vectors.ensure(edir / "vectors.npy", n_rows, (views.count, embedder.dim), np.float16)
-    logit_arr = (
-        _vectors.ensure(edir / "logits.npy", n_rows, (views.count, 1000), np.float16) if embedder.has_logits else None
-    )
-    project._set_meta(
+        raise NotReadyError(f"{store.root} has no images; add some with `raresift add`")
+    vec, logit_arr = store.open_vectors_for_writing(n_rows, views.count, embedder.dim, np.float16,
+                                                    logits=embedder.has_logits)
+    store.set_meta(
         **wanted,
         **{
             "embed.dim": str(embedder.dim),
             "embed.views": str(views.count),
             "embed.logits": "1" if embedder.has_logits else "0",
             "embed.dtype": "float16",
+            "embed.weights": getattr(embedder, "weights", None) or weights or "",
+            "embed.model_settings": json.dumps(getattr(embedder, "settings", None) or {}, sort_keys=True),
         },
     )
 
     if retry_errors:
-        with project._tx() as db:
-            db.execute("DELETE FROM errors WHERE image_id IN (SELECT id FROM images WHERE status = 'error')")
-            db.execute("UPDATE images SET status = 'new' WHERE status = 'error' AND fs_path IS NOT NULL")
-    todo = [
-        (row[0], bytes(row[1]))
-        for row in project.db.execute("SELECT id, fs_path FROM images WHERE status = 'new' ORDER BY id")
-    ]
+        store.retry_errors()
+    todo = store.pending_embed()
     if limit is not None:
         todo = todo[: max(0, limit)]
     if on_start is not None:
         on_start(len(todo))
-    root = os.fsencode(project.images_root)
+    root = os.fsencode(store.images_root)
     start_time = time.perf_counter()
     done = failed = 0
 
-    def store(ids: list[int], feats: np.ndarray | None, logits: np.ndarray | None, bad: list[tuple[int, str]]) -> None:
+    def save(ids: list[int], feats: np.ndarray | None, logits: np.ndarray | None, bad: list[tuple[int, str]]) -> None:
         nonlocal done, failed
-        store_batch(project, vec, logit_arr, views, embedder.dim, ids, feats, logits, bad)
+        store_batch(store, vec, logit_arr, views, embedder.dim, ids, feats, logits, bad)
         done += len(ids)
         failed += len(bad)
         if progress is not None:
             progress(len(ids) + len(bad))
 
     if engine == "ray":
-        from ..scale.ray_engine import embed_on_ray
+        from .ray_engine import embed_on_ray
 
         embed_on_ray(
             todo, root=root, views=views, model=model, backend=backend, threads=asked_threads, workers=asked_workers,
-            batch_size=batch_size, max_pixels=max_pixels, address=ray_address, store=store,
+            batch_size=batch_size, max_pixels=max_pixels, address=ray_address, store=save,
         )
-        remaining = project.db.execute("SELECT COUNT(*) FROM images WHERE status = 'new'").fetchone()[0]
+        remaining = store.count_status("new")
         return EmbedReport(done, failed, remaining, time.perf_counter() - start_time, model, f"ray+{embedder.backend}")
 
     def decode(item: tuple[int, bytes]):
@@ -249,13 +250,11 @@ def embed_project(
             feats = logits = None
             if ok:
                 stack = np.concatenate([a for _, a in ok])  # (B * views, s, s, 3)
-                feats, logits = run_model(embedder, stack, max(batch_size, MODEL_CHUNK))
+                feats, logits = run_model(embedder, stack, model_chunk(batch_size))
             if bad and not os.path.isdir(root):
-                raise InputError(_ROOT_GONE.format(root=project.images_root))
-            store([i for i, _ in ok], feats, logits, bad)
-    remaining = project.db.execute("SELECT COUNT(*) FROM images WHERE status = 'new'").fetchone()[0]
-    if remaining == 0:
-        project.prepare_scoring()
+                raise InputError(_ROOT_GONE.format(root=store.images_root))
+            save([i for i, _ in ok], feats, logits, bad)
+    remaining = store.count_status("new")
     return EmbedReport(
         embedded=done,
         errors=failed,
@@ -266,29 +265,8 @@ def embed_project(
     )
 
 
-def run_model(embedder, stack: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Run the model over ``stack`` in chunks: with tiles a batch holds many views, and one huge call
-    makes ONNX Runtime's memory arena grow by gigabytes for no gain in speed."""
-    if len(stack) <= chunk:
-        return embedder(stack)
-    parts = [embedder(stack[i : i + chunk]) for i in range(0, len(stack), chunk)]
-    feats = np.concatenate([f for f, _ in parts])
-    logits = None if parts[0][1] is None else np.concatenate([lg for _, lg in parts])
-    return feats, logits
-
-
-def decode_item(root: bytes, raw: bytes, views: Views, max_pixels: int) -> tuple[np.ndarray | None, str | None]:
-    """``(views array, None)`` for a readable file under ``root``, else ``(None, reason)``; never raises."""
-    try:
-        return load_views(os.path.join(root, raw), views, max_pixels=max_pixels), None
-    except DecodeError as exc:
-        return None, str(exc)
-    except Exception as exc:  # never let one odd file stop the run
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-
-
 def store_batch(
-    project: Project,
+    store: Store,
     vec: np.ndarray,
     logit_arr: np.ndarray | None,
     views: Views,
@@ -313,18 +291,4 @@ def store_batch(
         vec.flush()
         if logit_arr is not None:
             logit_arr.flush()
-    _commit(project, ids, bad)
-
-
-def _commit(project: Project, ok_ids: list[int], bad: list[tuple[int, str]]) -> None:
-    now = time.time()
-    with project._tx() as db:
-        db.executemany("UPDATE images SET status = 'embedded' WHERE id = ?", [(i,) for i in ok_ids])
-        for image_id, reason in bad:
-            db.execute("UPDATE images SET status = 'error' WHERE id = ?", (image_id,))
-            db.execute(
-                "INSERT INTO errors (image_id, path, stage, reason, at) "
-                "SELECT id, path, 'embed', ?, ? FROM images WHERE id = ? "
-                "ON CONFLICT(image_id, stage) DO UPDATE SET reason = excluded.reason, at = excluded.at",
-                (reason, now, image_id),
-            )
+    store.mark_embedded(ids, bad)

@@ -20,15 +20,11 @@ import functools
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InputError, NotReadyError
-from .features import BLOCK_ROWS, DEFAULT_POOLING, featurize, gather, iter_blocks
-
-if TYPE_CHECKING:
-    from ..project import Project
+from .features import BLOCK_ROWS, DEFAULT_POOLING, featurize, iter_blocks
 
 __all__ = ["concepts_for", "example_scores", "example_scores_from_features", "text_scores", "text_scores_from_logits"]
 
@@ -217,22 +213,22 @@ def text_scores_from_logits(logits: np.ndarray, concepts: list[tuple[int, str, f
     return out
 
 
-def text_scores(project: Project, query: str) -> np.ndarray:
-    """Cold-start scores of every row of the project for a text query (nan where not embedded)."""
+def text_scores(logits: np.ndarray | None, mask: np.ndarray, query: str) -> np.ndarray:
+    """Cold-start scores of every row for a text query from the (rows, views, 1000) ImageNet logits
+    (nan where ``mask``, the embedded rows, is False)."""
     concepts = concepts_for(query)
     if not concepts:
         raise InputError(
             f"no ImageNet concept matches {query!r}; the model only knows its 1,000 ImageNet classes "
             "(animals, objects, food, ...); try other words, --examples, or start at random"
         )
-    logits = project.logits()
     if logits is None:
         raise NotReadyError(
-            f"{project.path} has no ImageNet logits (vectors from your own model): a text query needs them; "
+            "this project has no ImageNet logits (vectors from your own model): a text query needs them; "
             "use --examples or start at random"
         )
     scores = text_scores_from_logits(logits, concepts)
-    scores[~project.embedded_mask()[: len(scores)]] = np.nan
+    scores[~mask[: len(scores)]] = np.nan
     return scores
 
 
@@ -242,14 +238,14 @@ def example_scores_from_features(X: np.ndarray, examples: np.ndarray) -> np.ndar
     return (np.asarray(X, dtype=np.float32) @ E.T).max(axis=1)
 
 
-def example_scores(project: Project, rows: np.ndarray, *, pooling: str = DEFAULT_POOLING) -> np.ndarray:
-    """Similarity of every row of the project to the example rows (nan where not embedded)."""
-    vectors = project.vectors()
-    E = gather(vectors, np.asarray(rows), pooling)
+def example_scores(vectors: np.ndarray, mask: np.ndarray, examples: np.ndarray, *, pooling: str = DEFAULT_POOLING
+                   ) -> np.ndarray:
+    """Similarity of every row of the vectors to the example features ``examples`` (nan where not embedded)."""
+    E = np.asarray(examples, dtype=np.float32)
     out = np.empty(vectors.shape[0], dtype=np.float32)
     for idx, b in iter_blocks(vectors):
         out[idx] = example_scores_from_features(featurize(b, pooling), E)
-    out[~project.embedded_mask()[: len(out)]] = np.nan
+    out[~mask[: len(out)]] = np.nan
     return out
 
 

@@ -24,8 +24,8 @@ from collections.abc import Iterator
 import numpy as np
 
 __all__ = [
-    "BLOCK_ROWS", "DEFAULT_POOLING", "PART_WEIGHTS", "POOLINGS", "feature_dim", "featurize", "gather", "iter_blocks",
-    "signed_sqrt",
+    "BLOCK_ROWS", "DEFAULT_POOLING", "PART_WEIGHTS", "POOLINGS", "MatrixFeatures", "RowSubset", "VectorFeatures", "feature_dim",
+    "featurize", "gather", "iter_blocks", "linear_scores", "signed_sqrt", "sqrt_features", "sqrt_norms",
 ]
 
 # Rows per block when streaming over the memory map: ~20 MB of float16 at 1280-d, 1 view.
@@ -105,3 +105,130 @@ def gather(vectors: np.ndarray, rows: np.ndarray, pooling: str = DEFAULT_POOLING
     result = np.empty_like(out)
     result[order] = out
     return result
+
+
+class RowSubset:
+    """The rows ``rows`` of row-indexable features, as rows 0.. (lazy: nothing is copied up front).
+
+    An integer gives one 1-D feature (what the strategies look at); a slice or an array gives a matrix."""
+
+    def __init__(self, features, rows: np.ndarray):
+        self.features, self.rows = features, np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer)):
+            return np.asarray(self.features[self.rows[int(i)]]).reshape(-1)
+        return self.features[self.rows[i]]
+
+
+class MatrixFeatures:
+    """Features held in memory: a ``(rows, d)`` float32 matrix (a simulation's photos)."""
+
+    def __init__(self, X: np.ndarray):
+        self.X = np.asarray(X, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return self.X[rows]
+
+    def linear(self, coef: np.ndarray, intercept: float) -> np.ndarray:
+        """``features . coef + intercept`` of every row (float32)."""
+        return self.X @ np.asarray(coef, dtype=np.float32) + np.float32(intercept)
+
+    def subset(self, rows: np.ndarray) -> MatrixFeatures:
+        return MatrixFeatures(self.X[rows])
+
+
+class VectorFeatures:
+    """Features of a project's vector memory map ``(rows, views, dim)``, computed block by block on demand.
+
+    With one view per photo, :meth:`linear` scores from a cached float32 file of signed-square-root
+    whole-photo vectors and their norms (``sqrt_features`` and ``sqrt_norms`` of the ``cache``, a
+    :class:`raresift.store.cache.Cache` beside the vectors): one BLAS product per 65,536-row block,
+    the same values as featurising each block. Without a cache (or where it cannot be written, a
+    read-only project), every block is featurised.
+    """
+
+    def __init__(self, vectors: np.ndarray, pooling: str = DEFAULT_POOLING, *, cache=None):
+        self.vectors = vectors
+        self.pooling = pooling
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return self.vectors.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, slice):
+            return featurize(self.vectors[rows], self.pooling)
+        rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
+        return gather(self.vectors, rows, self.pooling)
+
+    def linear(self, coef: np.ndarray, intercept: float) -> np.ndarray:
+        coef = np.asarray(coef, dtype=np.float32)
+        if self.cache is not None and self.vectors.ndim == 3 and self.vectors.shape[1] == 1:
+            try:
+                feats, norms = sqrt_features(self.vectors, self.cache), sqrt_norms(self.vectors, self.cache)
+            except OSError:
+                pass
+            else:
+                return linear_scores(feats, coef, intercept, norms)
+        out = np.empty(len(self), dtype=np.float32)
+        for rows, block in iter_blocks(self.vectors):
+            out[rows] = featurize(block, self.pooling) @ coef + np.float32(intercept)
+        return out
+
+
+SCORE_BLOCK = 65536  # rows per matrix-vector product: big enough for BLAS to stream memory
+
+
+def _whole(vectors: np.ndarray) -> np.ndarray:
+    arr = np.asarray(vectors)  # a plain ndarray on the same buffer: no memmap subclass overhead per block
+    return arr[:, 0, :] if arr.ndim == 3 else arr
+
+
+def sqrt_norms(vectors: np.ndarray, cache) -> np.ndarray:
+    """L2 norm of the signed square root of every whole-photo vector (``|sqrt(x)|^2 = sum |x|``), cached."""
+
+    def build() -> np.ndarray:
+        whole = _whole(vectors)
+        norms = np.empty(whole.shape[0], dtype=np.float32)
+        for start in range(0, len(norms), SCORE_BLOCK):
+            block = np.asarray(whole[start : start + SCORE_BLOCK], dtype=np.float32)
+            np.sqrt(np.abs(block).sum(axis=1, dtype=np.float32), out=norms[start : start + len(block)])
+        return norms
+
+    return cache.array("sqrtnorm", (vectors.shape,), build, mmap=True)
+
+
+def sqrt_features(vectors: np.ndarray, cache) -> np.ndarray:
+    """Signed square root of every whole-photo vector as a float32 ``(rows, dim)`` memory map, written
+    once per vector generation (the square roots of 10^9 values cost more than the product itself)."""
+    whole = _whole(vectors)
+
+    def write(tmp) -> None:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=whole.shape)
+        for start in range(0, whole.shape[0], SCORE_BLOCK):
+            view = out[start : start + SCORE_BLOCK]
+            np.copyto(view, whole[start : start + SCORE_BLOCK])
+            signed_sqrt(view)
+        out.flush()
+        del out
+
+    return cache.writer("sqrtfeat", (vectors.shape,), write)
+
+
+def linear_scores(feats: np.ndarray, coef: np.ndarray, intercept: float, norms: np.ndarray) -> np.ndarray:
+    """``(feats / norms) . coef + intercept`` for every row, one matrix-vector product per block; rows of
+    norm 0 score ``intercept``."""
+    coef = np.ascontiguousarray(coef, dtype=np.float32)
+    out = np.empty(feats.shape[0], dtype=np.float32)
+    for start in range(0, len(out), SCORE_BLOCK):
+        np.matmul(np.asarray(feats[start : start + SCORE_BLOCK]), coef, out=out[start : start + SCORE_BLOCK])
+    out /= np.where(np.asarray(norms) > 0, norms, 1.0).astype(np.float32, copy=False)
+    out += np.float32(intercept)
+    return out

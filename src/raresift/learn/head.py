@@ -1,10 +1,21 @@
-"""The head: a linear classifier on the photo features, with the scikit-learn estimator contract.
+"""The head: a linear classifier on the photo features, a scikit-learn estimator.
 
 ``RareHead`` is an L2-regularised logistic regression with class weights balanced over the labelled
 photos. Optionally a random sample of *unlabelled* photos joins the training set as weak negatives
 (small weight): the class is rare, so an unlabelled photo is almost always a negative, and those
 extra negatives show the model the whole collection, not only the few photos a person labelled
 (as in Google's Agile Modeling). Prediction is one matrix-vector product per block of rows.
+
+The head follows scikit-learn's estimator contract (``__init__`` stores parameters, ``get_params`` /
+``set_params``, ``fit`` returns ``self``, fitted attributes end in ``_``, randomness through
+``random_state``; ``sklearn.base.clone`` works on it) without importing scikit-learn. Its solver is
+an L-BFGS written out on SciPy's optimiser (the objective of scikit-learn's ``LogisticRegression(C)``
+with sample weights, float32 products, warm start), not ``LogisticRegression`` itself, by
+measurement: side by side on 200 labels + 2,000 weak negatives of 3,840-d features (one BLAS
+thread, median of 3) scikit-learn fitted in 0.046 s against 0.074 s, with the same ranking
+(correlation of the scores 0.9999), but importing it costs 2.1 s against 0.8 s for SciPy's optimiser
+(pandas and scipy.stats come with it), on the path of every `raresift next`: the whole command at
+10^6 photos took 3.6-4.3 s with it against 2.2-2.5 s without.
 """
 
 from __future__ import annotations
@@ -12,12 +23,17 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError, NotReadyError
+from ..settings import default
 
-__all__ = ["RareHead"]
+__all__ = ["HeadNotFittedError", "RareHead"]
+
+
+class HeadNotFittedError(NotReadyError, ValueError, AttributeError):
+    """``predict`` before ``fit``: raresift's NotReadyError, with the bases of scikit-learn's NotFittedError."""
 
 
 class RareHead:
-    """Logistic regression for a rare class.
+    """Logistic regression for a rare class (defaults: the workflow's, from :mod:`raresift.settings`).
 
     Parameters
     ----------
@@ -40,11 +56,11 @@ class RareHead:
 
     def __init__(
         self,
-        C: float = 1.0,
+        C: float = default("head_c"),
         *,
         class_weight: str | None = "balanced",
-        unlabeled_weight: float = 0.25,
-        max_unlabeled: int = 2000,
+        unlabeled_weight: float = default("unlabeled_weight"),
+        max_unlabeled: int = default("max_unlabeled"),
         max_iter: int = 200,
         warm_start: bool = False,
         random_state: int | np.random.Generator | None = None,
@@ -57,16 +73,24 @@ class RareHead:
         self.warm_start = warm_start
         self.random_state = random_state
 
+    _PARAMS = ("C", "class_weight", "unlabeled_weight", "max_unlabeled", "max_iter", "warm_start", "random_state")
+
     def get_params(self, deep: bool = True) -> dict:
-        return {k: getattr(self, k) for k in
-                ("C", "class_weight", "unlabeled_weight", "max_unlabeled", "max_iter", "warm_start", "random_state")}
+        return {k: getattr(self, k) for k in self._PARAMS}
 
     def set_params(self, **params) -> RareHead:
         for k, v in params.items():
-            if k not in self.get_params():
-                raise InputError(f"unknown head parameter {k!r}; valid: {', '.join(self.get_params())}")
+            if k not in self._PARAMS:
+                raise InputError(f"unknown head parameter {k!r}; valid: {', '.join(self._PARAMS)}")
             setattr(self, k, v)
         return self
+
+    def __repr__(self) -> str:
+        return f"RareHead({', '.join(f'{k}={v!r}' for k, v in self.get_params().items() if k != 'random_state')})"
+
+    def score(self, X: np.ndarray, y: np.ndarray) -> float:
+        """Mean accuracy (scikit-learn's classifier convention)."""
+        return float((self.predict(X) == np.asarray(y)).mean())
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, X_unlabeled: np.ndarray | None = None) -> RareHead:
         """Fit on labelled features ``X`` (n, d) with labels ``y`` in {0, 1}; ``X_unlabeled`` are weak negatives."""
@@ -104,7 +128,9 @@ class RareHead:
             y = np.concatenate([y, np.zeros(len(U), dtype=np.int64)])
             weights = np.concatenate([weights, np.full(len(U), self.unlabeled_weight * w_neg)])
         coef0 = None
-        if self.warm_start and hasattr(self, "coef_") and self.coef_.shape[0] == X.shape[1]:
+        if self.warm_start and getattr(self, "coef_", None) is not None and self.coef_.shape[0] == X.shape[1]:
+            # from the current coefficients as stored (float32): a head read back from a saved round and
+            # the same head kept in memory start the solver at the same numbers
             coef0 = np.r_[self.coef_.astype(np.float64), self.intercept_]
         w, b, n_iter = _fit_logistic(X, y, weights, C=self.C, max_iter=self.max_iter, start=coef0)
         self.coef_ = w
@@ -116,7 +142,7 @@ class RareHead:
 
     def _check(self) -> None:
         if not hasattr(self, "coef_"):
-            raise NotReadyError("this RareHead is not fitted yet; call fit first")
+            raise HeadNotFittedError("this RareHead is not fitted yet; call fit first")
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         """Log-odds of the rare class for each row of ``X``."""
@@ -130,6 +156,16 @@ class RareHead:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return (self.decision_function(X) > 0).astype(np.int64)
+
+    @classmethod
+    def from_coefficients(cls, coef: np.ndarray, intercept: float, **params) -> RareHead:
+        """A fitted head from saved coefficients (a round's head, read back from the project)."""
+        head = cls(**params)
+        head.coef_ = np.asarray(coef, dtype=np.float32)
+        head.intercept_ = float(intercept)
+        head.classes_ = np.array([0, 1])
+        head.n_features_in_ = len(head.coef_)
+        return head
 
 
 def _fit_logistic(X: np.ndarray, y: np.ndarray, sw: np.ndarray, *, C: float, max_iter: int,

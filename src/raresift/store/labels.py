@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import csv
+import getpass
+import io
+import os
 import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError, LabelImportError
+
+
+def default_who() -> str:
+    """The name recorded with labels when the person gives none: the user name."""
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in some containers
+        return "unknown"
 
 
 @dataclass(frozen=True)
@@ -113,3 +128,51 @@ def append(
 def current(conn: sqlite3.Connection) -> dict[int, int]:
     """Map image id -> current label (0 or 1) for every labelled image."""
     return {row[0]: row[1] for row in conn.execute("SELECT image_id, value FROM current_labels")}
+
+
+def read_csv(csv_path: str | os.PathLike, id_of: dict[str, int]) -> dict[int, int]:
+    """A labels CSV (header ``path,label``) as image id -> value; a bad line raises :class:`LabelImportError`."""
+    p = Path(csv_path)
+    if not p.is_file():
+        raise InputError(f"labels file {p} does not exist")
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise LabelImportError(f"{p} must be UTF-8 text ({exc})") from exc
+    rows = _csv_rows(text, p)
+    header = next(rows, None)
+    if header is None:
+        raise LabelImportError(f"{p} is empty; expected a header line `path,label`")
+    names = [h.strip().lower() for h in header]
+    if "path" not in names or "label" not in names:
+        raise LabelImportError(f"{p} line 1: header must have columns `path` and `label`, got {header}")
+    ip, il = names.index("path"), names.index("label")
+    chosen: dict[int, tuple[int, int]] = {}  # image id -> (value, line)
+    for lineno, row in enumerate(rows, start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) <= max(ip, il):
+            raise LabelImportError(f"{p} line {lineno}: expected {len(names)} columns, got {len(row)}")
+        path, raw = row[ip].strip(), row[il].strip()
+        if raw not in ("0", "1"):
+            raise LabelImportError(f"{p} line {lineno}: label must be 1 or 0, got {raw!r}")
+        image_id = id_of.get(path)
+        if image_id is None:
+            raise LabelImportError(f"{p} line {lineno}: no image with id {path!r} in this project")
+        value = int(raw)
+        if image_id in chosen and chosen[image_id][0] != value:
+            raise LabelImportError(
+                f"{p} line {lineno}: {path!r} is labelled {value} here but {chosen[image_id][0]} "
+                f"on line {chosen[image_id][1]}"
+            )
+        chosen.setdefault(image_id, (value, lineno))
+    return {i: v for i, (v, _) in chosen.items()}
+
+
+def _csv_rows(text: str, p: Path) -> Iterable[list[str]]:
+    """The rows of a CSV text; a line the csv module rejects is a :class:`LabelImportError` naming the line."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        yield from reader
+    except csv.Error as exc:
+        raise LabelImportError(f"{p} line {reader.line_num}: cannot be read as CSV ({exc})") from None

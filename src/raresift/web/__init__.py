@@ -1,7 +1,7 @@
 """Local labelling web app: ``create_app(project_path)`` (FastAPI), started by ``raresift serve``.
 
-``raresift.web.backend`` holds what the page and the notebook labeller share (queue, labels,
-undo, estimates); it does not import the web framework.
+What the page and the notebook labeller share (queue, labels, undo, rounds, estimates) is the library
+module :mod:`raresift.labelling`, which does not import the web framework.
 """
 
 from __future__ import annotations

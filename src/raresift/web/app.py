@@ -42,7 +42,8 @@ from .. import __version__
 from ..errors import InputError, NotAProjectError, NotReadyError, RaresiftError
 from ..project import Project
 from ..store.labels import LabelConflict, LabelEvent
-from . import backend
+from .. import labelling
+from ..settings import default
 
 __all__ = ["create_app", "MAX_BODY", "TOKEN_HEADER", "TOKEN_COOKIE"]
 
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 MAX_BODY = 256 * 1024  # labels and round requests are a few hundred bytes; nothing needs more
+EXAMPLE_MAX_BODY = 24 * 1024 * 1024  # POST /api/examples only: an example photo, base64 in JSON
 TOKEN_HEADER = "x-raresift-token"
 TOKEN_COOKIE = "raresift_token"
 SERVED_STATUSES = ("embedded", "new")  # photos that decoded fine, or not tried yet; never 'error'
@@ -179,9 +181,15 @@ class EventOut(BaseModel):
     conflict: bool
 
 
+SEQ_DESCRIPTION = ("id of the newest label event when the counts were read (0: no label yet), read in the same "
+                   "statement or read transaction as the counts; it never decreases, so of two replies the one "
+                   "with the higher `seq` holds the newer counts")
+
+
 class LabelsOut(BaseModel):
     events: list[EventOut]
-    status: dict[str, Any] = Field(description="labels, positives, negatives after this request")
+    status: dict[str, Any] = Field(description="labels, positives, negatives after this request, and `seq`: "
+                                   + SEQ_DESCRIPTION)
 
 
 class UndoIn(BaseModel):
@@ -193,24 +201,40 @@ class UndoIn(BaseModel):
 class UndoOut(BaseModel):
     event: EventOut
     item: Item
+    status: dict[str, Any] = Field(description="labels, positives, negatives after the undo, and `seq`: "
+                                   + SEQ_DESCRIPTION)
 
 
 class RoundIn(BaseModel):
-    n: int = Field(20, ge=1, le=1000, description="photos in the batch")
+    n: int = Field(default("batch"), ge=1, le=1000, description="photos in the batch")
     strategy: str = Field("default", max_length=100)
     query: str | None = Field(None, max_length=500, description="text query for a cold start")
-    examples: list[ImageId] | None = Field(None, max_length=100, description="image ids: find more like these")
+    examples: list[ImageId | Annotated[str, Field(pattern=r"^file:[0-9a-f]{64}$")]] | None = Field(
+        None, max_length=100, description="image ids, or keys of example photos (POST /api/examples): find more like these")
     evaluate: bool = Field(False, description="queue the top-K test photos for evaluation instead")
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="seed of the round's random draws")
     who: str | None = Field(None, max_length=200)
 
 
+class ExampleIn(BaseModel):
+    image_id: ImageId | None = Field(None, description="a photo of the project to crop (with `box`)")
+    box: list[float] | None = Field(None, min_length=4, max_length=4,
+                                    description="x, y, width, height in the photo's original pixels")
+    data: str | None = Field(None, max_length=EXAMPLE_MAX_BODY, description="an image file, base64 (dropped or pasted)")
+    name: str | None = Field(None, max_length=300, description="the dropped file's name")
+
+
+class ExampleOut(BaseModel):
+    key: str = Field(description="the example's key (file:HASH); send it in `examples` of POST /api/rounds")
+
+
 class ExportIn(BaseModel):
     top: int = Field(100, ge=1, le=10_000_000)
-    fmt: str = Field("csv", max_length=40, description="csv, jsonl, folder, labelstudio (see `raresift export`)")
+    fmt: str = Field("csv", max_length=40, description="csv, jsonl, folder, label-studio, imagefolder (see `raresift export`)")
 
 
 class StatusOut(BaseModel):
+    seq: int = Field(description=SEQ_DESCRIPTION + "; also in `project.seq`")
     project: dict[str, Any]
     estimates: dict[str, Any]
     history: list[list[int]] = Field(description="[labels spent, positives found] after each label event")
@@ -279,9 +303,10 @@ class _Guard:
             if ctype and ctype != "application/json":
                 return await _error(415, "unsupported_media_type", "send the request body as application/json")(
                     scope, receive, send)
+            limit = EXAMPLE_MAX_BODY if path == "/api/examples" else self.max_body  # a photo, base64
             length = headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_body):
-                return await _error(413, "too_large", f"request body over {self.max_body} bytes")(scope, receive, send)
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                return await _error(413, "too_large", f"request body over {limit} bytes")(scope, receive, send)
             chunks, total, more = [], 0, True
             while more:
                 msg = await receive()
@@ -289,8 +314,8 @@ class _Guard:
                     return
                 chunk = msg.get("body", b"")
                 total += len(chunk)
-                if total > self.max_body:
-                    return await _error(413, "too_large", f"request body over {self.max_body} bytes")(scope, receive, send)
+                if total > limit:
+                    return await _error(413, "too_large", f"request body over {limit} bytes")(scope, receive, send)
                 chunks.append(chunk)
                 more = msg.get("more_body", False)
             body = b"".join(chunks)
@@ -344,19 +369,19 @@ def create_app(
     when the page sends none (default: the user name). ``allowed_hosts``: when given, requests
     whose ``Host`` header names another host are refused (use it for a server bound to
     127.0.0.1 without a token, against DNS rebinding). ``max_body``: largest request body, bytes.
-    ``warm``: on start-up, import what rounds need in the background (see :func:`backend.warm_up`),
+    ``warm``: on start-up, import what rounds need in the background (see :func:`raresift.labelling.warm_up`),
     so that the page's first round does not wait for it.
     """
     path = Path(project_path)
     with Project.open(path) as project:  # fail now, not on the first request
         title = project.path.resolve().name
-    default_who = who or backend.default_who()
+    default_who = who or labelling.default_who()
     static_files = {p.name: p for p in sorted((HERE / "static").iterdir()) if p.is_file()}
     templates = Jinja2Templates(directory=str(HERE / "templates"))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.warm_up = backend.warm_up() if warm else None
+        app.state.warm_up = labelling.warm_up() if warm else None
         yield
 
     app = FastAPI(
@@ -371,6 +396,7 @@ def create_app(
     )
     app.add_middleware(_Guard, token=token, allowed_hosts=allowed_hosts, max_body=max_body)
     app.state.project_path = path
+    app.state.evaluations = {}
 
     # ---------------------------------------------------------------- errors
     @app.exception_handler(StarletteHTTPException)
@@ -435,7 +461,8 @@ def create_app(
     def _page(request: Request, mode: str) -> HTMLResponse:
         return templates.TemplateResponse(
             request, "label.html",
-            {"mode": mode, "title": title, "who": default_who, "version": __version__},
+            {"mode": mode, "title": title, "who": default_who, "version": __version__,
+             "batch": default("batch"), "grid": default("grid_page"), "k": default("k")},
         )
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -475,34 +502,40 @@ def create_app(
         return project.status()
 
     def _counts(project: Project) -> dict[str, Any]:
-        # On the path of every label: only what the page's header shows, not the full status scan.
-        n, pos = project.db.execute("SELECT COUNT(*), COALESCE(SUM(value), 0) FROM current_labels").fetchone()
-        return {"labels": n, "positives": pos, "negatives": n - pos}
+        # On the path of every label: only what the page's header shows, with `seq` (the newest label
+        # event), read in one statement.
+        return project.store.label_counts()
 
     @app.get("/api/status", response_model=StatusOut, summary="Counts, estimates and the labels-vs-positives curve")
     def api_status(project: ProjectDep):
-        return {
-            "project": _status(project),
-            "estimates": backend.estimates(project),
-            "history": [list(p) for p in backend.history(project)],
-            "strategies": backend.strategies(),
-            "who": default_who,
-            "version": __version__,
-        }
+        # One read transaction: every number below, and `seq`, come from the same snapshot of the
+        # database (WAL: writers carry on meanwhile), so a page can order this reply among the
+        # replies to its label requests by `seq`.
+        with project.store.snapshot():
+            seq = project.store.label_counts()["seq"]
+            return {
+                "seq": seq,
+                "project": {**_status(project), "seq": seq},
+                "estimates": labelling.estimates(project),
+                "history": [list(p) for p in labelling.history(project)],
+                "strategies": labelling.strategies(),
+                "who": default_who,
+                "version": __version__,
+            }
 
     @app.get("/api/queue", response_model=ItemsOut, responses=ERRORS,
              summary="Photos waiting for a label, in order",
              description="Only photos without a label. `purpose=evaluate` lists the test photos queued for evaluation.")
     def api_queue(project: ProjectDep, purpose: Literal["label", "evaluate"] = "label",
                   limit: Annotated[int, Query(ge=1, le=1000)] = 50):
-        return {"items": backend.queue(project, purpose=purpose, limit=limit)}
+        return {"items": labelling.queue(project, purpose=purpose, limit=limit)}
 
     @app.post("/api/rounds", response_model=ItemsOut, responses=ERRORS,
               summary="Train on the labels so far and queue the next batch",
               description="`strategy` picks the photos; `query` (text) and `examples` (image ids) start a cold "
               "project; `evaluate` queues the top-K test photos instead.")
     def api_rounds(project: ProjectDep, body: RoundIn):
-        items = backend.new_round(
+        items = labelling.new_round(
             project, n=body.n, strategy=body.strategy, query=body.query, examples=body.examples,
             evaluate=body.evaluate, seed=body.seed, who=body.who or default_who,
         )
@@ -515,38 +548,55 @@ def create_app(
               "the photo since you loaded it.")
     def api_labels(project: ProjectDep, body: LabelsIn):
         items = [(it.image_id, it.value, "expected" in it.model_fields_set, it.expected) for it in body.items]
-        events = backend.label_items(project, items, who=body.who or default_who, source="web")
+        events = labelling.label_items(project, items, who=body.who or default_who, source="web")
         return {"events": [_event_json(e) for e in events], "status": _counts(project)}
 
     @app.post("/api/undo", response_model=UndoOut, responses=ERRORS,
               summary="Withdraw a label (yours by default)",
               description="Without `image_id`, withdraws the newest label given by `who`.")
     def api_undo(project: ProjectDep, body: Annotated[UndoIn, Body()] = UndoIn()):
-        ev = backend.undo(project, who=body.who or default_who, image_id=body.image_id,
+        ev = labelling.undo(project, who=body.who or default_who, image_id=body.image_id,
                           event_id=body.expected if "expected" in body.model_fields_set else None)
-        return {"event": _event_json(ev), "item": backend.item(project, ev.image_id)}
+        return {"event": _event_json(ev), "item": labelling.item(project, ev.image_id), "status": _counts(project)}
+
+    @app.post("/api/examples", response_model=ExampleOut, responses=ERRORS,
+              summary="Add an example photo: an image file (base64) or a box of a photo of the project",
+              description="The image is copied into PROJECT/examples/, embedded with the project's model, and "
+              "never counted as a photo of the collection. Send its key in `examples` of POST /api/rounds.")
+    def api_examples(project: ProjectDep, body: ExampleIn):
+        if body.data is not None:
+            import base64
+            import binascii
+
+            try:
+                raw = base64.b64decode(body.data.split(",", 1)[-1], validate=True)
+            except (binascii.Error, ValueError):
+                raise InputError("data must be an image file in base64") from None
+            return {"key": project.add_example(raw)}
+        if body.image_id is None or body.box is None:
+            raise InputError("give `data` (an image file, base64) or `image_id` with `box` (x, y, width, height)")
+        return {"key": project.add_example_crop(body.image_id, tuple(body.box))}
 
     @app.get("/api/images/{image_id:int}", response_model=Item, responses=ERRORS, summary="One photo and its label")
     def api_image(project: ProjectDep, image_id: ImageIdPath):
-        if project.db.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone() is None:
+        if project.store.image_row(image_id) is None:
             return _error(404, "not_found", f"no photo with id {image_id}")
-        return backend.item(project, image_id)
+        return labelling.item(project, image_id)
 
     @app.get("/api/images/{image_id:int}/file", responses={200: {"content": {"image/jpeg": {}}}, **FILE_ERRORS},
              summary="The photo file (registered photos that decoded, by id)",
              description="410 unreadable_photo for a photo recorded as unreadable (status 'error').")
     def api_image_file(project: ProjectDep, image_id: ImageIdPath):
-        row = project.db.execute("SELECT status FROM images WHERE id = ?", (image_id,)).fetchone()
+        row = project.store.image_row(image_id)
         if row is None:
             return _error(404, "not_found", f"no photo with id {image_id}")
         if row["status"] not in SERVED_STATUSES:
             # A file raresift could not decode (corrupt, truncated, a decompression bomb) is not
             # handed to the browser either: it would only fail there, or worse.
-            reason = project.db.execute(
-                "SELECT reason FROM errors WHERE image_id = ? ORDER BY at DESC LIMIT 1", (image_id,)).fetchone()
+            reason = project.store.error_reason(image_id)
             return _error(410, "unreadable_photo",
                           f"photo {image_id} could not be read when it was added, so it is not served"
-                          + (f" ({reason[0]})" if reason else ""),
+                          + (f" ({reason})" if reason else ""),
                           {"image_id": image_id, "status": row["status"]})
         file = project.file_path(image_id)
         if file is None or not file.is_file():
@@ -555,16 +605,24 @@ def create_app(
         return FileResponse(file, media_type=media, headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/api/evaluation", responses=ERRORS, summary="precision@K on the test split against random")
-    def api_evaluation(project: ProjectDep, k: Annotated[int, Query(ge=1, le=100_000)] = 50) -> dict[str, Any]:
-        return backend.evaluation(project, k=k)
+    def api_evaluation(project: ProjectDep, k: Annotated[int, Query(ge=1, le=100_000)] = default("k")
+                       ) -> dict[str, Any]:
+        # Retraining is the slow part: the same labels, rounds, vectors and cold start give the same
+        # report, so it is kept until one of them changes.
+        key = (k, *labelling.evaluation_state(project))
+        cached = app.state.evaluations.get(key)
+        if cached is None:
+            cached = labelling.evaluation(project, k=k)
+            app.state.evaluations = {key: cached}  # only the newest state is worth keeping
+        return cached
 
     @app.post("/api/export", responses=ERRORS, summary="Export the top of the ranking into PROJECT/exports/")
     def api_export(project: ProjectDep, body: ExportIn) -> dict[str, Any]:
-        out = backend.export(project, top=body.top, fmt=body.fmt)
+        out = labelling.export(project, top=body.top, fmt=body.fmt)
         return {"path": str(out)}
 
     @app.get("/api/strategies", summary="Strategy names a round can use")
     def api_strategies() -> dict[str, Any]:
-        return {"strategies": backend.strategies()}
+        return {"strategies": labelling.strategies()}
 
     return app

@@ -7,7 +7,8 @@ const $ = (sel) => document.querySelector(sel);
 const body = document.body;
 const MODE = body.dataset.mode; // label | grid | evaluate
 const PURPOSE = MODE === "evaluate" ? "evaluate" : "label";
-const GRID = 16;
+const GRID = parseInt(body.dataset.grid, 10) || 16;   // the grid's page size (raresift.settings)
+const BATCH = parseInt(body.dataset.batch, 10) || 25; // photos per round (raresift.settings)
 
 const state = {
   items: [],          // queued photos not labelled yet, in order; items[0] is on screen (single mode)
@@ -19,6 +20,14 @@ const state = {
   strategies: [],
   status: null,
   evalK: 50,
+  // Replies that carry counts also carry `seq`, the id of the newest label event when the server
+  // read them. Replies can arrive out of order (a /api/status read before a label may land after
+  // the label's own reply), so counts are applied only from a reply at least as new as the newest
+  // one applied: seq never decreases on the server.
+  seq: -1,            // highest seq applied to the counts (labels, positives)
+  statusSeq: -1,      // seq of the /api/status reply applied (chart, round numbers, estimates)
+  statusRound: -1,    // its current round id: a reply with the same seq but an older round is older
+  stale: 0,           // replies not applied because a newer one had been (body[data-stale])
 };
 
 // ------------------------------------------------------------------ helpers
@@ -86,16 +95,56 @@ function ago(t) {
 }
 
 // ------------------------------------------------------------------ status, estimates, chart
+// body[data-status-pending]: status refreshes scheduled or in flight (0: the side panel is up to date
+// with the newest reply it asked for).
 let statusTimer = null;
+let statusInFlight = 0;
+function markStatus() {
+  body.dataset.statusPending = String((statusTimer === null ? 0 : 1) + statusInFlight);
+}
+
 function refreshStatusSoon() {
   clearTimeout(statusTimer);
-  statusTimer = setTimeout(() => refreshStatus().catch(showError), 150);
+  statusTimer = setTimeout(() => {
+    statusTimer = null;
+    refreshStatus().catch(showError);
+  }, 150);
+  markStatus();
+}
+
+// A reply's seq; a reply without one (an older server) counts as the newest, as before.
+function seqOf(reply) {
+  return reply && typeof reply.seq === "number" ? reply.seq : Math.max(state.seq, 0);
+}
+
+function stale() {
+  state.stale += 1;
+  body.dataset.stale = String(state.stale);
 }
 
 async function refreshStatus() {
-  const s = await api("GET", "/api/status");
+  statusInFlight += 1;
+  markStatus();
+  try {
+    applyStatus(await api("GET", "/api/status"));
+  } finally {
+    statusInFlight -= 1;
+    markStatus();
+  }
+}
+
+function applyStatus(s) {
+  if (!state.strategies.length) fillStrategies(s.strategies);
+  const seq = typeof s.seq === "number" ? s.seq : seqOf(s.project);
+  const roundId = s.estimates && s.estimates.round ? s.estimates.round.id : 0;
+  // Apply only a reply at least as new as every one applied: by label events first, then, for
+  // replies read between the same two label events, by round (a new round adds no label event).
+  if (seq < state.seq || (seq === state.statusSeq && roundId < state.statusRound)) { stale(); return; }
   state.status = s;
-  showCounts(s.project);
+  state.statusSeq = seq;
+  state.statusRound = roundId;
+  body.dataset.statusSeq = String(seq);
+  showCounts(s.project, seq);
   const est = s.estimates;
   const r = est.round;
   $("#n-left").textContent = r ? String(Math.max(r.left, 0)) : "–";
@@ -103,13 +152,18 @@ async function refreshStatus() {
     ? `${r.positives}/${r.labelled} positive (${r.strategy})` : r ? `round ${r.id}, ${r.strategy}` : "–";
   $("#e-prevalence").textContent = est.prevalence
     ? fmtPct(est.prevalence.estimate) + fmtInterval(est.prevalence.interval) : "needs random labels";
-  if (!state.strategies.length) fillStrategies(s.strategies);
   drawChart(s.history, est.prevalence && est.prevalence.estimate);
 }
 
-function showCounts(p) {
+// Show the counts of a reply (`p`: labels, positives, seq) unless a newer reply was shown already.
+function showCounts(p, seq) {
+  if (seq === undefined) seq = seqOf(p);
+  if (seq < state.seq) { stale(); return false; }
+  state.seq = seq;
+  body.dataset.seq = String(seq);
   $("#n-labels").textContent = String(p.labels);
   $("#n-positives").textContent = String(p.positives);
+  return true;
 }
 
 function fillStrategies(names) {
@@ -118,7 +172,7 @@ function fillStrategies(names) {
   const saved = localStorage.getItem(`raresift.strategy.${MODE}`);
   sel.innerHTML = names.map((n) => `<option>${esc(n)}</option>`).join("");
   let pick = saved && names.includes(saved) ? saved : "default";
-  if (!saved && MODE === "grid") pick = names.find((n) => /^(top|exploit|greedy)/.test(n)) || pick;
+  if (!saved && MODE === "grid" && names.includes("top")) pick = "top"; // a grid page collects positives fastest
   sel.value = pick;
 }
 
@@ -158,7 +212,7 @@ async function loadQueue(limit) {
 }
 
 async function newRound(extra) {
-  const n = parseInt($("#batch").value, 10) || (MODE === "label" ? 20 : GRID);
+  const n = parseInt($("#batch").value, 10) || (MODE === "label" ? BATCH : GRID);
   const req = Object.assign({ n, strategy: $("#strategy").value || "default", who: who() }, extra || {});
   const q = ($("#query").value || "").trim();
   if (q && req.query === undefined && !req.examples && !req.evaluate) req.query = q;
@@ -186,6 +240,7 @@ function preload(items) {
 function showCurrent() {
   const it = state.items[0];
   const img = $("#photo");
+  if (img.dataset.imageId !== String(it ? it.image_id : "")) clearBox(); // a box belongs to its photo
   if (!it) {
     img.removeAttribute("src");
     img.dataset.imageId = "";
@@ -276,11 +331,13 @@ async function undoLast() {
   if (!page) {
     // nothing undone in this tab yet: withdraw this person's newest label
     const res = await api("POST", "/api/undo", { who: who() });
+    if (res.status) showCounts(res.status);
     back.push(res.item);
   } else {
     for (const entry of page.slice().reverse()) {
       try {
         const res = await api("POST", "/api/undo", { who: who(), image_id: entry.item.image_id, expected: entry.event });
+        if (res.status) showCounts(res.status);
         back.unshift(res.item);
       } catch (err) {
         if (err instanceof ApiError && err.code === "label_conflict") {
@@ -305,6 +362,96 @@ function skipCurrent() {
   state.skipped.add(it.image_id);
   state.items.push(it);
   showCurrent();
+}
+
+// ------------------------------------------------------------------ search with a photo (examples)
+// Drop or paste an image anywhere, or drag a box on the photo and press x: the image (or the box of
+// the original photo, cut on the server) becomes an example of the project, and photos like it are
+// queued first.
+async function searchWithExample(req, what) {
+  banner("Adding the example and choosing photos like it…", "info");
+  const res = await api("POST", "/api/examples", req);
+  const items = await newRound({ examples: [res.key], strategy: "default" });
+  const ids = new Set(items.map((x) => x.image_id));
+  state.items = items.concat(state.items.filter((x) => !ids.has(x.image_id)));
+  state.skipped.clear();
+  banner(`Queued ${items.length} photos like ${esc(what)}.`, "info");
+  body.dataset.example = res.key;
+  if (MODE === "label") { clearBox(); showCurrent(); } else { state.marks.clear(); state.cursor = 0; renderGrid(); }
+}
+
+function readFile(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result));
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function exampleFromFile(file) {
+  if (!file || !/^image\//.test(file.type)) { banner("Drop or paste an image file (jpg, png, ...).", "error"); return; }
+  const data = await readFile(file);
+  await searchWithExample({ data: data.split(",", 2)[1], name: file.name || "pasted image" }, `<code>${esc(file.name || "the pasted image")}</code>`);
+}
+
+const drag = { on: false, x0: 0, y0: 0, box: null }; // box: [x, y, w, h] in the photo's original pixels
+
+function photoGeometry() {
+  // The photo is drawn with object-fit: contain inside its element box.
+  const img = $("#photo");
+  const r = img.getBoundingClientRect();
+  const scale = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight);
+  const w = img.naturalWidth * scale, h = img.naturalHeight * scale;
+  return { img, r, scale, left: r.left + (r.width - w) / 2, top: r.top + (r.height - h) / 2, w, h };
+}
+
+function clearBox() { drag.box = null; const b = $("#box"); if (b) b.hidden = true; body.dataset.box = ""; }
+
+function drawBox(x1, y1, x2, y2) {
+  const g = photoGeometry();
+  const cx = (v) => Math.max(g.left, Math.min(g.left + g.w, v));
+  const cy = (v) => Math.max(g.top, Math.min(g.top + g.h, v));
+  const l = cx(Math.min(x1, x2)), t = cy(Math.min(y1, y2)), rgt = cx(Math.max(x1, x2)), btm = cy(Math.max(y1, y2));
+  const wrap = $("#photo").parentElement.getBoundingClientRect();
+  const b = $("#box");
+  Object.assign(b.style, { left: `${l - wrap.left}px`, top: `${t - wrap.top}px`, width: `${rgt - l}px`, height: `${btm - t}px` });
+  b.hidden = false;
+  drag.box = [(l - g.left) / g.scale, (t - g.top) / g.scale, (rgt - l) / g.scale, (btm - t) / g.scale].map((v) => Math.round(v));
+  body.dataset.box = drag.box.join(",");
+}
+
+async function searchWithBox() {
+  const it = state.items[0];
+  if (!it || !drag.box || drag.box[2] < 4 || drag.box[3] < 4) { banner("Drag a box on the photo first, then press <kbd>x</kbd>.", "info"); return; }
+  await searchWithExample({ image_id: it.image_id, box: drag.box }, `the box of <code>${esc(it.path)}</code>`);
+}
+
+function bindExamples() {
+  document.addEventListener("dragover", (e) => { e.preventDefault(); body.classList.add("dropping"); });
+  document.addEventListener("dragleave", () => body.classList.remove("dropping"));
+  document.addEventListener("drop", (e) => {
+    e.preventDefault();
+    body.classList.remove("dropping");
+    const file = e.dataTransfer && e.dataTransfer.files && e.dataTransfer.files[0];
+    run(() => exampleFromFile(file));
+  });
+  document.addEventListener("paste", (e) => {
+    const t = e.target;
+    if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA")) return;
+    const file = [...((e.clipboardData && e.clipboardData.files) || [])][0];
+    if (file) { e.preventDefault(); run(() => exampleFromFile(file)); }
+  });
+  const img = $("#photo");
+  if (!img) return;
+  img.addEventListener("mousedown", (e) => { e.preventDefault(); drag.on = true; drag.x0 = e.clientX; drag.y0 = e.clientY; clearBox(); });
+  document.addEventListener("mousemove", (e) => { if (drag.on) drawBox(drag.x0, drag.y0, e.clientX, e.clientY); });
+  document.addEventListener("mouseup", (e) => {
+    if (!drag.on) return;
+    drag.on = false;
+    drawBox(drag.x0, drag.y0, e.clientX, e.clientY);
+    if (!drag.box || drag.box[2] < 4 || drag.box[3] < 4) clearBox();
+  });
 }
 
 async function moreLikeThis() {
@@ -440,12 +587,8 @@ function pick(obj, names) {
 }
 
 function asInterval(v) {
-  if (Array.isArray(v) && v.length === 2) return v;
-  if (v && typeof v === "object") {
-    const lo = pick(v, ["low", "lo", "lower"]), hi = pick(v, ["high", "hi", "upper"]);
-    if (lo !== undefined && hi !== undefined) return [lo, hi];
-  }
-  return null;
+  // raresift.evaluate gives intervals as [low, high]
+  return Array.isArray(v) && v.length === 2 ? v : null;
 }
 
 function evalNumbers(r) {
@@ -515,6 +658,7 @@ function onKey(key) {
     if (key === "0" || key === "n") return run(() => labelCurrent(0));
     if (key === "s") return run(async () => skipCurrent());
     if (key === "m") return run(moreLikeThis);
+    if (key === "x") return run(searchWithBox);
     if (key === "g") { window.location.href = "/grid"; return; }
     return;
   }
@@ -529,7 +673,7 @@ function onKey(key) {
   if (key === "ArrowDown" || key === "j") return run(async () => moveCursor(0, 1));
 }
 
-const HANDLED = new Set(["1", "y", "0", "n", "Backspace", "u", "s", "m", "t", "g", "e", "b", "k", "r", "Enter", " ",
+const HANDLED = new Set(["1", "y", "0", "n", "Backspace", "u", "s", "m", "x", "t", "g", "e", "b", "k", "r", "Enter", " ",
   "ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown", "h", "j", "l"]);
 
 document.addEventListener("keydown", (ev) => {
@@ -552,6 +696,7 @@ document.addEventListener("click", (ev) => {
 
 // ------------------------------------------------------------------ start
 function bindForms() {
+  bindExamples();
   const w = $("#who");
   w.value = localStorage.getItem("raresift.who") || "";
   w.placeholder = body.dataset.who;

@@ -1,0 +1,59 @@
+"""The one table of raresift's settings: name, default and help.
+
+The command line (``argparse`` defaults and help texts), the web page's defaults, the notebook
+labeller, :func:`raresift.simulate.simulate` and the learning loop all read their defaults here,
+so a default is changed in one place. ``tests/test_settings.py`` checks that the README states
+the same defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["SETTINGS", "Setting", "default", "help_text"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    help: str
+
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in (
+    # project
+    Setting("test_fraction", 0.4, "share of photos held out as the test set (as in the reference write-up)"),
+    Setting("seed", 0, "seed of the test split draw"),
+    # embedding
+    Setting("model", "efficientnet-lite2", "embedding model (260 px, ranks best)"),
+    Setting("tiles", 3, "N x N grid of overlapping tiles besides the whole photo (measured best for small objects)"),
+    Setting("resize", "crop", "whole-photo view: centre crop or squeeze"),
+    Setting("embed_batch", 32, "photos per model call and per saved batch"),
+    # learning loop
+    Setting("batch", 25, "photos per labelling round (next, the label page, the notebook, simulate)"),
+    Setting("grid_page", 16, "photos on one page of the grid (a page size, not a round size)"),
+    Setting("evaluate_n", 50, "photos `next --evaluate` queues"),
+    Setting("strategy", "default", "strategy of a round: 70% top, 20% uncertain, 10% random, no near-duplicates"),
+    Setting("k", 50, "K of precision@K"),
+    Setting("head_c", 10.0, "inverse regularisation strength of the head (logistic regression)"),
+    Setting("unlabeled_weight", 0.05, "weight of one unlabelled photo as a weak negative, relative to a label"),
+    Setting("max_unlabeled", 2000, "unlabelled photos drawn as weak negatives per fit"),
+    Setting("prior_weight", 0.5, "weight of the cold-start prior at 0 labels; fades as 50 / (50 + labels)"),
+    # simulate
+    Setting("budget", 200, "labels per simulated session"),
+    Setting("repeats", 10, "simulated sessions, each on its own split"),
+    # web
+    Setting("port", 8765, "port of the labelling web app"),
+)}
+
+
+def default(name: str) -> Any:
+    """The default of setting ``name``."""
+    return SETTINGS[name].default
+
+
+def help_text(name: str) -> str:
+    """The help of setting ``name`` with its default, for ``--help``."""
+    s = SETTINGS[name]
+    return f"{s.help} (default {s.default})".replace("%", "%%")

@@ -1,0 +1,576 @@
+"""``Store``: the project's database and files. All SQL of raresift lives under ``raresift.store``.
+
+The layers above (embedding, learning, the index, the use cases) take a :class:`Store`; only
+:class:`raresift.project.Project`, the Python entry point, wraps it for users.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError, NotAProjectError, NotReadyError, ProjectExistsError
+from . import db as _db
+from . import labels as _labels
+from . import registry as _registry
+from . import vectors as _vectors
+from .cache import Cache
+from .paths import ProjectPaths
+
+__all__ = ["AddReport", "Store", "Transaction"]
+
+Progress = Callable[[int], None]
+_ID_CHUNK = 4_000_000  # ids per group_concat: ~32 MB of text, far below SQLite's 1 GB string limit
+GEN_VECTORS = "gen.vectors"
+EXAMPLE_PREFIX = "file:"  # key of an example photo from outside the collection: file:SHA256
+
+
+@dataclass(frozen=True)
+class AddReport:
+    """What registering a folder did."""
+
+    added: int
+    errors: int
+    total: int
+
+
+class Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (or ``ROLLBACK`` on error) on an autocommit connection."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+class Store:
+    """One project folder: its SQLite database (one connection) and its files."""
+
+    def __init__(self, root: Path, conn: sqlite3.Connection):
+        self.root = Path(root)
+        self.paths = ProjectPaths(self.root)
+        self.db = conn
+        # Caches of the learning loop (priors, clusters) and, beside the vectors, the scoring caches.
+        self.cache = Cache(self.paths.learn_dir, self.vectors_generation)
+        self.vector_cache = Cache(self.paths.embed_dir, self.vectors_generation)
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Store:
+        p = Path(path)
+        if not p.is_dir():
+            raise NotAProjectError(f"{p} is not a raresift project (no such folder); create one with `raresift init`")
+        return cls(p, _db.connect(ProjectPaths(p).db))
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, *, images: Path | None, test_fraction: float, seed: int,
+               exist_ok: bool = False) -> Store:
+        p = Path(path)
+        if ProjectPaths(p).db.exists():
+            if not exist_ok:
+                raise ProjectExistsError(f"{p} already holds a raresift project")
+            store = cls.open(p)
+            if images is not None:
+                known = store.meta("images_root")
+                if store.meta("created_at") is None:
+                    # Its creation was cut short (killed before the settings were saved): finish it.
+                    store.set_meta(created_at=str(time.time()), test_fraction=repr(float(test_fraction)),
+                                   seed=str(int(seed)), images_root=str(images))
+                elif known is not None and Path(known) != Path(images):
+                    store.close()
+                    raise ProjectExistsError(
+                        f"{p} already holds a project for {known}, not {images}; pick another project folder"
+                    )
+            return store
+        if p.exists() and not p.is_dir():
+            raise InputError(f"{p} exists and is not a folder")
+        if p.exists() and any(p.iterdir()):
+            raise InputError(f"{p} is a folder that is not empty and holds no raresift project; pick a new folder")
+        p.mkdir(parents=True, exist_ok=True)
+        store = cls(p, _db.connect(ProjectPaths(p).db, create=True))
+        store.set_meta(
+            created_at=str(time.time()), test_fraction=repr(float(test_fraction)), seed=str(int(seed)),
+            **({"images_root": str(images)} if images is not None else {}),
+        )
+        return store
+
+    def close(self) -> None:
+        self.db.close()
+
+    def tx(self) -> Transaction:
+        return Transaction(self.db)
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """A read transaction: every read inside sees the same state of the database (WAL: writers carry
+        on meanwhile)."""
+        self.db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            if self.db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):  # keep the first error, the one worth reporting
+                    self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")  # read only: this only ends the snapshot
+
+    # ------------------------------------------------------------------ settings
+    def meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, **values: str) -> None:
+        with self.tx() as db:
+            _set_meta(db, values)
+
+    @property
+    def images_root(self) -> Path | None:
+        root = self.meta("images_root")
+        return Path(root) if root else None
+
+    @property
+    def test_fraction(self) -> float:
+        return float(self.meta("test_fraction", "0.4"))
+
+    @property
+    def seed(self) -> int:
+        return int(self.meta("seed", "0"))
+
+    def vectors_generation(self) -> int:
+        """Bumped in the transaction of every change of the vectors (embedded batch, reset, import)."""
+        return int(self.meta(GEN_VECTORS, "0"))
+
+    # ------------------------------------------------------------------ registry
+    def add_images(self, *, progress: Progress | None = None) -> AddReport:
+        """Register the image files of the images folder that are not registered yet."""
+        root = self.images_root
+        if root is None:
+            raise InputError(f"{self.root} was made from an embeddings file and has no images folder to scan")
+        if not root.is_dir():
+            raise InputError(f"images folder {root} does not exist any more")
+        known = {row[0] for row in self.db.execute("SELECT path FROM images")}
+        first = not known
+        added = errors = 0
+        batch: list[_registry.FoundFile] = []
+        folder_errors: list[tuple[str, str]] = []
+        scan = _registry.scan(
+            root, skip=known.__contains__, progress=progress,
+            on_error=lambda raw, reason: folder_errors.append((_registry.display_path(raw) + "/", reason)),
+        )
+        for found in scan:
+            if found.path in known:
+                continue  # two raw names with the same printable id: keep the first
+            known.add(found.path)
+            batch.append(found)
+            if len(batch) >= 2000:
+                errors += self._insert_found(batch)
+                added += len(batch)
+                batch = []
+        if batch:
+            errors += self._insert_found(batch)
+            added += len(batch)
+        self._record_folder_errors(folder_errors)
+        errors += len(folder_errors)
+        if first and added:
+            ids = np.array([r[0] for r in self.db.execute("SELECT id FROM images ORDER BY id")], dtype=np.int64)
+            test = ids[self.draw_test_split(len(ids))]
+            with self.tx() as db:
+                db.execute("UPDATE images SET split = 'pool'")
+                db.executemany("UPDATE images SET split = 'test' WHERE id = ?", [(int(i),) for i in test])
+        total = self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        return AddReport(added=added, errors=errors, total=total)
+
+    def draw_test_split(self, n: int) -> np.ndarray:
+        """Positions (0..n-1) of exactly round(fraction * n) photos drawn at random with the project's seed:
+        the test split of the first registration (folder or vectors)."""
+        rng = np.random.default_rng(self.seed)
+        return np.sort(rng.permutation(n)[: int(round(self.test_fraction * n))])
+
+    def _insert_found(self, batch: Sequence[_registry.FoundFile]) -> int:
+        now = time.time()
+        n_err = 0
+        with self.tx() as db:
+            for f in batch:
+                cur = db.execute(
+                    "INSERT INTO images (path, fs_path, size, sha256, mtime, split, status, added_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (f.path, f.fs_path, f.size, f.sha256, f.mtime, self._hashed_split(f.path),
+                     "error" if f.error else "new", now),
+                )
+                if f.error:
+                    n_err += 1
+                    db.execute(
+                        "INSERT INTO errors (image_id, path, stage, reason, at) VALUES (?, ?, 'register', ?, ?)",
+                        (cur.lastrowid, f.path, f.error, now),
+                    )
+        return n_err
+
+    def _record_folder_errors(self, folder_errors: list[tuple[str, str]]) -> None:
+        now = time.time()
+        with self.tx() as db:
+            db.execute("DELETE FROM errors WHERE stage = 'scan'")  # a folder fixed since is no error
+            db.executemany(
+                "INSERT INTO errors (image_id, path, stage, reason, at) VALUES (NULL, ?, 'scan', ?, ?)",
+                [(path, reason, now) for path, reason in folder_errors],
+            )
+
+    def _hashed_split(self, path: str) -> str:
+        """Split of an image added after the first scan: a stable draw from (seed, id)."""
+        h = hashlib.blake2b(f"{self.seed}\0{path}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        return "test" if int.from_bytes(h, "big") / 2**64 < self.test_fraction else "pool"
+
+    def register_external(self, ids: Sequence[str]) -> None:
+        """Register vectors-only images (ids 1..n in order), all embedded, with the project's test split."""
+        test = np.zeros(len(ids), dtype=bool)
+        test[self.draw_test_split(len(ids))] = True
+        now = time.time()
+        with self.tx() as db:
+            db.executemany(
+                "INSERT INTO images (id, path, split, status, added_at) VALUES (?, ?, ?, 'embedded', ?)",
+                ((i + 1, ident, "test" if test[i] else "pool", now) for i, ident in enumerate(ids)),
+            )
+            _bump(db, GEN_VECTORS)
+
+    # ------------------------------------------------------------------ images
+    def n_rows(self) -> int:
+        """Rows of the vector files: the largest image id."""
+        return self.db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0]
+
+    def count_images(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+
+    def image_ids(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT path FROM images ORDER BY id")]
+
+    def image_id(self, path: str) -> int:
+        row = self.db.execute("SELECT id FROM images WHERE path = ?", (path,)).fetchone()
+        if row is None:
+            raise InputError(f"no image with id {path!r} in this project")
+        return row[0]
+
+    def ids_by_path(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT path, id FROM images").fetchall())
+
+    def image_row(self, image_id: int) -> sqlite3.Row | None:
+        """path, split, fs_path, status of one image."""
+        return self.db.execute("SELECT path, split, fs_path, status FROM images WHERE id = ?",
+                               (int(image_id),)).fetchone()
+
+    def paths_of(self, image_ids: Iterable[int]) -> dict[int, str]:
+        """image id -> path for the given ids."""
+        ids = [int(i) for i in image_ids]
+        out: dict[int, str] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            q = f"SELECT id, path FROM images WHERE id IN ({','.join('?' * len(chunk))})"
+            out.update({r[0]: r[1] for r in self.db.execute(q, chunk)})
+        return out
+
+    def file_path(self, image_id: int) -> Path | None:
+        row = self.db.execute("SELECT fs_path FROM images WHERE id = ?", (image_id,)).fetchone()
+        root = self.images_root
+        if row is None or row[0] is None or root is None:
+            return None
+        return Path(os.fsdecode(os.path.join(os.fsencode(root), bytes(row[0]))))
+
+    def pending_embed(self) -> list[tuple[int, bytes]]:
+        return [(row[0], bytes(row[1]))
+                for row in self.db.execute("SELECT id, fs_path FROM images WHERE status = 'new' ORDER BY id")]
+
+    def count_status(self, status: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM images WHERE status = ?", (status,)).fetchone()[0]
+
+    def retry_errors(self) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM errors WHERE image_id IN (SELECT id FROM images WHERE status = 'error')")
+            db.execute("UPDATE images SET status = 'new' WHERE status = 'error' AND fs_path IS NOT NULL")
+
+    def mark_embedded(self, ok_ids: Sequence[int], bad: Sequence[tuple[int, str]]) -> None:
+        """One embedded batch: mark its images, record its unreadable files, bump the vectors generation."""
+        now = time.time()
+        with self.tx() as db:
+            db.executemany("UPDATE images SET status = 'embedded' WHERE id = ?", [(int(i),) for i in ok_ids])
+            for image_id, reason in bad:
+                db.execute("UPDATE images SET status = 'error' WHERE id = ?", (image_id,))
+                db.execute(
+                    "INSERT INTO errors (image_id, path, stage, reason, at) "
+                    "SELECT id, path, 'embed', ?, ? FROM images WHERE id = ? "
+                    "ON CONFLICT(image_id, stage) DO UPDATE SET reason = excluded.reason, at = excluded.at",
+                    (reason, now, image_id),
+                )
+            if ok_ids:
+                _bump(db, GEN_VECTORS)
+
+    def _ids(self, where: str, n: int) -> np.ndarray:
+        """Ids of the images matching ``where``, read as comma-joined text parsed by numpy (no Python object per row)."""
+        parts = []
+        for lo in range(1, n + 1, _ID_CHUNK):
+            text = self.db.execute(
+                f"SELECT group_concat(id) FROM images WHERE {where} AND id BETWEEN ? AND ?", (lo, lo + _ID_CHUNK - 1)
+            ).fetchone()[0]
+            if text:
+                parts.append(np.fromstring(text, dtype=np.int64, sep=","))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def embedded_mask(self) -> np.ndarray:
+        """Boolean array over rows (id - 1): True where the image is embedded.
+
+        The ``images_status`` index answers which images are *not* embedded (usually none or few);
+        ``MAX(id)`` is one look-up and a bare ``COUNT(*)`` counts b-tree pages, not rows.
+        """
+        n = self.n_rows()
+        rows = self.count_images()
+        waiting = self.db.execute("SELECT COUNT(*) FROM images WHERE status IN ('new', 'error')").fetchone()[0]
+        if (rows - waiting) * 2 >= rows and rows == n:  # ids are 1..n without gaps (nothing deletes images)
+            mask = np.ones(n, dtype=bool)
+            mask[self._ids("status IN ('new', 'error')", n) - 1] = False
+            return mask
+        mask = np.zeros(n, dtype=bool)
+        mask[self._ids("status = 'embedded'", n) - 1] = True
+        return mask
+
+    def splits(self) -> np.ndarray:
+        """Array over rows (id - 1) of split names ('pool' / 'test'), a ``<U4`` string array."""
+        n = self.n_rows()
+        out = np.full(n, "pool", dtype="<U4")
+        out[self._ids("split = 'test'", n) - 1] = "test"
+        return out
+
+    # ------------------------------------------------------------------ vectors
+    def embedding_info(self) -> dict[str, Any] | None:
+        model = self.meta("embed.model")
+        if model is None:
+            return None
+        return {
+            "model": model,
+            "dim": int(self.meta("embed.dim", "0")),
+            "views": int(self.meta("embed.views", "1")),
+            "tiles": int(self.meta("embed.tiles", "0")),
+            "resize": self.meta("embed.resize"),
+            "logits": self.meta("embed.logits") == "1",
+            "dtype": self.meta("embed.dtype", "float16"),
+        }
+
+    def vectors(self) -> np.ndarray:
+        """All feature vectors as a read-only memory map of shape (images, views, dim), row = id - 1."""
+        arr = _vectors.open_read(self.paths.vectors)
+        if arr is None or self.embedding_info() is None:
+            raise NotReadyError(f"{self.root} has no embeddings yet; run `raresift embed {self.root}`")
+        return arr
+
+    def logits(self) -> np.ndarray | None:
+        if self.meta("embed.logits") != "1":
+            return None
+        return _vectors.open_read(self.paths.logits)
+
+    def reset_embeddings(self) -> None:
+        """Discard the vectors. Database first: a kill between the two steps must never leave images marked
+        embedded without their vectors (a vector file without settings is discarded by the next `embed`)."""
+        with self.tx() as db:
+            db.execute("UPDATE images SET status = 'new' WHERE status = 'embedded'")
+            db.execute("DELETE FROM meta WHERE key LIKE 'embed.%'")
+            _bump(db, GEN_VECTORS)
+        for path in (self.paths.vectors, self.paths.logits):
+            path.unlink(missing_ok=True)
+
+    def open_vectors_for_writing(self, rows: int, views: int, dim: int, dtype, *, logits: bool
+                                 ) -> tuple[np.ndarray, np.ndarray | None]:
+        vec = _vectors.ensure(self.paths.vectors, rows, (views, dim), dtype)
+        lg = _vectors.ensure(self.paths.logits, rows, (views, 1000), np.float16) if logits else None
+        return vec, lg
+
+    # ------------------------------------------------------------------ example photos from outside
+    def example_vectors(self, key: str) -> np.ndarray:
+        """The ``(views, dim)`` vectors of an example photo added from outside the collection (``file:HASH``)."""
+        path = self.paths.examples_dir / f"{key.removeprefix(EXAMPLE_PREFIX)}.npy"
+        if not key.startswith(EXAMPLE_PREFIX) or not path.is_file():
+            raise InputError(f"example {key} is not in {self.paths.examples_dir} (deleted?); add the file again")
+        return np.load(path)
+
+    # ------------------------------------------------------------------ labels
+    def label_array(self) -> np.ndarray:
+        """Array over rows (id - 1): 1, 0, or -1 where the image has no label."""
+        arr = np.full(self.n_rows(), -1, dtype=np.int8)
+        for image_id, value in self.db.execute("SELECT image_id, value FROM current_labels"):
+            arr[image_id - 1] = value
+        return arr
+
+    def labels_by_path(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in self.db.execute(
+            "SELECT i.path, c.value FROM current_labels c JOIN images i ON i.id = c.image_id ORDER BY c.image_id")}
+
+    def append_labels(self, items, **kw) -> list[_labels.LabelEvent]:
+        return _labels.append(self.db, items, **kw)
+
+    def latest_label(self, image_id: int) -> _labels.LabelEvent | None:
+        return _labels.latest(self.db, image_id)
+
+    def newest_label_of(self, who: str) -> tuple[int, int] | None:
+        """(image id, event id) of the newest label by ``who`` that is still current, or None."""
+        row = self.db.execute(
+            "SELECT l.image_id, l.id FROM labels l WHERE l.who = ? AND l.value IS NOT NULL "
+            "AND l.id = (SELECT MAX(id) FROM labels m WHERE m.image_id = l.image_id) ORDER BY l.id DESC LIMIT 1",
+            (who,),
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def label_counts(self) -> dict[str, int]:
+        """labels, positives, negatives now, and ``seq``: the newest label event id (read together)."""
+        n, pos, seq = self.db.execute(
+            "SELECT (SELECT COUNT(*) FROM current_labels), (SELECT COALESCE(SUM(value), 0) FROM current_labels), "
+            "(SELECT COALESCE(MAX(id), 0) FROM labels)").fetchone()
+        return {"labels": n, "positives": pos, "negatives": n - pos, "seq": seq}
+
+    def labellers(self) -> dict[int, str]:
+        """image id -> who gave its current label."""
+        return dict(self.db.execute("SELECT image_id, who FROM current_labels").fetchall())
+
+    def label_history(self) -> Iterable[tuple[int, int | None]]:
+        return self.db.execute("SELECT image_id, value FROM labels ORDER BY id")
+
+    def label_rates(self) -> list[tuple[str, int, int]]:
+        """(strategy, labels, positives) of the current labels, per strategy that picked them."""
+        return self.db.execute(
+            "SELECT COALESCE(strategy, 'manual'), COUNT(*), SUM(value) FROM current_labels GROUP BY 1 ORDER BY 2 DESC"
+        ).fetchall()
+
+    # ------------------------------------------------------------------ rounds and queue
+    def record_round(self, *, strategy: str, n: int, seed: int, purpose: str, params: dict,
+                     picks: Sequence[tuple[int, str, float | None]]) -> int:
+        """Record a round and its queue (``picks``: image id, strategy, score) in one transaction."""
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT INTO rounds (started_at, strategy, n, seed, purpose, params) VALUES (?, ?, ?, ?, ?, ?)",
+                (time.time(), strategy, int(n), int(seed), purpose, json.dumps(params)),
+            )
+            round_id = cur.lastrowid
+            db.executemany(
+                "INSERT INTO queue (round_id, image_id, position, strategy, score) VALUES (?, ?, ?, ?, ?)",
+                [(round_id, int(i), k, s, p) for k, (i, s, p) in enumerate(picks)],
+            )
+        return round_id
+
+    def count_rounds(self, purpose: str | None = None) -> int:
+        if purpose is None:
+            return self.db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM rounds WHERE purpose = ?", (purpose,)).fetchone()[0]
+
+    def evaluation_random_ids(self) -> set[int]:
+        """Image ids drawn by earlier `next --evaluate --strategy random` rounds."""
+        return {r[0] for r in self.db.execute(
+            "SELECT q.image_id FROM queue q JOIN rounds r ON r.id = q.round_id "
+            "WHERE r.purpose = 'evaluate' AND q.strategy = 'random'")}
+
+    def pending(self, purpose: str | None = None) -> list[dict[str, Any]]:
+        """Photos queued by earlier rounds that have no label yet, oldest round first, in queue order."""
+        sql = (
+            "SELECT q.image_id, i.path, q.score, q.strategy, q.round_id, i.split, r.purpose FROM queue q "
+            "JOIN rounds r ON r.id = q.round_id JOIN images i ON i.id = q.image_id "
+            "WHERE q.image_id NOT IN (SELECT image_id FROM current_labels)"
+            + (" AND r.purpose = ?" if purpose else "")
+            + " ORDER BY q.round_id, q.position"
+        )
+        seen: set[int] = set()
+        out = []
+        for row in self.db.execute(sql, (purpose,) if purpose else ()):
+            if row[0] in seen:
+                continue
+            seen.add(row[0])
+            out.append({"path": row[1], "image_id": row[0], "score": row[2], "strategy": row[3], "round": row[4],
+                        "split": row[5], "purpose": row[6]})
+        return out
+
+    def queued_in(self, image_id: int) -> sqlite3.Row | None:
+        """round id, strategy, score, purpose of the newest round that queued the photo."""
+        return self.db.execute(
+            "SELECT q.round_id, q.strategy, q.score, r.purpose FROM queue q JOIN rounds r ON r.id = q.round_id "
+            "WHERE q.image_id = ? ORDER BY q.round_id DESC LIMIT 1", (int(image_id),)).fetchone()
+
+    def latest_round(self) -> dict[str, Any] | None:
+        """The newest round with its progress: size, labelled, positives, left."""
+        row = self.db.execute("SELECT id, strategy, n, purpose, started_at FROM rounds ORDER BY id DESC LIMIT 1"
+                              ).fetchone()
+        if row is None:
+            return None
+        n_q, n_lab, n_pos = self.db.execute(
+            "SELECT COUNT(*), COUNT(c.image_id), COALESCE(SUM(c.value), 0) FROM queue qu "
+            "LEFT JOIN current_labels c ON c.image_id = qu.image_id WHERE qu.round_id = ?", (row[0],)).fetchone()
+        return {"id": row[0], "strategy": row[1], "purpose": row[3], "size": n_q, "labelled": n_lab,
+                "positives": n_pos, "left": n_q - n_lab}
+
+    # ------------------------------------------------------------------ reports
+    def status(self) -> dict[str, Any]:
+        """Counts that describe the project; the CLI's `status --json` prints exactly this."""
+        q = self.db.execute
+        by_status = dict(q("SELECT status, COUNT(*) FROM images GROUP BY status").fetchall())
+        by_split = dict(q("SELECT split, COUNT(*) FROM images WHERE status != 'error' GROUP BY split").fetchall())
+        lab = q(
+            "SELECT COUNT(*), COALESCE(SUM(c.value), 0), COALESCE(SUM(i.split = 'test'), 0), "
+            "COALESCE(SUM(c.value * (i.split = 'test')), 0) "
+            "FROM current_labels c JOIN images i ON i.id = c.image_id"
+        ).fetchone()
+        dup = q(
+            "SELECT COALESCE(SUM(n - 1), 0) FROM (SELECT COUNT(*) AS n FROM images "
+            "WHERE sha256 IS NOT NULL GROUP BY sha256 HAVING n > 1)"
+        ).fetchone()[0]
+        info = self.embedding_info()
+        return {
+            "project": str(self.root),
+            "images_root": self.meta("images_root"),
+            "images": self.count_images(),
+            "embedded": by_status.get("embedded", 0),
+            "pending": by_status.get("new", 0),
+            "errors": q("SELECT COUNT(DISTINCT COALESCE(image_id, -id)) FROM errors").fetchone()[0],
+            "labels": lab[0],
+            "positives": lab[1],
+            "negatives": lab[0] - lab[1],
+            "test": by_split.get("test", 0),
+            "pool": by_split.get("pool", 0),
+            "test_labels": lab[2],
+            "test_positives": lab[3],
+            "duplicates": dup,
+            "rounds": self.count_rounds(),
+            "conflicts": q("SELECT COUNT(*) FROM labels WHERE conflict = 1").fetchone()[0],
+            "model": info["model"] if info else None,
+            "tiles": info["tiles"] if info else None,
+        }
+
+    def errors(self) -> list[dict[str, Any]]:
+        return [
+            {"path": r["path"], "stage": r["stage"], "reason": r["reason"], "at": r["at"]}
+            for r in self.db.execute("SELECT path, stage, reason, at FROM errors ORDER BY id")
+        ]
+
+    def error_reason(self, image_id: int) -> str | None:
+        row = self.db.execute("SELECT reason FROM errors WHERE image_id = ? ORDER BY at DESC LIMIT 1",
+                              (image_id,)).fetchone()
+        return row[0] if row else None
+
+
+def _set_meta(db: sqlite3.Connection, values: dict[str, str]) -> None:
+    db.executemany(
+        "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        list(values.items()),
+    )
+
+
+def _bump(db: sqlite3.Connection, key: str) -> None:
+    """Increment a generation counter kept in ``meta`` (inside the caller's transaction)."""
+    db.execute(
+        "INSERT INTO meta (key, value) VALUES (?, '1') "
+        "ON CONFLICT(key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)", (key,))

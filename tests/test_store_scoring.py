@@ -1,0 +1,130 @@
+"""Fast paths for rounds at scale return exactly what the plain code returns; the cache module."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from raresift import Project
+from raresift.learn.features import featurize, linear_scores, sqrt_features, sqrt_norms
+from raresift.store.cache import Cache
+
+
+@pytest.fixture(scope="module")
+def vectors_template(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vectors")
+    rng = np.random.default_rng(0)
+    n = 70_000  # more than one scoring block
+    matrix = rng.gamma(0.6, 1.0, size=(n, 32)).astype(np.float32)
+    matrix[5] = 0.0  # a zero vector must not divide by zero
+    np.save(root / "m.npy", matrix)
+    (root / "ids.txt").write_text("".join(f"img_{i}.jpg\n" for i in range(n)))
+    with Project.create(root / "p", test_fraction=0.3) as p:
+        p.import_embeddings(root / "m.npy", root / "ids.txt")
+    return root / "p", matrix
+
+
+@pytest.fixture
+def vectors_project(vectors_template, tmp_path):
+    src, matrix = vectors_template
+    shutil.copytree(src, tmp_path / "p")
+    p = Project(tmp_path / "p")
+    yield p, matrix
+    p.close()
+
+
+def _plain_mask(p):
+    """The embedded mask read row by row."""
+    n = p.db.execute("SELECT MAX(id) FROM images").fetchone()[0]
+    mask = np.zeros(n, dtype=bool)
+    for (image_id,) in p.db.execute("SELECT id FROM images WHERE status = 'embedded'"):
+        mask[image_id - 1] = True
+    return mask
+
+
+def test_masks_equal_the_plain_reads(vectors_project):
+    p, _ = vectors_project
+    np.testing.assert_array_equal(p.embedded_mask(), _plain_mask(p))
+    splits = p.splits()
+    plain = np.array([r[0] for r in p.db.execute("SELECT split FROM images ORDER BY id")])
+    assert splits.dtype == np.dtype("<U4") and 0 < (splits == "test").sum() < len(splits)
+    np.testing.assert_array_equal(splits, plain)
+    with p.store.tx() as db:  # some images not embedded
+        db.execute("UPDATE images SET status = 'error' WHERE id IN (1, 7, 70000)")
+    mask = p.embedded_mask()
+    np.testing.assert_array_equal(mask, _plain_mask(p))
+    assert not mask[[0, 6, 69999]].any() and mask.sum() == 69997
+    with p.store.tx() as db:  # most not embedded: the other branch
+        db.execute("UPDATE images SET status = 'new' WHERE id > 100")
+    mask = p.embedded_mask()
+    np.testing.assert_array_equal(mask, _plain_mask(p))
+    assert mask.sum() == 98
+
+
+def test_cached_sqrt_scores_equal_the_learning_features(vectors_project):
+    p, _ = vectors_project
+    vectors = p.vectors()
+    coef = np.random.default_rng(2).normal(size=32).astype(np.float32)
+    want = featurize(np.asarray(vectors)) @ coef + np.float32(0.25)
+    cache = p.store.vector_cache
+    feats, norms = sqrt_features(vectors, cache), sqrt_norms(vectors, cache)
+    assert isinstance(feats, np.memmap) and feats.dtype == np.float32
+    np.testing.assert_allclose(linear_scores(feats, coef, 0.25, norms), want, rtol=1e-4, atol=1e-4)
+    assert linear_scores(feats, coef, 0.25, norms)[5] == pytest.approx(0.25)  # a zero vector scores the intercept
+    names = sorted(f.name.split("-")[0] for f in (p.path / "embeddings").glob("sqrt*.npy"))
+    assert names == ["sqrtfeat", "sqrtnorm"]  # written by init --embeddings already, reused here
+
+
+def test_caches_follow_the_vectors_generation_not_file_times(vectors_project):
+    p, matrix = vectors_project
+    first = np.array(sqrt_norms(p.vectors(), p.store.vector_cache))
+    # Vectors change through the store (one embedded batch): the generation moves, the cache is rebuilt.
+    vec = np.load(p.path / "embeddings" / "vectors.npy", mmap_mode="r+")
+    vec[0, 0, :] *= 4
+    vec.flush()
+    del vec
+    assert np.asarray(sqrt_norms(p.vectors(), p.store.vector_cache))[0] == first[0]  # same generation: cached
+    p.store.mark_embedded([1], [])
+    again = np.asarray(sqrt_norms(p.vectors(), p.store.vector_cache))
+    assert again[0] == pytest.approx(2 * first[0], rel=1e-5)  # sqrt of 4x: norm doubles
+    assert len(list((p.path / "embeddings").glob("sqrtnorm-*.npy"))) == 1  # the old one removed
+
+
+def test_a_cache_is_built_once_by_concurrent_writers(tmp_path):
+    built = []
+    cache = Cache(tmp_path, lambda: 7)
+    gate = threading.Barrier(4)
+
+    def build():
+        built.append(1)
+        return np.arange(1000)
+
+    def worker(out):
+        gate.wait()
+        out.append(cache.array("x", ("a",), build))
+
+    results: list = []
+    threads = [threading.Thread(target=worker, args=(results,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(built) == 1 and len(results) == 4 and all((r == np.arange(1000)).all() for r in results)
+    # Across processes too: a second process reads the file the first one wrote.
+    code = (f"import numpy as np; from raresift.store.cache import Cache; "
+            f"a = Cache(__import__('pathlib').Path({str(tmp_path)!r}), lambda: 7).array('x', ('a',), "
+            "lambda: (_ for _ in ()).throw(SystemExit('rebuilt'))); print(int(a.sum()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == str(sum(range(1000))), done.stderr
+
+
+def test_a_damaged_cache_is_rebuilt(tmp_path):
+    cache = Cache(tmp_path, lambda: 1)
+    target = cache.path("x", ("a",), ".npy")
+    target.write_bytes(b"not an array")
+    np.testing.assert_array_equal(cache.array("x", ("a",), lambda: np.ones(3)), np.ones(3))
