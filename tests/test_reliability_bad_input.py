@@ -122,7 +122,9 @@ def _run_as_nobody(argv: list[str]) -> tuple[int, str]:
     Runtime's pools, tqdm's monitor) can inherit a lock held by another thread and hang."""
     code = (
         "import os, sys, traceback\n"
+        "import tqdm, tqdm.auto  # imported by the commands on first use\n"
         "from raresift.cli import build_parser, main\n"
+        "from raresift import project, labelling  # noqa: F401\n"
         "build_parser()\n"
         "os.setgid(65534)\n"
         "os.setuid(65534)\n"

@@ -79,3 +79,43 @@ def test_label_rejects_values_other_than_0_1(embedded_project):
         with pytest.raises(Exception, match="1 or 0"):
             project.label([(sorted(truth)[0], 2)])
         assert project.labels() == {}
+
+
+def _plain_counts(p) -> dict:
+    return {(s, sp): n for s, sp, n in p.db.execute(
+        "SELECT status, split, COUNT(*) FROM images GROUP BY status, split").fetchall()}
+
+
+def _kept_counts(p) -> dict:
+    return {(s, sp): n for s, sp, n in p.db.execute("SELECT status, split, n FROM image_counts").fetchall() if n}
+
+
+def test_image_counts_follow_every_change_and_an_old_project_migrates(tmp_path):
+    from conftest import make_collection
+
+    from raresift.store import db as store_db
+
+    images = tmp_path / "images"
+    make_collection(images, n=12, n_rare=2)
+    (images / "a" / "copy.jpg").write_bytes((images / "a" / "img_0001.jpg").read_bytes())  # an exact copy
+    (images / "a" / "bad.jpg").write_bytes(b"not a photo")
+    with Project.create(tmp_path / "p", images=images) as p:
+        p.add_images()
+        assert _kept_counts(p) == _plain_counts(p)
+        p.store.mark_embedded([1, 2, 3], [(4, "unreadable")])
+        assert _kept_counts(p) == _plain_counts(p)
+        p.store.reset_embeddings()
+        assert _kept_counts(p) == _plain_counts(p)
+        status = p.status()
+        assert status["images"] == 14 and status["duplicates"] == 1
+        assert status["test"] + status["pool"] == 13  # the photo recorded as unreadable is in neither
+    # A project written before migration 3: its counts are made from the images when it is opened.
+    conn = sqlite3.connect(tmp_path / "p" / "raresift.sqlite")
+    conn.executescript("DROP TRIGGER image_counts_insert; DROP TRIGGER image_counts_update; "
+                       "DROP TRIGGER image_counts_delete; DROP TABLE image_counts; "
+                       "DELETE FROM meta WHERE key = 'images.duplicates'; DELETE FROM schema_migrations WHERE version = 3;")
+    conn.commit()
+    conn.close()
+    with Project(tmp_path / "p") as p:
+        assert p.db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0] == store_db.SCHEMA_VERSION
+        assert _kept_counts(p) == _plain_counts(p) and p.status() == status

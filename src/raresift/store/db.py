@@ -97,6 +97,36 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX images_test ON images(id) WHERE split = 'test';
         """,
     ),
+    (
+        3,
+        "image counts kept by triggers, exact-duplicate count in meta (status in O(1) of the collection)",
+        """
+        CREATE TABLE image_counts (
+            status TEXT NOT NULL,
+            split  TEXT NOT NULL,
+            n      INTEGER NOT NULL,
+            PRIMARY KEY (status, split)
+        );
+        INSERT INTO image_counts (status, split, n) SELECT status, split, COUNT(*) FROM images GROUP BY status, split;
+        CREATE TRIGGER image_counts_insert AFTER INSERT ON images BEGIN
+            INSERT INTO image_counts (status, split, n) VALUES (NEW.status, NEW.split, 1)
+                ON CONFLICT(status, split) DO UPDATE SET n = n + 1;
+        END;
+        CREATE TRIGGER image_counts_update AFTER UPDATE OF status, split ON images
+            WHEN OLD.status != NEW.status OR OLD.split != NEW.split BEGIN
+            UPDATE image_counts SET n = n - 1 WHERE status = OLD.status AND split = OLD.split;
+            INSERT INTO image_counts (status, split, n) VALUES (NEW.status, NEW.split, 1)
+                ON CONFLICT(status, split) DO UPDATE SET n = n + 1;
+        END;
+        CREATE TRIGGER image_counts_delete AFTER DELETE ON images BEGIN
+            UPDATE image_counts SET n = n - 1 WHERE status = OLD.status AND split = OLD.split;
+        END;
+        INSERT INTO meta (key, value)
+            SELECT 'images.duplicates', CAST(COALESCE(SUM(n - 1), 0) AS TEXT)
+            FROM (SELECT COUNT(*) AS n FROM images WHERE sha256 IS NOT NULL GROUP BY sha256 HAVING n > 1)
+            WHERE true ON CONFLICT(key) DO UPDATE SET value = excluded.value;
+        """,
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -186,6 +186,8 @@ class Store:
             added += len(batch)
         self._record_folder_errors(folder_errors)
         errors += len(folder_errors)
+        if added:
+            self._count_duplicates()
         if first and added:
             ids = np.array([r[0] for r in self.db.execute("SELECT id FROM images ORDER BY id")], dtype=np.int64)
             test = ids[self.draw_test_split(len(ids))]
@@ -194,6 +196,14 @@ class Store:
                 db.executemany("UPDATE images SET split = 'test' WHERE id = ?", [(int(i),) for i in test])
         total = self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
         return AddReport(added=added, errors=errors, total=total)
+
+    def _count_duplicates(self) -> None:
+        """Exact copies (same content hash) among the photos: counted once per registration, not per status."""
+        dup = self.db.execute(
+            "SELECT COALESCE(SUM(n - 1), 0) FROM (SELECT COUNT(*) AS n FROM images "
+            "WHERE sha256 IS NOT NULL GROUP BY sha256 HAVING n > 1)"
+        ).fetchone()[0]
+        self.set_meta(**{"images.duplicates": str(dup)})
 
     def draw_test_split(self, n: int) -> np.ndarray:
         """Positions (0..n-1) of exactly round(fraction * n) photos drawn at random with the project's seed:
@@ -517,22 +527,24 @@ class Store:
     def status(self) -> dict[str, Any]:
         """Counts that describe the project; the CLI's `status --json` prints exactly this."""
         q = self.db.execute
-        by_status = dict(q("SELECT status, COUNT(*) FROM images GROUP BY status").fetchall())
-        by_split = dict(q("SELECT split, COUNT(*) FROM images WHERE status != 'error' GROUP BY split").fetchall())
+        # Image counts from image_counts (kept by triggers): no scan of the collection.
+        counts = q("SELECT status, split, n FROM image_counts").fetchall()
+        by_status: dict[str, int] = {}
+        by_split: dict[str, int] = {}
+        for status, split, n in counts:
+            by_status[status] = by_status.get(status, 0) + n
+            if status != "error":
+                by_split[split] = by_split.get(split, 0) + n
         lab = q(
             "SELECT COUNT(*), COALESCE(SUM(c.value), 0), COALESCE(SUM(i.split = 'test'), 0), "
             "COALESCE(SUM(c.value * (i.split = 'test')), 0) "
             "FROM current_labels c JOIN images i ON i.id = c.image_id"
         ).fetchone()
-        dup = q(
-            "SELECT COALESCE(SUM(n - 1), 0) FROM (SELECT COUNT(*) AS n FROM images "
-            "WHERE sha256 IS NOT NULL GROUP BY sha256 HAVING n > 1)"
-        ).fetchone()[0]
         info = self.embedding_info()
         return {
             "project": str(self.root),
             "images_root": self.meta("images_root"),
-            "images": self.count_images(),
+            "images": sum(by_status.values()),
             "embedded": by_status.get("embedded", 0),
             "pending": by_status.get("new", 0),
             "errors": q("SELECT COUNT(DISTINCT COALESCE(image_id, -id)) FROM errors").fetchone()[0],
@@ -543,7 +555,7 @@ class Store:
             "pool": by_split.get("pool", 0),
             "test_labels": lab[2],
             "test_positives": lab[3],
-            "duplicates": dup,
+            "duplicates": int(self.meta("images.duplicates", "0")),
             "rounds": self.count_rounds(),
             "conflicts": q("SELECT COUNT(*) FROM labels WHERE conflict = 1").fetchone()[0],
             "model": info["model"] if info else None,
