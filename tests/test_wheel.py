@@ -29,11 +29,12 @@ def test_built_wheel_runs_demo_and_serve(tmp_path):
     # itself only from the wheel.
     (target,) = venv.glob("lib/python*/site-packages")
     (target / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
-                         capture_output=True, text=True, timeout=600)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # --ignore-installed: the raresift of this environment (seen through deps.pth) is not the one to keep
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
+                          "--ignore-installed", str(wheel)], capture_output=True, text=True, timeout=600, env=env)
     assert pip.returncode == 0, pip.stderr
     exe = venv / "bin" / "raresift"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import raresift; print(raresift.__file__)"],
                            capture_output=True, text=True, env=env, cwd=tmp_path)
     assert str(target) in where.stdout, where.stdout + where.stderr  # the wheel's copy, not the checkout

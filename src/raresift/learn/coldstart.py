@@ -283,8 +283,11 @@ def cluster_features(X: np.ndarray, *, n_clusters: int | None = None, seed: int 
 
 
 def cluster_levels(X: np.ndarray, *, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Coarse then fine k-means clusterings of the features (see :func:`explore_picks`)."""
+    """Coarse then fine k-means clusterings of the features (see :func:`explore_picks`); none for fewer
+    than 2 photos (a project whose first photos are still being embedded)."""
     n = len(X)
+    if n < 2:
+        return []
     sizes = sorted({int(max(2, min(96, n // 100))), int(max(2, min(256, n // 20)))})
     return [cluster_features(X, n_clusters=k, seed=seed) for k in sizes]
 
