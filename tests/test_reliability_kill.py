@@ -306,8 +306,11 @@ def test_ctrl_c_stops_embed_cleanly_and_resumes(kill_setup, tmp_path):
     for _attempt in range(5):
         shutil.rmtree(project, ignore_errors=True)
         shutil.copytree(fresh, project)
+        # SIGINT back to its default in the child: a test run started in the background of a script
+        # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
         proc = subprocess.Popen(cli("embed", str(project), "--tiles", "0", "--batch-size", str(BATCH),
-                                    "--no-progress"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                    "--no-progress"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         _wait_for(proc, project, 8)
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
