@@ -276,48 +276,59 @@ def _pipeline(paths: list[Path], passes: tuple[Pass, ...], sessions: list, decod
             run_views(sess, np.concatenate([c[j] for c in cut]), feature_map=p.feature_map)
 
 
+def _release() -> None:
+    """Hand freed memory (a closed session's arena) back to the system: the machine is shared."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def measure_speed(paths: list[Path], cache: Path, repeats: int, log) -> dict:
     """Photos/s of every plan (median of ``repeats``, plans interleaved so load hits all alike) and the
-    time of one Lite0 run and one 520-px Lite2 run relative to one Lite2 run, model only, same photos."""
+    time of one Lite0 run and one 520-px Lite2 run relative to one Lite2 run, model only, same photos.
+
+    Each timing opens its sessions, warms them up with one full-size call (ONNX Runtime's arena grows on
+    the first calls), times, and closes them: one plan's arenas in memory at a time."""
     from raresift.embed.decode import Views, load_views
-
-    sessions: dict[tuple, object] = {}
-
-    def sess(model: str, side: int, fmap: bool):
-        key = (model, side, fmap)
-        if key not in sessions:
-            sessions[key] = session(graph_path(cache, model, side, feature_map=fmap))
-        return sessions[key]
 
     load_before = os.getloadavg()
     times: dict[str, list[float]] = {name: [] for name in PLANS}
     with ThreadPoolExecutor(1) as decoder:
-        plan_sessions = {name: [sess(p.model, p.side, p.feature_map) for p in passes] for name, passes in PLANS.items()}
-        for name, passes in PLANS.items():  # warm-up: first calls allocate
-            _pipeline(paths[:2], passes, plan_sessions[name], decoder)
         for rep in range(repeats):
             for name, passes in PLANS.items():
+                sessions = [session(graph_path(cache, p.model, p.side, feature_map=p.feature_map)) for p in passes]
+                _pipeline(paths[: min(per_call(p.count(), p.side) for p in passes)], passes, sessions, decoder)
                 t0 = time.perf_counter()
-                _pipeline(paths, passes, plan_sessions[name], decoder)
+                _pipeline(paths, passes, sessions, decoder)
                 times[name].append(time.perf_counter() - t0)
+                del sessions
+                _release()
             log(f"  speed: repeat {rep + 1}/{repeats} done")
     # Model only, pre-decoded: the same photos' 3x3 views for each model (plain graphs), and whole photos
-    # at 260 (crop) and 520 (squeeze), same graph kind.
+    # at 260 (crop) and 520 (squeeze) through the feature-map graphs (the kind the 520-px options run).
     batches = {
-        "lite2": (sess(LITE2, 260, False), np.concatenate([load_views(p, Views(260, 3, "crop")) for p in paths])),
-        "lite0": (sess(LITE0, 224, False), np.concatenate([load_views(p, Views(224, 3, "crop")) for p in paths])),
-        # the 520-px pair through the feature-map graphs the plans hold already (fewer arenas in memory)
-        "lite2-whole": (sess(LITE2, 260, True), np.concatenate([load_views(p, Views(260, 0, "crop")) for p in paths])),
-        "lite2-520": (sess(LITE2, 520, True), np.concatenate([load_views(p, Views(520, 0, "squeeze")) for p in paths])),
+        "lite2": (LITE2, 260, False, np.concatenate([load_views(p, Views(260, 3, "crop")) for p in paths])),
+        "lite0": (LITE0, 224, False, np.concatenate([load_views(p, Views(224, 3, "crop")) for p in paths])),
+        "lite2-whole": (LITE2, 260, True, np.concatenate([load_views(p, Views(260, 0, "crop")) for p in paths])),
+        "lite2-520": (LITE2, 520, True, np.concatenate([load_views(p, Views(520, 0, "squeeze")) for p in paths])),
     }
     model_s: dict[str, list[float]] = {k: [] for k in batches}
     for rep in range(repeats):
-        for k, (s, views) in batches.items():
+        for k, (model, side, fmap, views) in batches.items():
+            s = session(graph_path(cache, model, side, feature_map=fmap))
+            step = per_call(1, side)
+            s.run(["features", "logits"], {"image": views[:step]})
             t0 = time.perf_counter()
-            step = per_call(1, views.shape[1])
             for i in range(0, len(views), step):
                 s.run(["features", "logits"], {"image": views[i : i + step]})
             model_s[k].append((time.perf_counter() - t0) / len(views))
+            del s
+            _release()
     med = {k: statistics.median(v) for k, v in model_s.items()}
     return {
         "photos": len(paths), "repeats": repeats,
