@@ -352,6 +352,57 @@ def hdb_level(ctx: dict, leaf: bool = False, order: str = "size") -> tuple[np.nd
     return ids, groups_by(ids, ctx["pca"](64), order)
 
 
+def rare_group_levels(X: np.ndarray, *, seed: int = 0, sample: int = 20000, dims: int = 128,
+                      min_cluster_size: int = 8, min_samples: int = 3, fine: int = 20, max_fine: int = 1024
+                      ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The recommended precomputation, written as it would go into ``raresift.learn.coldstart``: two levels
+    ``[(group id per row, priority per row)]`` for :func:`explore_by_priority` (lower priority first).
+
+    1. Small groups first: PCA to ``dims`` dimensions and HDBSCAN (``min_cluster_size``, ``min_samples``,
+       excess-of-mass selection) on a random sample of at most ``sample`` rows; every other row joins the
+       group of its nearest sampled row (noise stays -1). The groups are ranked by size, smallest first
+       (ties in random order, seeded); a row's priority is its group's rank plus 0.5 x its distance to
+       the group's mean (scaled to [0, 1)), so the photo nearest the mean is picked from each group.
+    2. Then the k-means clusters of :func:`cluster_features` (n / ``fine`` clusters, at most ``max_fine``)
+       in random order (seeded), the photo nearest the centre of each.
+    """
+    from sklearn.cluster import HDBSCAN
+    from sklearn.decomposition import PCA
+
+    n = len(X)
+    rng = np.random.default_rng(seed)
+    fit_rows = np.sort(rng.choice(n, size=min(sample, n), replace=False))
+    pca = PCA(min(dims, X.shape[1], len(fit_rows)), random_state=seed).fit(np.asarray(X[fit_rows], dtype=np.float32))
+    Z = pca.transform(np.asarray(X, dtype=np.float32)).astype(np.float32)
+    lab = HDBSCAN(min_cluster_size=min_cluster_size, min_samples=min_samples, copy=True).fit(Z[fit_rows]).labels_
+    ids = np.full(n, -1, dtype=np.int64)
+    ids[fit_rows] = lab
+    rest = np.setdiff1d(np.arange(n), fit_rows)
+    if len(rest):  # the nearest sampled row's group
+        import faiss
+
+        index = faiss.IndexFlatL2(Z.shape[1])
+        index.add(np.ascontiguousarray(Z[fit_rows]))
+        _, nearest = index.search(np.ascontiguousarray(Z[rest]), 1)
+        ids[rest] = lab[nearest[:, 0]]
+    levels = []
+    if (ids >= 0).any():
+        k = int(ids.max()) + 1
+        ok = ids >= 0
+        size = np.bincount(ids[fit_rows][ids[fit_rows] >= 0], minlength=k).astype(float)
+        centre = np.zeros((k, Z.shape[1]))
+        np.add.at(centre, ids[ok], Z[ok])
+        centre /= np.maximum(np.bincount(ids[ok], minlength=k), 1)[:, None]
+        central = np.zeros(n)
+        central[ok] = ((Z[ok] - centre[ids[ok]]) ** 2).sum(axis=1)
+        score = size + 0.5 * rng.random(k)  # smallest first, ties at random
+        levels.append((ids, np.where(ok, _ranked_groups(ids, score, central), np.inf)))
+    km_ids, dist = cluster_features(X, n_clusters=max(2, min(max_fine, n // fine)), seed=seed)
+    order = rng.random(int(km_ids.max()) + 1)
+    levels.append((km_ids.astype(np.int64), _ranked_groups(km_ids, order, dist)))
+    return levels
+
+
 def explorers() -> list[Explorer]:
     def n20(ctx):
         return max(2, len(ctx["X"]) // 20)
