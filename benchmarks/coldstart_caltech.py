@@ -24,14 +24,16 @@ Part 2, explorers for the start without any hint: the same sessions through
 ``raresift.simulate.replay`` on ``SimulationData(X, y, prior=None, clusters=LEVELS)`` (X as
 ``simulate`` builds it), with ``raresift.learn.session.explore_picks`` replaced by each variant's
 picker for the length of the replay. The variants' precomputations see only the photos of the
-simulated collection (the key's rows); ``kmeans-project`` is what ``simulate`` explores today
-(the project's clusters, fitted on all 9,144 photos). Reported: mean positives found after
+simulated collection (the key's rows); ``shipped`` is raresift's explorer fitted on the collection
+only, ``shipped-project`` the same fitted on all 9,144 photos (what ``simulate`` explores: optimistic,
+as the class's left-out photos shape the groups), ``kmeans-collection`` raresift 0.1's
+coarse-then-fine k-means. Reported: mean positives found after
 50/100/200/300 labels, over classes and repeats (sessions of one class and repeat share their test
 split across variants), the mean number of labels until the first positive, and per class.
 
 Usage:
     python benchmarks/coldstart_caltech.py --work /work/devdata/coldstart            # ~1 h on one core
-    python benchmarks/coldstart_caltech.py --work DIR --images DIR --repeats 2 --seed 0 --variants kmeans-project,groups-small-first
+    python benchmarks/coldstart_caltech.py --work DIR --images DIR --repeats 2 --seed 0 --variants shipped,kmeans-collection --skip-starts
 
 ``--work`` holds the project (``WORK/caltech``), the answer keys (``WORK/keys``) and the results
 of every simulated class and variant (``WORK/results``, keyed by the settings and the variant's
@@ -60,7 +62,7 @@ from threadpoolctl import threadpool_limits
 
 import raresift.learn.session as session_module
 from raresift import Project
-from raresift.learn.coldstart import cluster_features, cluster_levels, concepts_for, explore_picks
+from raresift.learn.coldstart import cluster_features, cluster_levels, concepts_for, explore_levels, explore_picks
 from raresift.learn.features import featurize, iter_blocks
 from raresift.learn.loop import clusters as project_clusters
 from raresift.simulate import SimulationData, load_truth, replay, simulate
@@ -152,6 +154,36 @@ class Cache:
         return out
 
 
+def kmeans_picks(levels: list[tuple[np.ndarray, np.ndarray]], cand: np.ndarray, labelled: np.ndarray, n: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    """raresift 0.1's explorer, kept for the reference rows: ``levels`` are k-means clusterings (cluster id,
+    distance to the centre per row), coarse first; from each level, the most central candidate of every
+    cluster without a labelled or picked photo, clusters in random order; random candidates fill up."""
+    n = min(n, len(cand))
+    picks: list[int] = []
+    taken = np.zeros(len(cand), dtype=bool)
+    for ids, dist in levels:
+        if len(picks) >= n:
+            break
+        cid = ids[cand]
+        covered = np.union1d(ids[labelled], cid[taken])
+        open_ = np.setdiff1d(np.unique(cid[~taken]), covered)
+        rng.shuffle(open_)
+        if not len(open_):
+            continue
+        free = np.flatnonzero(~taken)
+        order = free[np.lexsort((dist[cand[free]], cid[free]))]  # by cluster, most central first
+        first = np.r_[0, np.flatnonzero(np.diff(cid[order])) + 1]
+        central = dict(zip(cid[order[first]].tolist(), order[first].tolist()))
+        for c in open_[: n - len(picks)].tolist():
+            picks.append(central[c])
+            taken[central[c]] = True
+    if len(picks) < n:
+        rest = np.flatnonzero(~taken)
+        picks += rng.choice(rest, size=n - len(picks), replace=False).tolist()
+    return np.array(picks, dtype=np.int64)
+
+
 # ---------------------------------------------------------------------------------------- explorers
 @dataclass
 class Explorer:
@@ -161,7 +193,7 @@ class Explorer:
     name: str
     about: str
     build: Callable[[dict], list[tuple[np.ndarray, np.ndarray]]]
-    pick: Callable = explore_picks
+    pick: Callable = kmeans_picks
 
 
 def knn(X: np.ndarray, k: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -408,8 +440,11 @@ def explorers() -> list[Explorer]:
         return max(2, len(ctx["X"]) // 20)
 
     return [
-        Explorer("kmeans-project", "today: the project's k-means levels (fitted on all 9,144 photos, seed 0), coarse then "
-                 "fine, open clusters in random order, their most central photo", lambda ctx: ctx["project_levels"]),
+        Explorer("shipped", "raresift's explorer (`explore_levels` fitted on the simulated collection only, "
+                 "`explore_picks`): HDBSCAN groups smallest first, then n/20 k-means clusters",
+                 lambda ctx: explore_levels(ctx["X"], seed=0), explore_picks),
+        Explorer("shipped-project", "the same, fitted on the whole project (all 9,144 photos, the class's other photos "
+                 "too): what `simulate` explores", lambda ctx: ctx["project_levels"], explore_picks),
         Explorer("kmeans-collection", "the same, k-means levels fitted on the simulated collection only "
                  "(`cluster_levels(X)`)", lambda ctx: cluster_levels(ctx["X"], seed=0)),
         Explorer("kmeans-n/10", "one level of n/10 k-means clusters (~870, ~10 photos each), random order",

@@ -194,25 +194,39 @@ def test_look_alike_concepts_from_the_labelling_guidelines():
     assert [c[1] for c in okapi] == ["zebra"] and okapi[0][2] < 1
 
 
-def test_explore_picks_cover_coarse_clusters_first_then_fine_ones():
-    from raresift.learn.coldstart import cluster_levels, explore_picks
+def test_explore_picks_take_groups_in_priority_order_and_skip_labelled_ones():
+    from raresift.learn.coldstart import explore_picks
 
     rng = np.random.default_rng(0)
-    centres = rng.normal(size=(6, 8)) * 5
-    X = np.concatenate([c + rng.normal(size=(50, 8)) for c in centres]).astype(np.float32)
-    coarse = (np.repeat(np.arange(6), 50) // 2, rng.random(300).astype(np.float32))  # 3 coarse clusters
-    fine = (np.repeat(np.arange(6), 50), rng.random(300).astype(np.float32))  # 6 fine clusters
+    first = (np.repeat(np.arange(3), 100), np.repeat([2.0, 0.0, 1.0], 100) + 0.4 * rng.random(300))
+    first[0][200:] = -1  # group 2 is noise: in no group
+    second = (np.repeat(np.arange(6), 50), rng.random(300))
     cand = np.arange(300)
-    picks = explore_picks([coarse, fine], cand, np.array([], dtype=np.int64), 5, np.random.default_rng(1))
+    picks = explore_picks([first, second], cand, np.array([], dtype=np.int64), 5, np.random.default_rng(1))
     assert len(set(picks.tolist())) == 5
-    assert len(set(coarse[0][picks[:3]])) == 3  # one per coarse cluster first
-    assert len(set(fine[0][picks])) == 5  # then clusters not covered at the fine level
-    labelled = np.arange(5) * 50  # one photo of each of the fine clusters 0..4
-    nxt = explore_picks([fine], np.setdiff1d(cand, labelled), labelled, 1, np.random.default_rng(2))
-    assert fine[0][np.setdiff1d(cand, labelled)[nxt[0]]] == 5
-    levels = cluster_levels(X, seed=0)
-    assert len(levels) == 2 and all(len(ids) == 300 for ids, _ in levels)
-    assert len(np.unique(levels[0][0])) < len(np.unique(levels[1][0]))
+    assert first[0][picks[:2]].tolist() == [1, 0]  # lower priority first, one photo per group
+    assert picks[0] == 100 + np.argmin(first[1][100:200])  # the group's best photo
+    assert len(set(second[0][picks[2:]])) == 3 and not set(second[0][picks[2:]]) & set(second[0][picks[:2]])
+    labelled = np.arange(5) * 50  # one photo of each of the second level's groups 0..4
+    rest = np.setdiff1d(cand, labelled)
+    nxt = explore_picks([second], rest, labelled, 2, np.random.default_rng(2))
+    assert second[0][rest[nxt[0]]] == 5  # the one group nobody labelled, then a random photo
+    assert len(set(nxt.tolist())) == 2
+
+
+def test_explore_levels_find_a_small_tight_group_first():
+    from raresift.learn.coldstart import explore_levels, explore_picks
+
+    rng = np.random.default_rng(0)
+    big = [c + rng.normal(size=(300, 16)) for c in rng.normal(size=(4, 16)) * 4]
+    rare = rng.normal(size=(1, 16)) * 4 + 0.3 * rng.normal(size=(12, 16))  # 12 similar photos among 1,212
+    X = np.concatenate(big + [rare]).astype(np.float32)
+    levels = explore_levels(X, seed=0)
+    assert len(levels) == 2 and all(len(ids) == len(X) and len(p) == len(X) for ids, p in levels)
+    assert len(np.unique(levels[1][0])) == len(X) // 20
+    picks = explore_picks(levels, np.arange(len(X)), np.array([], dtype=np.int64), 5, np.random.default_rng(0))
+    assert (picks >= 1200).any()  # a photo of the rare group within the first 5
+    assert explore_levels(X[:1]) == []
 
 
 def test_positives_and_unlabelled_photos_are_enough_to_train():

@@ -49,7 +49,7 @@ class SimulationData:
     y: np.ndarray  # (n,) 0/1 truth
     prior: np.ndarray | None = None  # (n,) cold-start score (text query / examples), or None
     test_fraction: float = 0.4
-    clusters: list[tuple[np.ndarray, np.ndarray]] | None = None  # k-means levels, for exploring
+    clusters: list[tuple[np.ndarray, np.ndarray]] | None = None  # exploring levels (group id, priority per row)
     pool: np.ndarray | None = None  # (n,) bool: a fixed pool split (the project's); None = draw one per repeat
     extra: tuple[np.ndarray, np.ndarray] | None = None  # (features, labels) of example photos from outside
     prior_kind: str = "text"
@@ -347,7 +347,7 @@ def simulate(
             prior = sim if prior is None else np.fmax(standardise(prior), standardise(sim))
         clusters = None
         if protocol == "default" and prior is None:  # the project's own clusterings, as `next` explores them
-            clusters = [(ids[rows], dist[rows]) for ids, dist in project_clusters(proj.store)]
+            clusters = [(ids[rows], prio[rows]) for ids, prio in project_clusters(proj.store)]
         pool = (proj.splits()[rows] == "pool") if split == "project" else None
         project_path = str(proj.path) if tmpdir is None else None
     finally:

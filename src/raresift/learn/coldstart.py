@@ -9,9 +9,11 @@ batch must come from somewhere else:
   so a small insect in one tile still counts. It only knows what ImageNet-1k names: a class
   without a matching concept (a logo, a traffic cone, a masked face) finds nothing here;
 * **example photos**: the photos most similar (cosine) to a few given ones;
-* without either, exploration: the most central photo of each k-means cluster of the collection
-  that holds no labelled photo yet, coarse clusters first (:func:`explore_picks`), so every kind of
-  photo is seen early.
+* without either, exploration (:func:`explore_levels`, :func:`explore_picks`): first the small,
+  dense groups that HDBSCAN finds in the collection, smallest first (a rare class of 20 photos among
+  9,000 forms such a group long before k-means gives it a cluster of its own), the most typical
+  photo of each; then one photo of each of about n/20 k-means clusters, so every kind of photo is
+  seen early. Groups that already hold a labelled photo are skipped.
 """
 
 from __future__ import annotations
@@ -283,8 +285,8 @@ def cluster_features(X: np.ndarray, *, n_clusters: int | None = None, seed: int 
 
 
 def cluster_levels(X: np.ndarray, *, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Coarse then fine k-means clusterings of the features (see :func:`explore_picks`); none for fewer
-    than 2 photos (a project whose first photos are still being embedded)."""
+    """Coarse then fine k-means clusterings of the features (cluster id and distance to the centre per
+    row); none for fewer than 2 photos."""
     n = len(X)
     if n < 2:
         return []
@@ -292,35 +294,137 @@ def cluster_levels(X: np.ndarray, *, seed: int = 0) -> list[tuple[np.ndarray, np
     return [cluster_features(X, n_clusters=k, seed=seed) for k in sizes]
 
 
+def _group_priority(ids: np.ndarray, score: np.ndarray, central: np.ndarray) -> np.ndarray:
+    """Priority per row for :func:`explore_picks`: the rank of its group's ``score`` (lower first), plus
+    its distance to the group's centre scaled into [0, 0.5), so a group's most central row comes first;
+    ``inf`` for rows in no group (id -1)."""
+    ok = ids >= 0
+    prio = np.full(len(ids), np.inf, dtype=np.float64)
+    if not ok.any():
+        return prio
+    groups = np.unique(ids[ok])
+    rank = np.zeros(int(groups.max()) + 1)
+    rank[groups[np.argsort(score[groups], kind="stable")]] = np.arange(len(groups))
+    c = central[ok].astype(np.float64)
+    c = (c - c.min()) / (np.ptp(c) or 1.0)
+    prio[ok] = rank[ids[ok]] + 0.5 * c
+    return prio
+
+
+def _pca(X, rows: np.ndarray, dims: int, seed: int):
+    """A PCA to ``dims`` dimensions fitted on ``rows``, and the projection of every row (float32)."""
+    from sklearn.decomposition import PCA
+
+    fit = np.asarray(X[rows], dtype=np.float32)
+    pca = PCA(min(dims, fit.shape[1], len(rows)), random_state=seed).fit(fit)
+    Z = np.empty((len(X), pca.n_components_), dtype=np.float32)
+    for start in range(0, len(X), BLOCK_ROWS):
+        Z[start : start + BLOCK_ROWS] = pca.transform(np.asarray(X[start : start + BLOCK_ROWS], dtype=np.float32))
+    return Z
+
+
+def small_groups(Z: np.ndarray, fit_rows: np.ndarray, *, min_cluster_size: int = 8, min_samples: int = 3
+                 ) -> np.ndarray:
+    """HDBSCAN groups of the rows of ``Z`` (group id per row, -1 = in none), fitted on ``fit_rows``.
+
+    Every other row joins the group whose mean is nearest, if it lies within that group's own radius
+    (the farthest fitted member from the mean), else no group."""
+    from sklearn.cluster import HDBSCAN
+
+    lab = HDBSCAN(min_cluster_size=min_cluster_size, min_samples=min_samples, copy=True).fit(Z[fit_rows]).labels_
+    ids = np.full(len(Z), -1, dtype=np.int32)
+    ids[fit_rows] = lab
+    k = int(lab.max()) + 1
+    if k == 0 or len(fit_rows) == len(Z):
+        return ids
+    member = lab >= 0
+    centre = np.zeros((k, Z.shape[1]), dtype=np.float64)
+    np.add.at(centre, lab[member], Z[fit_rows][member])
+    centre /= np.bincount(lab[member], minlength=k)[:, None]
+    centre = centre.astype(np.float32)
+    radius = np.zeros(k, dtype=np.float32)
+    np.maximum.at(radius, lab[member], ((Z[fit_rows][member] - centre[lab[member]]) ** 2).sum(axis=1))
+    rest = np.setdiff1d(np.arange(len(Z)), fit_rows)
+    half_sq = 0.5 * (centre**2).sum(axis=1)
+    for start in range(0, len(rest), BLOCK_ROWS):
+        r = rest[start : start + BLOCK_ROWS]
+        z = Z[r]
+        near = (z @ centre.T - half_sq).argmax(axis=1)
+        d2 = ((z - centre[near]) ** 2).sum(axis=1)
+        ids[r] = np.where(d2 <= radius[near], near, -1)
+    return ids
+
+
+def explore_levels(X: np.ndarray, *, seed: int = 0, sample: int = 20000, dims: int = 128, fine: int = 20,
+                   max_clusters: int = 512) -> list[tuple[np.ndarray, np.ndarray]]:
+    """What exploring without a query or examples picks from: ``[(group id per row, priority per row)]``
+    for :func:`explore_picks` (lower priority first; group -1 = in no group); none for fewer than 2 photos.
+
+    1. Small groups first: the features reduced by PCA to ``dims`` dimensions, HDBSCAN groups
+       (:func:`small_groups`, fitted on a random sample of at most ``sample`` rows), ranked by size,
+       smallest first; in each group its most central photo.
+    2. Then about n / ``fine`` k-means clusters (at most ``max_clusters``) of the same reduced features
+       in random order (seeded), the photo nearest each centre.
+
+    Measured on 20 Caltech-101 classes cut down to 20 photos among about 9,000 (1 in 450, no hint;
+    ``benchmarks/coldstart_caltech.py``): the first positive after a median of about 45 labels,
+    against about 180 for coarse-then-fine k-means (:func:`cluster_levels`).
+    """
+    n = len(X)
+    if n < 2:
+        return []
+    rng = np.random.default_rng(seed)
+    fit_rows = np.sort(rng.choice(n, size=min(sample, n), replace=False))
+    Z = _pca(X, fit_rows, dims, seed)
+    levels = []
+    if n >= 16:
+        ids = small_groups(Z, fit_rows)
+        if (ids >= 0).any():
+            k = int(ids.max()) + 1
+            fitted = ids[fit_rows]
+            size = np.bincount(fitted[fitted >= 0], minlength=k) + rng.random(k)  # smallest first, ties at random
+            ok = ids >= 0
+            centre = np.zeros((k, Z.shape[1]))
+            np.add.at(centre, ids[ok], Z[ok])
+            centre /= np.maximum(np.bincount(ids[ok], minlength=k), 1)[:, None]
+            central = np.zeros(n)
+            central[ok] = ((Z[ok] - centre[ids[ok]]) ** 2).sum(axis=1)
+            levels.append((ids, _group_priority(ids, size, central).astype(np.float32)))
+    km_ids, dist = cluster_features(Z, n_clusters=max(2, min(max_clusters, n // fine)), seed=seed, sample=sample)
+    order = rng.random(int(km_ids.max()) + 1)
+    central = dist + 0.5 * np.einsum("ij,ij->i", Z, Z)  # half the squared distance to the centre
+    levels.append((km_ids, _group_priority(km_ids, order, central).astype(np.float32)))
+    return levels
+
+
 def explore_picks(levels: list[tuple[np.ndarray, np.ndarray]], cand: np.ndarray, labelled: np.ndarray, n: int,
                   rng: np.random.Generator) -> np.ndarray:
     """Positions into ``cand`` (candidate rows) of ``n`` photos that explore the collection.
 
-    ``levels`` are clusterings of all rows, coarse first (cluster id and distance to the centre per
-    row). From the coarsest level that still has clusters without a labelled photo, the most
-    central candidate of such clusters is taken, in random cluster order; then the next finer
-    level; random candidates fill up. Coarse clusters cover the collection fast, fine ones then
-    separate the small groups (a rare class) that the coarse ones merged.
+    ``levels`` (:func:`explore_levels`): ``[(group id per row, priority per row)]``, -1 = in no group.
+    From each level in turn: the groups that hold no labelled photo and no photo picked in this batch
+    (at any level), in order of their best (lowest-priority) candidate, which is taken. Random candidates fill up when
+    every group is covered.
     """
     n = min(n, len(cand))
     picks: list[int] = []
     taken = np.zeros(len(cand), dtype=bool)
-    for ids, dist in levels:
+    for ids, prio in levels:
         if len(picks) >= n:
             break
         cid = ids[cand]
-        covered = np.union1d(ids[labelled], cid[taken])
-        open_ = np.setdiff1d(np.unique(cid[~taken]), covered)
-        rng.shuffle(open_)
-        if not len(open_):
-            continue
-        free = np.flatnonzero(~taken)
-        order = free[np.lexsort((dist[cand[free]], cid[free]))]  # by cluster, most central first
-        first = np.r_[0, np.flatnonzero(np.diff(cid[order])) + 1]
-        central = dict(zip(cid[order[first]].tolist(), order[first].tolist()))
-        for c in open_[: n - len(picks)].tolist():
-            picks.append(central[c])
-            taken[central[c]] = True
+        covered = set(np.unique(ids[labelled]).tolist()) | set(cid[taken].tolist())
+        free = np.flatnonzero((cid >= 0) & ~taken & np.isfinite(prio[cand]))
+        order = free[np.lexsort((rng.random(len(free)), prio[cand[free]]))]  # best first, ties at random
+        for pos in order.tolist():
+            c = int(cid[pos])
+            if c in covered:
+                continue
+            covered.add(c)
+            picks.append(pos)
+            taken[pos] = True
+            if len(picks) >= n:
+                break
     if len(picks) < n:
         rest = np.flatnonzero(~taken)
         picks += rng.choice(rest, size=n - len(picks), replace=False).tolist()

@@ -30,7 +30,7 @@ from ..errors import InputError, NotReadyError
 from ..settings import default
 from ..store.cache import exclusive
 from ..store.store import EXAMPLE_PREFIX, Store
-from .coldstart import cluster_levels, concepts_for, example_scores, text_scores
+from .coldstart import concepts_for, example_scores, explore_levels, text_scores
 from .features import (
     DEFAULT_POOLING,
     PART_WEIGHTS,
@@ -150,27 +150,28 @@ def _extra(store: Store) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def clusters(store: Store) -> list[tuple[np.ndarray, np.ndarray]]:
-    """k-means levels of the embedded photos (for exploring without query or examples), cached.
+    """The exploring levels of the embedded photos (:func:`~raresift.learn.coldstart.explore_levels`:
+    small HDBSCAN groups, then k-means clusters; group id and priority per row), cached.
 
     Fitted on the embedded rows only with seed 0 (a property of the collection, the same for every
-    round, simulation and surface); rows not embedded get cluster -1.
+    round, simulation and surface); rows not embedded are in no group (-1).
     """
 
     def build() -> dict[str, np.ndarray]:
         mask = store.embedded_mask()
         rows = np.flatnonzero(mask)
         feats = VectorFeatures(store.vectors())
-        levels = cluster_levels(RowSubset(feats, rows), seed=0)
+        levels = explore_levels(RowSubset(feats, rows), seed=0)
         out: dict[str, np.ndarray] = {"levels": np.array(len(levels))}
-        for i, (ids, dist) in enumerate(levels):
+        for i, (ids, prio) in enumerate(levels):
             full_ids = np.full(len(mask), -1, dtype=np.int32)
-            full_dist = np.full(len(mask), np.inf, dtype=np.float32)
-            full_ids[rows], full_dist[rows] = ids, dist
-            out[f"ids{i}"], out[f"dist{i}"] = full_ids, full_dist
+            full_prio = np.full(len(mask), np.inf, dtype=np.float32)
+            full_ids[rows], full_prio[rows] = ids, prio
+            out[f"ids{i}"], out[f"prio{i}"] = full_ids, full_prio
         return out
 
-    arrays = store.cache.arrays("clusters", (DEFAULT_POOLING, PART_WEIGHTS), build)
-    return [(arrays[f"ids{i}"], arrays[f"dist{i}"]) for i in range(int(arrays["levels"]))]
+    arrays = store.cache.arrays("clusters", ("explore-2", DEFAULT_POOLING, PART_WEIGHTS), build)
+    return [(arrays[f"ids{i}"], arrays[f"prio{i}"]) for i in range(int(arrays["levels"]))]
 
 
 def _fingerprint(labels: np.ndarray, pool: np.ndarray, store: Store) -> str:
@@ -363,8 +364,8 @@ def next_batch(
     ``query`` (text) and ``examples`` (photo ids, or ``file:HASH`` keys of photos from outside the
     collection; ``not_like`` the same for photos the class does not look like) set the cold start; they are remembered by the
     project and keep informing the ranking (with a weight that fades as labels come in). Without
-    either, the first photos explore the collection: the most central photo of each k-means cluster
-    that has no label yet. With ``evaluate`` the photos come from the test split: the unlabelled ones
+    either, the first photos explore the collection: the most central photo of each small HDBSCAN
+    group, smallest first, then of each k-means cluster, skipping groups that have a label. With ``evaluate`` the photos come from the test split: the unlabelled ones
     among the top ``n`` of the test ranking (for precision@K), or, with ``strategy="random"``, ``n``
     random test photos not drawn before (for the random baseline; the ones that already have a label
     are recorded but not returned). Returns one dict per photo: path, image_id, score, strategy,

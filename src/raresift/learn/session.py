@@ -2,7 +2,7 @@
 
 A :class:`Session` holds what a labelling session knows: the features of every photo (rows), the
 labels so far (-1 = none), which rows are in the pool (may be trained on and picked), the
-cold-start prior (text query or example photos, standardised), the k-means clusterings used to
+cold-start prior (text query or example photos, standardised), the groups used to
 explore without any hint, and the head of the previous round (the next fit starts from it).
 :meth:`Session.query` fits the head and picks the next photos; :meth:`Session.update` takes the
 answers. It is pure: no database, no files. ``raresift next`` builds one from the project
@@ -155,7 +155,8 @@ class Session:
     prior_kind:
         ``"text"`` or ``"examples"`` (names the cold-start picks).
     clusters:
-        k-means levels of the rows (``[(cluster id, distance to centre)]``, coarse first) to explore with.
+        the levels to explore with (:func:`~raresift.learn.coldstart.explore_levels`: ``[(group id, priority)]``
+        per row, small HDBSCAN groups first, then k-means clusters).
     head:
         The previous round's head: the next fit starts from its coefficients.
     extra:
@@ -215,8 +216,8 @@ class Session:
 
         With a head, the strategy picks by its probabilities; before one, the prior's top photos
         (``coldstart-text`` / ``coldstart-examples``); with neither, every strategy but ``random``
-        explores the clusters (``coldstart-explore``): the most central photo of each cluster
-        nobody labelled, coarse clusters first. ``candidates`` (a boolean mask) narrows the rows
+        explores (``coldstart-explore``): the most central photo of each group nobody labelled,
+        small groups first, then k-means clusters. ``candidates`` (a boolean mask) narrows the rows
         that may be picked (e.g. the embedded ones).
         """
         fn = get_strategy(strategy)
