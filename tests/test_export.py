@@ -106,3 +106,31 @@ def test_imagefolder_export_loads_with_the_datasets_package(embedded_project, tm
     assert ds.num_rows == 17
     assert sorted(ds["label"]) == sorted(m["label"] for m in meta)
     assert ds[0]["image"].size[0] > 0
+
+
+def test_exports_carry_the_region(embedded_project, tmp_path):
+    """A tiled project with a model: csv columns, a jsonl object and a Label Studio rectangle per photo, the
+    rectangle in percent of the photo's own size; vectors without tiles or files give none."""
+    project_dir, images, truth = embedded_project
+    with Project.open(project_dir) as project:
+        project.label([(p, v) for p, v in truth.items()], who="t")
+        rows = list(csv.DictReader(project.export(top=3, fmt="csv", out=tmp_path / "r.csv").read_text().splitlines()))
+        assert list(rows[0])[-4:] == ["region_x", "region_y", "region_width", "region_height"]
+        assert all(int(r["region_width"]) == 80 and int(r["region_height"]) == 60 for r in rows)  # 160 x 120 photos
+        first = json.loads(project.export(top=3, fmt="jsonl", out=tmp_path / "r.jsonl").read_text().splitlines()[0])
+        assert set(first["region"]) == {"x", "y", "width", "height"}
+        assert first["region"] == {k[7:]: int(rows[0][k]) for k in ("region_x", "region_y", "region_width", "region_height")}
+        tasks = json.loads(project.export(top=3, fmt="label-studio", out=tmp_path / "ls.json").read_text())
+        rect = [r for r in tasks[0]["predictions"][0]["result"] if r["type"] == "rectanglelabels"]
+        assert len(rect) == 1 and rect[0]["from_name"] == "region" and rect[0]["to_name"] == "image"
+        assert rect[0]["original_width"] == 160 and rect[0]["original_height"] == 120
+        assert rect[0]["value"]["width"] == pytest.approx(50) and rect[0]["value"]["height"] == pytest.approx(50)
+        assert rect[0]["value"]["x"] == pytest.approx(100 * first["region"]["x"] / 160)
+
+
+def test_no_region_without_tiles(trained, tmp_path):
+    project, _ = trained
+    rows = list(csv.DictReader(project.export(top=3, fmt="csv", out=tmp_path / "r.csv").read_text().splitlines()))
+    assert all(r["region_x"] == "" for r in rows)
+    tasks = json.loads(project.export(top=3, fmt="label-studio", out=tmp_path / "ls.json").read_text())
+    assert all(len(t["predictions"][0]["result"]) == 1 for t in tasks)

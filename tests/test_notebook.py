@@ -71,3 +71,35 @@ def test_label_given_elsewhere_is_reported_not_overwritten(embedded_project):
                            (shown["image_id"],)).fetchone()
         assert tuple(row) == (0, "ann", 1)
     lab.close()
+
+
+def test_h_and_z_show_the_region_and_zoom_to_it(embedded_project):
+    """With a model, the photo carries the region's box (h hides it) and z shows the region decoded from the
+    original file at its own resolution; the next photo starts whole."""
+    import io
+
+    from PIL import Image
+
+    project, _, truth = embedded_project
+    with Project.open(project) as p:
+        p.label([(path, v) for path, v in truth.items()][:24])
+        p.label([(path, 1) for path, v in truth.items() if v])
+        p.next(6, seed=0)  # a round with a head: the queue's photos have regions
+        lab = Labeler(p, who="ann")
+        it = lab.current
+        assert it["region"] and len(it["tiles"]) == 9
+        boxed = lab.image.value
+        lab.press("h")
+        assert lab.show_region is False and lab.image.value != boxed  # the box is no longer drawn
+        lab.press("z")
+        with Image.open(io.BytesIO(lab.image.value)) as crop:
+            assert crop.size == (it["region"]["width"], it["region"]["height"])
+        lab.press("z")
+        with Image.open(io.BytesIO(lab.image.value)) as whole:
+            assert whole.size == (160, 120)
+        lab.press("z")
+        lab.press("n")  # the next photo starts whole
+        assert lab.zoomed is False
+        with Image.open(io.BytesIO(lab.image.value)) as whole:
+            assert whole.size == (160, 120)
+        lab.close()

@@ -338,3 +338,54 @@ def test_a_box_dragged_on_the_photo_searches_with_that_part(browser, embedded_pr
             assert p.status()["images"] == len(truth)
         expect(page.locator("#banner")).to_contain_text("Queued")
         assert not page.errors
+
+
+def test_region_overlay_zoom_and_grid_crops(browser, embedded_project):
+    """h shows / hides where the score comes from; z swaps in the region decoded from the original file
+    and back; the grid shows the zoomed regions, w the whole photos."""
+    project, _, truth = embedded_project
+    with Project.open(project) as p:
+        p.label([(path, value) for path, value in truth.items() if p.splits()[p.image_id(path) - 1] == "pool"][:20])
+        if not any(v for path, v in truth.items()):
+            pytest.skip("no rare photo")
+        p.label([(path, 1) for path, v in truth.items() if v][:3])
+        p.next(8, strategy="default", seed=0)  # fits and saves a head: the queue's photos get regions
+    with running_server(project) as url:
+        page = open_page(browser, url)
+        page.wait_for_function("(() => { const im = document.getElementById('photo'); "
+                               "return im.complete && im.naturalWidth > 0; })()", timeout=WAIT_MS)
+        page.wait_for_function('document.body.dataset.region === "1"', timeout=WAIT_MS)
+        region = page.locator("#region").bounding_box()
+        photo = page.locator("#photo").bounding_box()
+        assert region["width"] > 0 and region["height"] > 0
+        assert region["width"] < photo["width"]  # a tile, not the whole photo
+        page.keyboard.press("h")
+        settle(page)
+        assert page.evaluate("document.body.dataset.region") == "0" and page.locator("#region").is_hidden()
+        page.keyboard.press("h")
+        settle(page)
+        assert page.evaluate("document.body.dataset.region") == "1"
+        item = page.evaluate("fetch('/api/queue').then(r => r.json()).then(j => j.items[0])")
+        assert item["region"] and len(item["tiles"]) == 9
+        page.keyboard.press("z")
+        settle(page)
+        assert page.evaluate("document.body.dataset.zoom") == "1"
+        assert "/crop?" in page.get_attribute("#photo", "src")
+        page.wait_for_function("(() => { const im = document.getElementById('photo'); "
+                               "return im.complete && im.naturalWidth > 0 && im.src.includes('/crop?'); })()",
+                               timeout=WAIT_MS)
+        size = page.evaluate("[document.getElementById('photo').naturalWidth, document.getElementById('photo').naturalHeight]")
+        assert size == [item["region"]["width"], item["region"]["height"]]  # the original's pixels, not upscaled
+        page.keyboard.press("z")
+        settle(page)
+        assert page.evaluate("document.body.dataset.zoom") == "0"
+        assert page.get_attribute("#photo", "src").endswith("/file")
+        assert not page.errors
+        grid = open_page(browser, url, "/grid")
+        grid.wait_for_selector(".tile", timeout=WAIT_MS)
+        assert grid.locator(".tile.zoomed").count() > 0
+        assert "/crop?" in grid.locator(".tile.zoomed img").first.get_attribute("src")
+        grid.keyboard.press("w")
+        settle(grid)
+        assert grid.evaluate("document.body.dataset.whole") == "1" and grid.locator(".tile.zoomed").count() == 0
+        assert not grid.errors

@@ -1,8 +1,9 @@
 """Export the ranked subset: CSV, JSONL, a folder of class subfolders, or Label Studio tasks.
 
 What is exported: every photo labelled positive, then the top N unlabelled photos of the current
-ranking (pool and test alike), each with its rank, score, label and split. Photos labelled
-negative are left out.
+ranking (pool and test alike), each with its rank, score, label and split, and the region the
+score comes from (the box of the photo's strongest tile, in the original file's pixels; see
+:mod:`raresift.learn.evidence`). Photos labelled negative are left out.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
-from .learn.loop import scores
+from .learn.evidence import evidence, photo_sizes
+from .learn.loop import current_model
+from .learn.session import sigmoid
 from .store.store import Store
 
 __all__ = ["FORMATS", "LABEL_STUDIO_CONFIG", "export", "ranked"]
@@ -32,16 +35,22 @@ LABEL_STUDIO_CONFIG = """<View>
     <Choice value="positive"/>
     <Choice value="negative"/>
   </Choices>
+  <RectangleLabels name="region" toName="image">
+    <Label value="positive"/>
+  </RectangleLabels>
 </View>
 """
 
 
 def ranked(store: Store, *, top: int, negatives: bool = False) -> list[dict[str, Any]]:
     """The exported rows: labelled positives first (by score), then the top ``top`` unlabelled photos
-    (and, with ``negatives``, the photos labelled negative last)."""
+    (and, with ``negatives``, the photos labelled negative last); each with its ``region`` (or None)."""
     if not isinstance(top, int) or isinstance(top, bool) or top < 0:
         raise InputError(f"--top must be a whole number >= 0, got {top!r}")
-    s = scores(store)
+    model = current_model(store)
+    s = sigmoid(model.logits).astype(np.float64) if model.known else np.full(len(model.logits), 0.5)
+    s[~np.isfinite(model.logits)] = np.nan
+    head = model.session.scorer.head if model.session.scorer is not None and model.session.scorer.fitted else None
     labels = store.label_array()[: len(s)]
     splits = store.splits()[: len(s)]
     ok = np.isfinite(s)
@@ -58,6 +67,7 @@ def ranked(store: Store, *, top: int, negatives: bool = False) -> list[dict[str,
     neg = neg[np.lexsort((neg, -key[neg]))]
     rows = np.concatenate([positives, part, neg]).astype(np.int64)
     paths = store.paths_of(rows + 1)
+    where = evidence(store, head, [int(r) + 1 for r in rows])
     out = []
     for rank, r in enumerate(rows, 1):
         out.append({
@@ -67,6 +77,7 @@ def ranked(store: Store, *, top: int, negatives: bool = False) -> list[dict[str,
             "score": None if not np.isfinite(s[r]) else round(float(s[r]), 6),
             "label": int(labels[r]) if labels[r] >= 0 else None,
             "split": str(splits[r]),
+            "region": where[int(r) + 1]["region"],
         })
     return out
 
@@ -77,11 +88,13 @@ def export(store: Store, *, top: int, fmt: str, out: str | os.PathLike, link: bo
 
     ``folder`` writes ``positive/`` (labelled) and ``candidate/`` (unlabelled, rank in the file name)
     subfolders with copies of the photos, or symbolic links with ``link``, plus ``ranking.csv``.
-    ``label-studio`` writes a JSON list of tasks with the score as a prediction; images are given as
+    ``csv`` and ``jsonl`` carry the region (``region_x/_y/_width/_height`` columns; a ``region`` object).
+    ``label-studio`` writes a JSON list of tasks with the score as a prediction (a choice, and the region
+    as a rectangle in percent of the photo, for :data:`LABEL_STUDIO_CONFIG`); images are given as
     ``url_prefix`` + path (default: Label Studio's local-files URL of the absolute file path).
     ``imagefolder`` writes the Hugging Face ``imagefolder`` layout, a dataset to train on: one folder
     per class (``positive/``, ``negative/``: the labelled photos; ``candidate/``: the top unlabelled
-    ones, unverified) and ``metadata.jsonl`` (file_name, label, verified, score, split, labelled_by),
+    ones, unverified) and ``metadata.jsonl`` (file_name, label, verified, score, split, region, labelled_by),
     loadable with ``datasets.load_dataset("imagefolder", data_dir=out)``.
     """
     if fmt not in FORMATS:
@@ -98,21 +111,26 @@ def export(store: Store, *, top: int, fmt: str, out: str | os.PathLike, link: bo
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
         if fmt == "csv":
-            w = csv.DictWriter(fh, fieldnames=["rank", "path", "score", "label", "split"], extrasaction="ignore")
+            box = ["region_x", "region_y", "region_width", "region_height"]
+            w = csv.DictWriter(fh, fieldnames=["rank", "path", "score", "label", "split", *box], extrasaction="ignore")
             w.writeheader()
             for r in rows:
+                reg = r["region"] or {}
                 w.writerow({**r, "score": "" if r["score"] is None else r["score"],
-                            "label": "" if r["label"] is None else r["label"]})
+                            "label": "" if r["label"] is None else r["label"],
+                            **{b: reg.get(b[7:], "") for b in box}})
         elif fmt == "jsonl":
             for r in rows:
                 fh.write(json.dumps(r) + "\n")
         else:
-            json.dump([_task(store, r, url_prefix) for r in rows], fh, indent=1)
+            sizes = photo_sizes(store, [r["image_id"] for r in rows if r["region"]])
+            json.dump([_task(store, r, url_prefix, sizes.get(r["image_id"])) for r in rows], fh, indent=1)
     os.replace(tmp, out)
     return out
 
 
-def _task(store: Store, row: dict[str, Any], url_prefix: str | None) -> dict[str, Any]:
+def _task(store: Store, row: dict[str, Any], url_prefix: str | None, size: tuple[int, int] | None = None
+          ) -> dict[str, Any]:
     if url_prefix is not None:
         image = url_prefix + row["path"]
     else:
@@ -130,6 +148,15 @@ def _task(store: Store, row: dict[str, Any], url_prefix: str | None) -> dict[str
                         "value": {"choices": [choice]}}],
         }],
     }
+    reg = row.get("region")
+    if reg and size:  # the region as a box to start from (Label Studio wants percentages of the image)
+        W, H = size
+        task["predictions"][0]["result"].append({
+            "id": f"region{row['image_id']}", "from_name": "region", "to_name": "image", "type": "rectanglelabels",
+            "original_width": W, "original_height": H, "image_rotation": 0,
+            "value": {"x": 100 * reg["x"] / W, "y": 100 * reg["y"] / H, "width": 100 * reg["width"] / W,
+                      "height": 100 * reg["height"] / H, "rotation": 0, "rectanglelabels": ["positive"]},
+        })
     return task
 
 
@@ -144,7 +171,7 @@ def _imagefolder(store: Store, rows: list[dict[str, Any]], out: Path, link: bool
             name = f"{r['rank']:06d}_{r['path'].replace('/', '__')}"
             _place(store.file_path(r["image_id"]), out / cls / name, link)
             fh.write(json.dumps({"file_name": f"{cls}/{name}", "label": cls, "verified": r["label"] is not None,
-                                 "score": r["score"], "split": r["split"], "path": r["path"],
+                                 "score": r["score"], "split": r["split"], "path": r["path"], "region": r["region"],
                                  "labelled_by": who.get(r["image_id"])}) + "\n")
     return out
 

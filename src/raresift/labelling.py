@@ -91,8 +91,22 @@ def _items(project: Project, rows: list[dict[str, Any]], purpose: str) -> list[d
             "image_id": int(row["image_id"]), "path": row.get("path"),
             "score": None if score is None or not math.isfinite(float(score)) else float(score),
             "strategy": row.get("strategy"), "round": row.get("round"), "split": row.get("split"), "purpose": purpose,
+            "region": row.get("region"), "tiles": row.get("tiles"),
         })
+    _add_evidence(project, [it for it in out if it["tiles"] is None])
     return _decorate(project, out)
+
+
+def _add_evidence(project: Project, items: list[dict[str, Any]]) -> None:
+    """Where in each photo the last round's head found the class (``region``, ``tiles``)."""
+    if not items:
+        return
+    from .learn.evidence import evidence
+    from .learn.loop import saved_head
+
+    where = evidence(project.store, saved_head(project.store), [it["image_id"] for it in items])
+    for it in items:
+        it.update(where[it["image_id"]])
 
 
 def queue(project: Project, *, purpose: str = "label", limit: int = 50) -> list[dict[str, Any]]:
@@ -127,6 +141,7 @@ def item(project: Project, image_id: int) -> dict[str, Any]:
     row = project.store.queued_in(image_id)
     if row is not None:
         it.update(round=row[0], strategy=row[1], score=row[2], purpose=row[3])
+    _add_evidence(project, [it])
     return _decorate(project, [it])[0]
 
 

@@ -7,7 +7,9 @@
     labeler                           # shows the photo, buttons and a key box
 
 Click into the key box and type ``1``/``y`` (shows the class), ``0``/``n`` (does not),
-Backspace or ``u`` (undo the last label), ``s`` (skip), ``t`` (train and queue the next round).
+Backspace or ``u`` (undo the last label), ``s`` (skip), ``t`` (train and queue the next round),
+``h`` (show or hide the box of the tile the score comes from), ``z`` (zoom to that box, decoded
+from the original file; ``z`` again shows the whole photo).
 Every label is committed to the project's database at once, with who / when / round / strategy;
 a photo that someone else labelled meanwhile is reported, never silently overwritten. The same
 actions are methods (:meth:`Labeler.yes`, :meth:`Labeler.no`, :meth:`Labeler.undo`, ...), so a
@@ -35,6 +37,8 @@ KEYS = {
     "u": "undo", "Backspace": "undo",
     "s": "skip",
     "t": "next_round",
+    "h": "toggle_region",
+    "z": "zoom",
 }
 _SENTINEL = "▸"  # the key box holds this; deleting it (Backspace) means undo
 
@@ -87,6 +91,9 @@ class Labeler:
         self.items: list[dict[str, Any]] = []
         self.history: list[tuple[dict[str, Any], int]] = []  # (item, event id) of labels given here
         self.message = ""
+        self.show_region = True  # h: draw the region's box on the photo
+        self.zoomed = False  # z: the photo shown is the region, cut from the original file
+        self._zoomed_id: int | None = None
 
         self.image = w.Image(format="jpeg", layout=w.Layout(max_width="100%", max_height="520px"))
         self.caption = w.HTML()
@@ -98,6 +105,7 @@ class Labeler:
         buttons = []
         for text, action, style in (("Yes (1/y)", "yes", "success"), ("No (0/n)", "no", "danger"),
                                     ("Undo (⌫/u)", "undo", ""), ("Skip (s)", "skip", ""),
+                                    ("Where (h)", "toggle_region", ""), ("Zoom (z)", "zoom", ""),
                                     ("Train & next round (t)", "next_round", "info")):
             b = w.Button(description=text, button_style=style, layout=w.Layout(width="auto"))
             b.on_click(lambda _b, a=action: self._act(a))
@@ -216,6 +224,23 @@ class Labeler:
         self.message = f"queued {len(items)} photos like {key}"
         self._render()
 
+    def toggle_region(self) -> None:
+        """Show or hide the box of the tile the photo's score comes from (``h``)."""
+        self.show_region = not self.show_region
+        self._render()
+
+    def zoom(self) -> None:
+        """Show the region at the original file's resolution, or the whole photo again (``z``)."""
+        it = self.current
+        if it is None:
+            return
+        if not it.get("region") and not self.zoomed:
+            self.message = "no region yet: the model needs labels of both kinds (and a project with tiles)"
+        else:
+            self.zoomed = not self.zoomed
+            self._zoomed_id = it["image_id"] if self.zoomed else None
+        self._render()
+
     def refresh(self) -> None:
         """Reload the queue from the project (labels given elsewhere drop out of it)."""
         self.items = []
@@ -252,20 +277,31 @@ class Labeler:
         for key in keys:
             self.press(key)
 
-    def _photo_bytes(self, image_id: int) -> bytes:
-        from PIL import Image
+    def _photo_bytes(self, image_id: int, region: dict[str, int] | None = None, *, zoom: bool = False) -> bytes:
+        """The photo as JPEG (upright, shrunk to ``max_side``), with the region's box drawn; with ``zoom``,
+        only the region, decoded from the original file at its own resolution."""
+        from PIL import Image, ImageDraw, ImageOps
+
+        from .embed.decode import DecodeError, crop_jpeg
 
         path = self.project.file_path(image_id)
         if path is None or not path.is_file():
             return b""
         try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
+            if zoom and region:
+                return crop_jpeg(path, (region["x"], region["y"], region["width"], region["height"]),
+                                 max_side=max(self.max_side, 1024))
+            with Image.open(path) as raw:
+                im = (ImageOps.exif_transpose(raw) or raw).convert("RGB")
+                scale = min(1.0, self.max_side / max(im.size))
                 im.thumbnail((self.max_side, self.max_side))
+                if region:
+                    x, y, w, h = (region[k] * scale for k in ("x", "y", "width", "height"))
+                    ImageDraw.Draw(im).rectangle((x, y, x + w, y + h), outline=(56, 189, 248), width=3)
                 buf = io.BytesIO()
                 im.save(buf, format="JPEG", quality=85)
                 return buf.getvalue()
-        except OSError:
+        except (OSError, ValueError, DecodeError):
             return b""
 
     def _render(self) -> None:
@@ -276,7 +312,11 @@ class Labeler:
             self.caption.value = "<i>nothing queued: press t to train and queue the next round</i>"
             self.info.value = ""
         else:
-            self.image.value = self._photo_bytes(it["image_id"])
+            if self._zoomed_id != it["image_id"]:
+                self.zoomed, self._zoomed_id = False, None  # a new photo starts whole
+            region = it.get("region")
+            self.image.value = self._photo_bytes(it["image_id"], region if (self.show_region or self.zoomed) else None,
+                                                 zoom=self.zoomed)
             self.caption.value = f"<code>{html.escape(it['path'])}</code>"
             score = "–" if it.get("score") is None else f"{it['score']:.3f}"
             self.info.value = (f"score <b>{score}</b> · picked by <b>{html.escape(str(it.get('strategy') or '–'))}</b>"

@@ -300,6 +300,21 @@ class Project:
 
         return scores(self.store)
 
+    def evidence(self, image_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """Where in each photo the current model's score comes from: ``{image_id: {"region", "tiles"}}``.
+
+        ``region`` is the box (x, y, width, height in the original file's pixels) of the tile that adds
+        most to the score; ``tiles`` lists every tile's box with its ``score``, its share of the head's
+        log-odds (see :mod:`raresift.learn.evidence`). None and [] before the labels hold both classes,
+        for projects embedded without tiles and for photos whose file cannot be read."""
+        from .learn.evidence import evidence
+        from .learn.loop import current_model
+
+        model = current_model(self.store)
+        scorer = model.session.scorer
+        return evidence(self.store, scorer.head if scorer is not None and scorer.fitted else None,
+                        [int(i) for i in image_ids])
+
     def evaluate(self, *, k: int = default("k"), top: int | None = None) -> dict[str, Any]:
         """precision@K on the test split with intervals, the random baseline, lift, recall estimates
         (the dict `raresift evaluate --json` prints; see :func:`raresift.evaluate.evaluate`)."""

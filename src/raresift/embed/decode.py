@@ -7,6 +7,7 @@ Pillow's C code, and nothing here loops over pixels in Python.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import warnings
@@ -105,6 +106,45 @@ def open_rgb(path: str | os.PathLike | bytes, *, min_side: int, max_pixels: int 
         if "truncated" in text:
             text = f"truncated or corrupt image data ({text})"
         raise DecodeError(text.splitlines()[0]) from None
+
+
+def image_size(path: str | os.PathLike | bytes) -> tuple[int, int]:
+    """Width and height of an image file as it is shown (after its EXIF orientation), from its header
+    only; raises :class:`DecodeError` for a file that is not a readable image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                w, h = im.size
+                try:
+                    turned = im.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the sides
+                except (OSError, ValueError, SyntaxError):
+                    turned = False
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DecodeError(f"cannot read the image size: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
+            from None
+    return (h, w) if turned else (w, h)
+
+
+def crop_jpeg(path: str | os.PathLike, box: tuple[float, float, float, float], *, max_side: int = 1024,
+              max_pixels: int = DEFAULT_MAX_PIXELS, quality: int = 90) -> bytes:
+    """A box (x, y, width, height in the shown photo's pixels, after EXIF orientation) of an image file as
+    JPEG bytes, decoded at the file's own resolution and scaled down to at most ``max_side`` pixels on the
+    longer side (never up). Raises :class:`DecodeError` for an unreadable file, ValueError for a box
+    outside the photo."""
+    x, y, w, h = (float(v) for v in box)
+    im = open_rgb(path, min_side=10**9, max_pixels=max_pixels)  # no draft, no shrink: every pixel
+    try:
+        W, H = im.size
+        if w <= 0 or h <= 0 or x >= W or y >= H:
+            raise ValueError(f"the box {x:g}, {y:g}, {w:g} x {h:g} is outside the photo ({W} x {H} pixels)")
+        part = im.crop((int(max(0, x)), int(max(0, y)), int(min(W, x + w)), int(min(H, y + h))))
+        part.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        part.save(buf, format="JPEG", quality=quality)
+        return buf.getvalue()
+    finally:
+        im.close()
 
 
 def _shrink(im: Image.Image, min_side: int) -> Image.Image:

@@ -31,6 +31,7 @@ from ..settings import default
 from ..store.cache import exclusive
 from ..store.store import EXAMPLE_PREFIX, Store
 from .coldstart import concepts_for, example_scores, explore_levels, text_scores
+from .evidence import evidence
 from .features import (
     DEFAULT_POOLING,
     PART_WEIGHTS,
@@ -47,7 +48,7 @@ from .strategies import get_strategy
 if TYPE_CHECKING:
     from .head import RareHead
 
-__all__ = ["PURPOSES", "Model", "clusters", "current_model", "load_session", "next_batch", "pending",
+__all__ = ["PURPOSES", "Model", "clusters", "current_model", "load_session", "next_batch", "pending", "saved_head",
            "prepare_scoring", "scores"]
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,11 @@ def _load_head(store: Store) -> tuple[RareHead | None, str | None]:
             return RareHead.from_coefficients(f["coef"], float(f["intercept"]), **HEAD_DEFAULTS), str(f["fingerprint"])
     except (OSError, KeyError, ValueError):
         return None, None
+
+
+def saved_head(store: Store) -> RareHead | None:
+    """The head the last round fitted (None before any): what the page shows evidence with."""
+    return _load_head(store)[0]
 
 
 def _save_head(store: Store, head: RareHead, fingerprint: str) -> None:
@@ -369,7 +375,8 @@ def next_batch(
     among the top ``n`` of the test ranking (for precision@K), or, with ``strategy="random"``, ``n``
     random test photos not drawn before (for the random baseline; the ones that already have a label
     are recorded but not returned). Returns one dict per photo: path, image_id, score, strategy,
-    round, split.
+    round, split, region and tiles (where in the photo the head's score comes from, see
+    :func:`raresift.learn.evidence.evidence`; None and [] before a head or without tiles).
     """
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
         raise InputError(f"--n must be a whole number of photos >= 1, got {n!r}")
@@ -413,9 +420,11 @@ def next_batch(
         rows, sources, proba = rows[keep], [x for x, k in zip(sources, keep) if k], proba[keep]
     paths = store.paths_of(rows + 1)
     split = "test" if evaluate else "pool"
+    where = evidence(store, session.scorer.head if session.scorer.fitted else None, [int(r) + 1 for r in rows])
     return [
         {"path": paths[int(r) + 1], "image_id": int(r) + 1,
-         "score": None if not np.isfinite(p) else round(float(p), 6), "strategy": s, "round": round_id, "split": split}
+         "score": None if not np.isfinite(p) else round(float(p), 6), "strategy": s, "round": round_id, "split": split,
+         **where[int(r) + 1]}
         for r, s, p in zip(rows, sources, proba)
     ]
 

@@ -291,6 +291,22 @@ class Store:
             out.update({r[0]: r[1] for r in self.db.execute(q, chunk)})
         return out
 
+    def image_sizes(self, image_ids: Iterable[int]) -> dict[int, tuple[int, int] | None]:
+        """image id -> (width, height) as recorded (:meth:`set_image_sizes`), None where not recorded yet."""
+        ids = [int(i) for i in image_ids]
+        out: dict[int, tuple[int, int] | None] = {i: None for i in ids}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            q = f"SELECT id, width, height FROM images WHERE id IN ({','.join('?' * len(chunk))})"
+            out.update({r[0]: (r[1], r[2]) for r in self.db.execute(q, chunk) if r[1] and r[2]})
+        return out
+
+    def set_image_sizes(self, sizes: dict[int, tuple[int, int]]) -> None:
+        """Record photos' width and height (as shown, after EXIF orientation)."""
+        with self.tx() as db:
+            db.executemany("UPDATE images SET width = ?, height = ? WHERE id = ?",
+                           [(int(w), int(h), int(i)) for i, (w, h) in sizes.items()])
+
     def file_path(self, image_id: int) -> Path | None:
         row = self.db.execute("SELECT fs_path FROM images WHERE id = ?", (image_id,)).fetchone()
         root = self.images_root

@@ -33,7 +33,7 @@ from urllib.parse import parse_qs
 from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -137,6 +137,17 @@ EventId = Annotated[int, Field(ge=1, le=MAX_ID, description="id of a label event
 ImageIdPath = Annotated[int, PathParam(ge=1, le=MAX_ID, description="database id of a photo")]
 
 
+class Box(BaseModel):
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+class Tile(Box):
+    score: float = Field(description="the tile's share of the head's log-odds")
+
+
 class Item(BaseModel):
     image_id: int = Field(description="database id of the photo (its URL is /api/images/{image_id}/file)")
     path: str = Field(description="the photo's id in the project (path relative to the images folder)")
@@ -149,6 +160,10 @@ class Item(BaseModel):
     event: int | None = Field(None, description="id of the newest label event; send it back as `expected`")
     label: int | None = Field(None, description="current label: 1, 0, or null")
     labelled_by: str | None = None
+    region: Box | None = Field(None, description="where in the photo the score comes from: the box of the tile "
+                               "that adds most to it, in the original file's pixels (null before a model, or "
+                               "without tiles)")
+    tiles: list[Tile] = Field(default_factory=list, description="every tile's box and its share of the score")
 
 
 class ItemsOut(BaseModel):
@@ -603,6 +618,32 @@ def create_app(
             return _error(404, "not_found", f"photo {image_id} has no readable file")
         media = PHOTO_TYPES.get(file.suffix.lower(), "application/octet-stream")
         return FileResponse(file, media_type=media, headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/api/images/{image_id:int}/crop", responses={200: {"content": {"image/jpeg": {}}}, **FILE_ERRORS},
+             summary="A box of the photo, decoded from the original file at its own resolution",
+             description="x, y, width, height in the original file's pixels (after its EXIF orientation), as "
+             "`region` gives them; the crop is scaled down to at most `size` pixels on its longer side, never up.")
+    def api_image_crop(project: ProjectDep, image_id: ImageIdPath, x: Annotated[int, Query(ge=0)],
+                       y: Annotated[int, Query(ge=0)], width: Annotated[int, Query(ge=1)],
+                       height: Annotated[int, Query(ge=1)], size: Annotated[int, Query(ge=16, le=4096)] = 1024):
+        row = project.store.image_row(image_id)
+        if row is None:
+            return _error(404, "not_found", f"no photo with id {image_id}")
+        if row["status"] not in SERVED_STATUSES:
+            return _error(410, "unreadable_photo", f"photo {image_id} could not be read when it was added",
+                          {"image_id": image_id, "status": row["status"]})
+        file = project.file_path(image_id)
+        if file is None or not file.is_file():
+            return _error(404, "not_found", f"photo {image_id} has no readable file")
+        from ..embed.decode import DecodeError, crop_jpeg
+
+        try:
+            data = crop_jpeg(file, (x, y, width, height), max_side=size)
+        except DecodeError as exc:
+            return _error(410, "unreadable_photo", f"photo {image_id} cannot be read: {exc}", {"image_id": image_id})
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/api/evaluation", responses=ERRORS, summary="precision@K on the test split against random")
     def api_evaluation(project: ProjectDep, k: Annotated[int, Query(ge=1, le=100_000)] = default("k")

@@ -28,6 +28,10 @@ const state = {
   statusSeq: -1,      // seq of the /api/status reply applied (chart, round numbers, estimates)
   statusRound: -1,    // its current round id: a reply with the same seq but an older round is older
   stale: 0,           // replies not applied because a newer one had been (body[data-stale])
+  // Evidence: where in the photo the score comes from (item.region, in the original file's pixels).
+  showRegion: localStorage.getItem("raresift.region") !== "0", // h: the region's box over the photo
+  zoom: false,        // z: the photo on screen is the region, decoded from the original file
+  whole: false,       // grid, w: whole photos instead of the zoomed regions
 };
 
 // ------------------------------------------------------------------ helpers
@@ -89,6 +93,18 @@ function showError(err) {
 function fmtPct(x) { return x == null ? "–" : (100 * x).toFixed(x < 0.1 ? 1 : 0) + "%"; }
 function fmtInterval(iv) { return iv ? ` [${fmtPct(iv[0])}, ${fmtPct(iv[1])}]` : ""; }
 function photoUrl(item) { return `/api/images/${item.image_id}/file`; }
+// The region, decoded on the server from the original file (not an upscaled thumbnail).
+function cropUrl(item, size) {
+  const r = item.region;
+  return `/api/images/${item.image_id}/crop?x=${r.x}&y=${r.y}&width=${r.width}&height=${r.height}&size=${size || 1024}`;
+}
+// A region small enough to be worth zooming to in the grid: at most a quarter of the photo.
+function smallRegion(item) {
+  if (!item.region || !item.tiles || !item.tiles.length) return false;
+  const t = item.tiles;
+  const W = Math.max(...t.map((b) => b.x + b.width)), H = Math.max(...t.map((b) => b.y + b.height));
+  return item.region.width * item.region.height <= 0.25 * W * H + 1;
+}
 function ago(t) {
   const s = Math.max(0, Date.now() / 1000 - t);
   return s < 60 ? `${Math.round(s)} s ago` : s < 3600 ? `${Math.round(s / 60)} min ago` : `${Math.round(s / 3600)} h ago`;
@@ -234,7 +250,44 @@ async function ensureItems(limit) {
 
 // ------------------------------------------------------------------ single-photo mode
 function preload(items) {
-  for (const it of items) { const im = new Image(); im.src = photoUrl(it); }
+  for (const it of items) {
+    const im = new Image(); im.src = photoUrl(it);
+    if (it.region) { const c = new Image(); c.src = cropUrl(it); } // z never waits on the server
+  }
+}
+
+function drawRegion() {
+  const el = $("#region");
+  if (!el) return;
+  const it = state.items[0];
+  const img = $("#photo");
+  const on = !!(it && it.region && state.showRegion && !state.zoom && img.naturalWidth);
+  body.dataset.region = on ? "1" : "0";
+  if (!on) { el.hidden = true; return; }
+  const g = photoGeometry();
+  const wrap = img.parentElement.getBoundingClientRect();
+  const r = it.region;
+  Object.assign(el.style, { left: `${g.left - wrap.left + r.x * g.scale}px`, top: `${g.top - wrap.top + r.y * g.scale}px`,
+    width: `${r.width * g.scale}px`, height: `${r.height * g.scale}px` });
+  el.hidden = false;
+}
+
+function toggleRegion() {
+  state.showRegion = !state.showRegion;
+  localStorage.setItem("raresift.region", state.showRegion ? "1" : "0");
+  drawRegion();
+}
+
+function toggleZoom() {
+  const it = state.items[0];
+  if (!it) return;
+  if (!it.region && !state.zoom) { banner("This photo has no region yet: the model needs labels of both kinds (and tiles).", "info"); return; }
+  state.zoom = !state.zoom;
+  clearBox(); // a box drawn on the whole photo means nothing on the zoomed one
+  const img = $("#photo");
+  img.src = state.zoom ? cropUrl(it) : photoUrl(it);
+  body.dataset.zoom = state.zoom ? "1" : "0";
+  drawRegion();
 }
 
 function showCurrent() {
@@ -253,8 +306,10 @@ function showCurrent() {
   }
   $("#empty").hidden = true;
   $("#single").classList.remove("idle");
-  img.src = photoUrl(it);
+  if (img.dataset.imageId !== String(it.image_id)) { state.zoom = false; body.dataset.zoom = "0"; }
+  img.src = state.zoom && it.region ? cropUrl(it) : photoUrl(it);
   img.dataset.imageId = String(it.image_id);
+  drawRegion();
   $("#photo-caption").textContent = it.path;
   $("#f-score").textContent = it.score == null ? "–" : it.score.toFixed(3);
   $("#f-strategy").textContent = it.strategy || "–";
@@ -444,7 +499,9 @@ function bindExamples() {
   });
   const img = $("#photo");
   if (!img) return;
-  img.addEventListener("mousedown", (e) => { e.preventDefault(); drag.on = true; drag.x0 = e.clientX; drag.y0 = e.clientY; clearBox(); });
+  img.addEventListener("load", drawRegion);
+  window.addEventListener("resize", drawRegion);
+  img.addEventListener("mousedown", (e) => { e.preventDefault(); if (state.zoom) return; drag.on = true; drag.x0 = e.clientX; drag.y0 = e.clientY; clearBox(); });
   document.addEventListener("mousemove", (e) => { if (drag.on) drawBox(drag.x0, drag.y0, e.clientX, e.clientY); });
   document.addEventListener("mouseup", (e) => {
     if (!drag.on) return;
@@ -493,12 +550,16 @@ function page() { return state.items.slice(0, GRID); }
 function renderGrid() {
   const grid = $("#grid");
   const items = page();
-  grid.innerHTML = items.map((it, i) => `
-    <figure class="tile${state.marks.has(it.image_id) ? " marked" : ""}${i === state.cursor ? " cursor" : ""}"
+  grid.innerHTML = items.map((it, i) => {
+    const zoomed = !state.whole && smallRegion(it); // the region, the whole photo on hover
+    return `
+    <figure class="tile${state.marks.has(it.image_id) ? " marked" : ""}${i === state.cursor ? " cursor" : ""}${zoomed ? " zoomed" : ""}"
             data-i="${i}" data-image-id="${it.image_id}">
-      <img src="${photoUrl(it)}" alt="" loading="eager">
+      <img src="${zoomed ? cropUrl(it, 512) : photoUrl(it)}" alt="" loading="eager"${zoomed ? ` data-whole="${photoUrl(it)}" data-crop="${cropUrl(it, 512)}"` : ""}>
       <figcaption>${it.score == null ? "" : it.score.toFixed(2)} <span>${esc(it.strategy || "")}</span></figcaption>
-    </figure>`).join("");
+    </figure>`;
+  }).join("");
+  body.dataset.whole = state.whole ? "1" : "0";
   const e = $("#empty");
   if (!items.length) {
     e.innerHTML = MODE === "evaluate"
@@ -659,12 +720,15 @@ function onKey(key) {
     if (key === "s") return run(async () => skipCurrent());
     if (key === "m") return run(moreLikeThis);
     if (key === "x") return run(searchWithBox);
+    if (key === "h") return run(async () => toggleRegion());
+    if (key === "z") return run(async () => toggleZoom());
     if (key === "g") { window.location.href = "/grid"; return; }
     return;
   }
   if (key === "e" && MODE === "evaluate") return run(() => trainNext());
   if (key === "b" && MODE === "evaluate") return run(queueBaseline);
   if (key === "Enter") return run(submitGrid);
+  if (key === "w") return run(async () => { state.whole = !state.whole; renderGrid(); });
   if (key === " " || key === "1" || key === "y") return run(async () => toggle(state.cursor, key === " " ? undefined : true));
   if (key === "0" || key === "n") return run(async () => toggle(state.cursor, false));
   if (key === "ArrowLeft" || key === "h") return run(async () => moveCursor(-1, 0));
@@ -673,7 +737,7 @@ function onKey(key) {
   if (key === "ArrowDown" || key === "j") return run(async () => moveCursor(0, 1));
 }
 
-const HANDLED = new Set(["1", "y", "0", "n", "Backspace", "u", "s", "m", "x", "t", "g", "e", "b", "k", "r", "Enter", " ",
+const HANDLED = new Set(["1", "y", "0", "n", "Backspace", "u", "s", "m", "x", "z", "w", "t", "g", "e", "b", "k", "r", "Enter", " ",
   "ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown", "h", "j", "l"]);
 
 document.addEventListener("keydown", (ev) => {
@@ -685,6 +749,16 @@ document.addEventListener("keydown", (ev) => {
   if (ev.ctrlKey || ev.metaKey || ev.altKey || !HANDLED.has(ev.key)) return;
   ev.preventDefault(); // Backspace must not navigate back, Space must not scroll
   onKey(ev.key);
+});
+
+// Grid: a zoomed cell shows the whole photo while the pointer is over it.
+document.addEventListener("mouseover", (ev) => {
+  const im = ev.target.closest && ev.target.closest(".tile.zoomed img");
+  if (im && im.dataset.whole) im.src = im.dataset.whole;
+});
+document.addEventListener("mouseout", (ev) => {
+  const im = ev.target.closest && ev.target.closest(".tile.zoomed img");
+  if (im && im.dataset.crop) im.src = im.dataset.crop;
 });
 
 document.addEventListener("click", (ev) => {
