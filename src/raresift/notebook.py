@@ -290,7 +290,7 @@ class Labeler:
         try:
             if zoom and region:
                 return crop_jpeg(path, (region["x"], region["y"], region["width"], region["height"]),
-                                 max_side=max(self.max_side, 1024))
+                                 size=self.max_side)
             with Image.open(path) as raw:
                 im = (ImageOps.exif_transpose(raw) or raw).convert("RGB")
                 scale = min(1.0, self.max_side / max(im.size))

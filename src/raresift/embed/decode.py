@@ -126,12 +126,16 @@ def image_size(path: str | os.PathLike | bytes) -> tuple[int, int]:
     return (h, w) if turned else (w, h)
 
 
-def crop_jpeg(path: str | os.PathLike, box: tuple[float, float, float, float], *, max_side: int = 1024,
+MAX_UPSCALE = 4.0  # a crop is enlarged at most this much (beyond that there is no detail left to show)
+
+
+def crop_jpeg(path: str | os.PathLike, box: tuple[float, float, float, float], *, size: int = 1024,
               max_pixels: int = DEFAULT_MAX_PIXELS, quality: int = 90) -> bytes:
     """A box (x, y, width, height in the shown photo's pixels, after EXIF orientation) of an image file as
-    JPEG bytes, decoded at the file's own resolution and scaled down to at most ``max_side`` pixels on the
-    longer side (never up). Raises :class:`DecodeError` for an unreadable file, ValueError for a box
-    outside the photo."""
+    JPEG bytes: decoded from the file at its full resolution, then resampled (Lanczos) so that its longer
+    side is ``size`` pixels: smaller where the original has more pixels, larger (at most
+    :data:`MAX_UPSCALE` times) where it has fewer, so a screen shows it without a blurry browser upscale.
+    Raises :class:`DecodeError` for an unreadable file, ValueError for a box outside the photo."""
     x, y, w, h = (float(v) for v in box)
     im = open_rgb(path, min_side=10**9, max_pixels=max_pixels)  # no draft, no shrink: every pixel
     try:
@@ -139,7 +143,10 @@ def crop_jpeg(path: str | os.PathLike, box: tuple[float, float, float, float], *
         if w <= 0 or h <= 0 or x >= W or y >= H:
             raise ValueError(f"the box {x:g}, {y:g}, {w:g} x {h:g} is outside the photo ({W} x {H} pixels)")
         part = im.crop((int(max(0, x)), int(max(0, y)), int(min(W, x + w)), int(min(H, y + h))))
-        part.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        scale = min(size / max(part.size), MAX_UPSCALE)
+        if abs(scale - 1.0) > 1e-3:
+            part = part.resize((max(1, round(part.width * scale)), max(1, round(part.height * scale))),
+                               Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         part.save(buf, format="JPEG", quality=quality)
         return buf.getvalue()

@@ -622,7 +622,9 @@ def create_app(
     @app.get("/api/images/{image_id:int}/crop", responses={200: {"content": {"image/jpeg": {}}}, **FILE_ERRORS},
              summary="A box of the photo, decoded from the original file at its own resolution",
              description="x, y, width, height in the original file's pixels (after its EXIF orientation), as "
-             "`region` gives them; the crop is scaled down to at most `size` pixels on its longer side, never up.")
+             "`region` gives them. The box is cut from the file at its full resolution and resampled (Lanczos) "
+             "to `size` pixels on its longer side: down where the file has more pixels, up (at most 4x) where it "
+             "has fewer, so the page shows it at screen size without upscaling a thumbnail.")
     def api_image_crop(project: ProjectDep, image_id: ImageIdPath, x: Annotated[int, Query(ge=0)],
                        y: Annotated[int, Query(ge=0)], width: Annotated[int, Query(ge=1)],
                        height: Annotated[int, Query(ge=1)], size: Annotated[int, Query(ge=16, le=4096)] = 1024):
@@ -638,7 +640,7 @@ def create_app(
         from ..embed.decode import DecodeError, crop_jpeg
 
         try:
-            data = crop_jpeg(file, (x, y, width, height), max_side=size)
+            data = crop_jpeg(file, (x, y, width, height), size=size)
         except DecodeError as exc:
             return _error(410, "unreadable_photo", f"photo {image_id} cannot be read: {exc}", {"image_id": image_id})
         except ValueError as exc:

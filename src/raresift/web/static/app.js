@@ -93,10 +93,17 @@ function showError(err) {
 function fmtPct(x) { return x == null ? "–" : (100 * x).toFixed(x < 0.1 ? 1 : 0) + "%"; }
 function fmtInterval(iv) { return iv ? ` [${fmtPct(iv[0])}, ${fmtPct(iv[1])}]` : ""; }
 function photoUrl(item) { return `/api/images/${item.image_id}/file`; }
-// The region, decoded on the server from the original file (not an upscaled thumbnail).
+// The region, cut on the server from the original file and resampled to the size it is shown at
+// (not a thumbnail upscaled by the browser).
+function zoomSize() {
+  const wrap = document.querySelector(".photo-wrap");
+  const r = wrap ? wrap.getBoundingClientRect() : { width: 1024, height: 1024 };
+  const px = Math.max(r.width, r.height) * (window.devicePixelRatio || 1);
+  return Math.min(2048, Math.max(256, Math.ceil(px / 128) * 128)); // in steps, so the browser cache can serve it
+}
 function cropUrl(item, size) {
   const r = item.region;
-  return `/api/images/${item.image_id}/crop?x=${r.x}&y=${r.y}&width=${r.width}&height=${r.height}&size=${size || 1024}`;
+  return `/api/images/${item.image_id}/crop?x=${r.x}&y=${r.y}&width=${r.width}&height=${r.height}&size=${size || zoomSize()}`;
 }
 // A region small enough to be worth zooming to in the grid: at most a quarter of the photo.
 function smallRegion(item) {
