@@ -60,6 +60,18 @@ def test_learn_block_runs(workdir):
     assert (workdir / "top.jsonl").stat().st_size > 0
 
 
+def test_concepts_block_runs(workdir):
+    paths = sorted(p.relative_to(workdir / "photos").as_posix() for p in (workdir / "photos").rglob("*.jpg"))
+    (workdir / "more.csv").write_text("path,label,concept\n" + f"{paths[0]},1,spiders\n{paths[1]},unsure,\n")
+    done = sh(blocks("concepts") + "\nraresift concepts insects --json > concepts.json"
+              "\nraresift next insects --review --json > review.json", workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    concepts = {c["concept"]: c for c in json.loads((workdir / "concepts.json").read_text())}
+    assert set(concepts) == {"default", "spiders"} and concepts["spiders"]["rounds"] >= 1
+    assert concepts["spiders"]["positives"] == 1
+    assert [r["path"] for r in json.loads((workdir / "review.json").read_text())] == [paths[1]]
+
+
 def test_python_block_runs(workdir):
     done = subprocess.run([sys.executable, "-c", blocks("python")], cwd=workdir, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -73,12 +73,15 @@ def test_expected_previous_label_detects_concurrent_change(embedded_project):
         assert project.labels()[photo] == 0
 
 
-def test_label_rejects_values_other_than_0_1(embedded_project):
+def test_label_rejects_values_other_than_0_1_unsure(embedded_project):
     path, _images, truth = embedded_project
     with Project.open(path) as project:
-        with pytest.raises(Exception, match="1 or 0"):
-            project.label([(sorted(truth)[0], 2)])
+        for bad in (3, -1, "maybe", True, 0.5):
+            with pytest.raises(Exception, match="1, 0 or 'unsure'"):
+                project.label([(sorted(truth)[0], bad)])
         assert project.labels() == {}
+        project.label([(sorted(truth)[0], "unsure")])
+        assert project.labels() == {sorted(truth)[0]: 2}
 
 
 def _plain_counts(p) -> dict:
@@ -90,7 +93,7 @@ def _kept_counts(p) -> dict:
     return {(s, sp): n for s, sp, n in p.db.execute("SELECT status, split, n FROM image_counts").fetchall() if n}
 
 
-def test_image_counts_follow_every_change_and_an_old_project_migrates(tmp_path):
+def test_image_counts_follow_every_change_and_an_old_project_migrates(tmp_path, monkeypatch):
     from conftest import make_collection
 
     from raresift.store import db as store_db
@@ -109,13 +112,31 @@ def test_image_counts_follow_every_change_and_an_old_project_migrates(tmp_path):
         status = p.status()
         assert status["images"] == 14 and status["duplicates"] == 1
         assert status["test"] + status["pool"] == 13  # the photo recorded as unreadable is in neither
-    # A project written before migration 3: its counts are made from the images when it is opened.
-    conn = sqlite3.connect(tmp_path / "p" / "raresift.sqlite")
-    conn.executescript("DROP TRIGGER image_counts_insert; DROP TRIGGER image_counts_update; "
-                       "DROP TRIGGER image_counts_delete; DROP TABLE image_counts; "
-                       "DELETE FROM meta WHERE key = 'images.duplicates'; DELETE FROM schema_migrations WHERE version = 3;")
-    conn.commit()
-    conn.close()
-    with Project(tmp_path / "p") as p:
+    # A project written by a raresift before migration 3 (schema 2), with labels (one withdrawn, one replaced):
+    # opened now, its counts are made from the images and every label event is kept, in concept "default".
+    full, version = store_db.MIGRATIONS, store_db.SCHEMA_VERSION
+    monkeypatch.setattr(store_db, "MIGRATIONS", full[:2])
+    monkeypatch.setattr(store_db, "SCHEMA_VERSION", 2)
+    with Project.create(tmp_path / "old", images=images) as p:
+        p.add_images()
+        p.store.mark_embedded([1, 2, 3], [(4, "unreadable")])
+        p.db.execute("INSERT INTO labels (image_id, value, who, at, source) VALUES (1, 1, 'ann', 1.0, 'web')")
+        p.db.execute("INSERT INTO labels (image_id, value, who, at, source) VALUES (2, 0, 'ann', 2.0, 'web')")
+        p.db.execute("INSERT INTO labels (image_id, value, who, at, source, replaces) VALUES (2, 1, 'bob', 3.0, 'web', 2)")
+        p.db.execute("INSERT INTO labels (image_id, value, who, at, source) VALUES (3, 0, 'ann', 4.0, 'web')")
+        p.db.execute("INSERT INTO labels (image_id, value, who, at, source, replaces) VALUES (3, NULL, 'ann', 5.0, 'web', 4)")
+        events = p.db.execute("SELECT id, image_id, value, who, replaces FROM labels ORDER BY id").fetchall()
+    monkeypatch.setattr(store_db, "MIGRATIONS", full)
+    monkeypatch.setattr(store_db, "SCHEMA_VERSION", version)
+    with Project(tmp_path / "old") as p:
         assert p.db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0] == store_db.SCHEMA_VERSION
-        assert _kept_counts(p) == _plain_counts(p) and p.status() == status
+        assert _kept_counts(p) == _plain_counts(p)
+        assert [tuple(r) for r in p.db.execute("SELECT id, image_id, value, who, replaces FROM labels ORDER BY id")] \
+            == [tuple(r) for r in events]
+        assert {r[0] for r in p.db.execute("SELECT DISTINCT concept FROM labels")} == {"default"}
+        assert p.labels() == {p.store.paths_of([1])[1]: 1, p.store.paths_of([2])[2]: 1}
+        new_status = p.status()
+        assert (new_status["images"], new_status["labels"], new_status["positives"]) == (14, 2, 2)
+        assert new_status["concept"] == "default" and new_status["unsure"] == 0
+        assert p.concepts() == [{"concept": "default", "labels": 2, "positives": 2, "negatives": 0, "unsure": 0,
+                                 "rounds": 0}]

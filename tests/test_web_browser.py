@@ -392,3 +392,35 @@ def test_region_overlay_zoom_and_grid_crops(browser, embedded_project):
         settle(grid)
         assert grid.evaluate("document.body.dataset.whole") == "1" and grid.locator(".tile.zoomed").count() == 0
         assert not grid.errors
+
+
+def test_unsure_key_and_a_second_concept(browser, embedded_project):
+    """? stores "unsure" (not counted as a label, not asked again); the page of another concept labels into that
+    concept only, and its switcher lists both."""
+    project, _, _ = embedded_project
+    with running_server(project) as url:
+        page = open_page(browser, url)
+        first = shown_id(page)
+        page.keyboard.press("?")
+        settle(page)
+        assert shown_id(page) != first
+        with Project.open(project) as p:
+            assert p.review()[0]["image_id"] == first and p.status()["labels"] == 0
+        page.keyboard.press("1")
+        settle_status(page)
+        assert page.text_content("#n-labels") == "1"
+        other = open_page(browser, url.replace("/?", "/?concept=spiders&") if "?" in url else url + "?concept=spiders")
+        assert other.evaluate("document.body.dataset.concept") == "spiders"
+        other.wait_for_function("(document.body.dataset.concepts || '').split(',').includes('spiders')", timeout=WAIT_MS)
+        assert other.text_content("#n-labels") == "0"  # the default concept's label is not this one's
+        other.keyboard.press("0")
+        settle_status(other)
+        assert other.text_content("#n-labels") == "1"
+        assert "concept=spiders" in other.get_attribute("header nav a[data-page='/grid']", "href")
+        with Project(project, concept="spiders") as p:
+            assert p.status()["labels"] == 1 and p.status()["positives"] == 0
+        with Project(project) as p:
+            assert p.status()["labels"] == 1 and p.status()["positives"] == 1
+        opts = other.eval_on_selector_all("#concept option", "els => els.map(e => e.textContent)")
+        assert "default" in opts and "spiders" in opts
+        assert not page.errors and not other.errors

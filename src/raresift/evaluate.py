@@ -21,7 +21,7 @@ import numpy as np
 from .errors import InputError, NotReadyError
 from .learn.loop import scores
 from .settings import default
-from .store.store import Store
+from .store.store import UNSURE_ROW, Store
 
 __all__ = ["evaluate", "wilson"]
 
@@ -71,7 +71,8 @@ def evaluate(store: Store, *, k: int = default("k"), top: int | None = None) -> 
     lab = labels[top_k]
     n_lab = int((lab >= 0).sum())
     n_pos = int((lab == 1).sum())
-    missing = kk - n_lab
+    n_unsure = int((lab == UNSURE_ROW).sum())  # answered "unsure": neither counted nor asked again
+    missing = int((lab == -1).sum())
     precision = n_pos / n_lab if n_lab else None
     p_ci = wilson(n_pos, n_lab)
 
@@ -120,6 +121,7 @@ def evaluate(store: Store, *, k: int = default("k"), top: int | None = None) -> 
                      "--strategy random --n 100`) for the baseline, prevalence and recall")
     n_labels = store.label_counts()["labels"]
     return {
+        "concept": store.concept,
         "k": kk,
         "test_photos": len(test),
         "collection_photos": n_all,
@@ -129,7 +131,8 @@ def evaluate(store: Store, *, k: int = default("k"), top: int | None = None) -> 
         "top_k_missing": missing,
         "precision_at_k": _r(precision),
         "precision_at_k_ci": list(p_ci) if p_ci else None,
-        "precision_at_k_bounds": [_r(n_pos / kk), _r((n_pos + missing) / kk)],
+        "precision_at_k_bounds": [_r(n_pos / kk), _r((n_pos + missing + n_unsure) / kk)],
+        "top_k_unsure": n_unsure,
         "random_labels": n_rand,
         "random_positives": rand_pos,
         "random_precision": _r(prevalence),

@@ -16,7 +16,7 @@ from .errors import InputError
 from .learn.strategies import STRATEGIES
 from .project import Project
 from .settings import default
-from .store.labels import LabelEvent, default_who
+from .store.labels import UNSURE, LabelEvent, default_who
 
 __all__ = [
     "WARM_MODULES",
@@ -61,6 +61,11 @@ def warm_up() -> threading.Thread:
     return thread
 
 
+def api_value(value: int | None) -> int | str | None:
+    """A stored label value as the API and exports say it: 1, 0, "unsure" or None."""
+    return "unsure" if value == UNSURE else value
+
+
 def strategies() -> list[str]:
     """Names of the strategies a round can use ("default" first; "mixed" is the same strategy)."""
     return ["default"] + [n for n in STRATEGIES if n not in ("default", "mixed")]
@@ -78,7 +83,7 @@ def _decorate(project: Project, items: list[dict[str, Any]]) -> list[dict[str, A
         it["has_file"] = row["fs_path"] is not None and row["status"] != "error"  # unreadable files are not served
         ev = project.store.latest_label(it["image_id"])
         it["event"] = ev.id if ev else None
-        it["label"] = ev.value if ev else None
+        it["label"] = api_value(ev.value) if ev else None
         it["labelled_by"] = ev.who if ev and ev.value is not None else None
     return items
 
@@ -160,8 +165,10 @@ def label_items(project: Project, items: list[tuple[int, int | None, bool, int |
     for image_id, value, check, exp in items:
         if project.store.image_row(image_id) is None:
             raise InputError(f"no image with database id {image_id} in this project")
-        if value not in (0, 1, None):
-            raise InputError(f"label must be 1, 0 or null (withdraw), got {value!r}")
+        if value == "unsure":
+            value = UNSURE
+        if value not in (0, 1, UNSURE, None) or isinstance(value, bool):
+            raise InputError(f"label must be 1, 0, \"unsure\" or null (withdraw), got {value!r}")
         queued = project.store.queued_in(image_id)
         rows.append((int(image_id), None if value is None else int(value),
                      queued[0] if queued else None, queued[1] if queued else None))
@@ -204,8 +211,8 @@ def history(project: Project, *, max_points: int = 400) -> list[tuple[int, int]]
             pos -= 1
         if value is not None:
             current[image_id] = value
-            pos += value
-        points.append((len(current), pos))
+            pos += value == 1
+        points.append((len(current), pos))  # an "unsure" answer spent a label too
     if len(points) > max_points:
         step = len(points) / max_points
         points = [points[int(i * step)] for i in range(max_points)] + [points[-1]]
@@ -239,7 +246,7 @@ def evaluation_state(project: Project) -> tuple:
     cold start (a report is reused while these stay the same)."""
     store = project.store
     return (store.label_counts()["seq"], store.count_rounds(), store.vectors_generation(),
-            store.meta("learn.query"), store.meta("learn.examples"), store.meta("learn.not_like"))
+            store.concept, *(store.meta(store.concept_key(k)) for k in ("learn.query", "learn.examples", "learn.not_like")))
 
 
 def export(project: Project, *, top: int, fmt: str) -> Path:

@@ -6,7 +6,7 @@
     labeler = Labeler("insects")      # a project folder or an open Project
     labeler                           # shows the photo, buttons and a key box
 
-Click into the key box and type ``1``/``y`` (shows the class), ``0``/``n`` (does not),
+Click into the key box and type ``1``/``y`` (shows the class), ``0``/``n`` (does not), ``?`` (unsure),
 Backspace or ``u`` (undo the last label), ``s`` (skip), ``t`` (train and queue the next round),
 ``h`` (show or hide the box of the tile the score comes from), ``z`` (zoom to that box, decoded
 from the original file; ``z`` again shows the whole photo).
@@ -34,6 +34,7 @@ __all__ = ["Labeler", "KEYS"]
 KEYS = {
     "1": "yes", "y": "yes",
     "0": "no", "n": "no",
+    "?": "unsure",
     "u": "undo", "Backspace": "undo",
     "s": "skip",
     "t": "next_round",
@@ -62,6 +63,8 @@ class Labeler:
         ``"label"`` (default) or ``"evaluate"`` (label the test photos queued for evaluation).
     max_side:
         Photos are shrunk to at most this many pixels per side before they are sent to the browser.
+    concept:
+        The concept (rare class) to label when ``project`` is a path (an open Project brings its own).
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class Labeler:
         query: str | None = None,
         purpose: str = "label",
         max_side: int = 640,
+        concept: str = "default",
     ):
         try:
             import ipywidgets as w
@@ -81,7 +85,7 @@ class Labeler:
             raise MissingExtraError("the notebook labeller", "notebook") from None
 
         self._own = not isinstance(project, Project)
-        self.project = Project.open(project) if self._own else project
+        self.project = Project.open(project, concept=concept) if self._own else project
         self.who = who or labelling.default_who()
         self.batch = batch
         self.strategy = strategy
@@ -104,7 +108,7 @@ class Labeler:
         self.keys.observe(self._on_keys, names="value")
         buttons = []
         for text, action, style in (("Yes (1/y)", "yes", "success"), ("No (0/n)", "no", "danger"),
-                                    ("Undo (⌫/u)", "undo", ""), ("Skip (s)", "skip", ""),
+                                    ("Unsure (?)", "unsure", ""), ("Undo (⌫/u)", "undo", ""), ("Skip (s)", "skip", ""),
                                     ("Where (h)", "toggle_region", ""), ("Zoom (z)", "zoom", ""),
                                     ("Train & next round (t)", "next_round", "info")):
             b = w.Button(description=text, button_style=style, layout=w.Layout(width="auto"))
@@ -151,8 +155,12 @@ class Labeler:
         """Label the photo on screen as not showing the class, and move on."""
         self.label(0)
 
-    def label(self, value: int, *, force: bool = False) -> None:
-        """Label the photo on screen 1 or 0; ``force`` replaces a label someone else gave meanwhile."""
+    def unsure(self) -> None:
+        """Answer "unsure" for the photo on screen (stored, listed by ``next --review``, never trained on)."""
+        self.label("unsure")
+
+    def label(self, value: int | str, *, force: bool = False) -> None:
+        """Label the photo on screen 1, 0 or "unsure"; ``force`` replaces a label someone else gave meanwhile."""
         it = self.current
         if it is None:
             self.message = "nothing to label: press t to train and queue the next round"
@@ -167,16 +175,16 @@ class Labeler:
         except LabelConflict as exc:
             cur = exc.current
             what = "had its label withdrawn" if cur is None or cur.value is None else \
-                f"was labelled {'yes' if cur.value else 'no'}"
+                f"was labelled {labelling.api_value(cur.value) if cur.value not in (0, 1) else 'yes' if cur.value else 'no'}"
             by = f" by {cur.who}" if cur is not None else ""
             self.message = (f"{it['path']} {what}{by} since it was shown; nothing was overwritten. "
-                            f"Call labeler.label({value}, force=True) to replace it, or s to skip.")
+                            f"Call labeler.label({value!r}, force=True) to replace it, or s to skip.")
             it["event"] = cur.id if cur is not None else None
             self._render()
             return
         self.history.append((it, ev.id))
         self.items.pop(0)
-        self.message = f"saved: {it['path']} = {'yes' if value else 'no'}"
+        self.message = f"saved: {it['path']} = {value if value == 'unsure' else 'yes' if value else 'no'}"
         self._fill()
         self._render()
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import InputError
 from .settings import default
-from .store.labels import LabelEvent, default_who, read_csv
+from .store.labels import DEFAULT_CONCEPT, UNSURE, LabelEvent, default_who, read_csv
 from .store.store import AddReport, Store
 
 __all__ = ["AddReport", "DEFAULT_SEED", "DEFAULT_TEST_FRACTION", "Project"]
@@ -45,16 +45,31 @@ class Project:
     The object holds one SQLite connection; use it as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, path: str | os.PathLike | Store):
-        self.store = path if isinstance(path, Store) else Store.open(path)
+    def __init__(self, path: str | os.PathLike | Store, *, concept: str = DEFAULT_CONCEPT):
+        self.store = path if isinstance(path, Store) else Store.open(path, concept=concept)
         self.path = self.store.root
         self.db = self.store.db  # the SQLite connection, for reading (all writes go through the store)
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, path: str | os.PathLike) -> Project:
-        """Open an existing project folder (the same as ``Project(path)``)."""
-        return cls(path)
+    def open(cls, path: str | os.PathLike, *, concept: str = DEFAULT_CONCEPT) -> Project:
+        """Open an existing project folder (the same as ``Project(path)``); ``concept`` names the rare class
+        whose labels, rounds and model this object works with (photos, splits and vectors are shared)."""
+        return cls(path, concept=concept)
+
+    @property
+    def concept(self) -> str:
+        """The concept (rare class) this object labels and ranks; ``"default"`` unless opened with another."""
+        return self.store.concept
+
+    def concepts(self) -> list[dict[str, Any]]:
+        """Every concept of the project with its counts (what `raresift concepts --json` prints)."""
+        return self.store.concepts()
+
+    def review(self) -> list[dict[str, Any]]:
+        """The photos answered "unsure" for this concept, newest first (never trained on): image_id, path,
+        split, who, at."""
+        return self.store.unsure()
 
     @classmethod
     def create(
@@ -211,7 +226,8 @@ class Project:
         strategy: str | None = None,
         expected: dict[int, int | None] | None = None,
     ) -> list[LabelEvent]:
-        """Record labels: ``(image, value)`` pairs, image as id (path) or database id, value 1, 0 or None (withdraw).
+        """Record labels: ``(image, value)`` pairs, image as id (path) or database id, value 1, 0, ``"unsure"``
+        (or 2: stored and listed by :meth:`review`, never trained on) or None (withdraw).
 
         All pairs are committed in one transaction before this returns. Nothing is overwritten:
         each label is a new event with who / when / round / strategy.
@@ -219,29 +235,33 @@ class Project:
         pairs = []
         for image, value in items:
             image_id = image if isinstance(image, int) else self.image_id(image)
-            if value is not None and value not in (0, 1):
-                raise InputError(f"label must be 1 or 0, got {value!r}")
+            if isinstance(value, str) and value.strip().lower() in ("unsure", "?"):
+                value = UNSURE
+            if value is not None and (isinstance(value, bool) or value not in (0, 1, UNSURE)):
+                raise InputError(f"label must be 1, 0 or 'unsure', got {value!r}")
             pairs.append((image_id, None if value is None else int(value)))
         return self.store.append_labels(pairs, who=who or default_who(), source=source, round_id=round_id,
                                         strategy=strategy, expected=expected)
 
     def labels(self) -> dict[str, int]:
-        """Current labels: image id (path) -> 1 or 0."""
+        """Current labels of the concept: image id (path) -> 1, 0 or 2 (unsure)."""
         return self.store.labels_by_path()
 
     def label_array(self) -> np.ndarray:
-        """Array over rows (id - 1): 1, 0, or -1 where the image has no label."""
+        """Array over rows (id - 1): 1, 0, -2 (unsure), or -1 where the image has no label."""
         return self.store.label_array()
 
     def import_labels(self, csv_path: str | os.PathLike, *, who: str | None = None) -> int:
-        """Import a CSV with header ``path,label`` (label 1 or 0, path = image id), all or nothing.
+        """Import a CSV with header ``path,label`` (label 1, 0 or unsure; path = image id), all or nothing.
 
-        A bad line raises :class:`LabelImportError` naming the line; nothing is imported then.
-        Returns the number of labels read.
+        An optional ``concept`` column puts each row's label in that concept (empty: this object's); one
+        transaction for all. A bad line raises :class:`LabelImportError` naming the line; nothing is
+        imported then. Returns the number of labels read.
         """
-        chosen = read_csv(csv_path, self.store.ids_by_path())
-        self.store.append_labels([(i, v) for i, v in chosen.items()], who=who or default_who(), source="csv")
-        return len(chosen)
+        chosen = read_csv(csv_path, self.store.ids_by_path(), concept=self.concept)
+        items = [(i, v, None, None, name) for name, values in chosen.items() for i, v in values.items()]
+        self.store.append_labels(items, who=who or default_who(), source="csv")
+        return len(items)
 
     # ------------------------------------------------------------------ the learning loop
     def next(self, n: int = default("batch"), *, examples: Iterable[str | int | os.PathLike] | None = None,

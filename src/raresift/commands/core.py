@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..project import Project
 from ..settings import default
+from .learn import add_concept
 
 DEFAULT_MODEL = default("model")
 DEFAULT_TEST_FRACTION = default("test_fraction")
@@ -86,10 +87,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_embed)
 
     p = sub.add_parser("status", help="counts: images, embedded, errors, labels, positives, test",
-                       description="Print the project's counts.")
+                       description="Print the project's counts (labels, rounds and conflicts: of one concept).")
     p.add_argument("project", type=Path)
+    add_concept(p)
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("concepts", help="list the project's concepts (rare classes) with their label counts",
+                       description="List the concepts of a project: each is a rare class with its own labels, "
+                       "rounds, query and model over the same photos and embeddings. A concept comes into being "
+                       "with its first label or round (`--concept NAME` on next, import-labels, serve, ...).")
+    p.add_argument("project", type=Path)
+    p.add_argument("--json", action="store_true", help="print a JSON list of objects: concept, labels, positives, "
+                   "negatives, unsure, rounds")
+    p.set_defaults(handler=cmd_concepts)
 
     p = sub.add_parser("errors", help="list the files that could not be read, with reasons")
     p.add_argument("project", type=Path)
@@ -100,11 +111,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "import-labels",
         help="import labels from a CSV file (header path,label)",
         description="Import labels from a CSV with header `path,label` (label 1 = shows the class, 0 = does "
-        "not; path = image id as shown by the project). All or nothing: a bad line is reported "
-        "with its number and nothing is imported.",
+        "not, unsure = stored, never trained on; path = image id as shown by the project). An optional "
+        "`concept` column files each row under that concept (empty: --concept). All or nothing: a bad line is "
+        "reported with its number and nothing is imported.",
     )
     p.add_argument("project", type=Path)
     p.add_argument("csv", type=Path, metavar="FILE.csv")
+    add_concept(p)
     p.add_argument("--who", default=None, help="name recorded with the labels (default: your user name)")
     p.set_defaults(handler=cmd_import_labels)
 
@@ -230,8 +243,20 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with Project.open(args.project) as project:
+    with Project.open(args.project, concept=args.concept) as project:
         print_status(project.status(), args.json)
+    return 0
+
+
+def cmd_concepts(args: argparse.Namespace) -> int:
+    with Project.open(args.project) as project:
+        concepts = project.concepts()
+    if args.json:
+        print(json.dumps(concepts, indent=2))
+        return 0
+    print("concept\tlabels\tpositives\tnegatives\tunsure\trounds")
+    for c in concepts:
+        print(f"{c['concept']}\t{c['labels']}\t{c['positives']}\t{c['negatives']}\t{c['unsure']}\t{c['rounds']}")
     return 0
 
 
@@ -248,7 +273,7 @@ def cmd_errors(args: argparse.Namespace) -> int:
 
 
 def cmd_import_labels(args: argparse.Namespace) -> int:
-    with Project.open(args.project) as project:
+    with Project.open(args.project, concept=args.concept) as project:
         n = project.import_labels(args.csv, who=args.who)
         s = project.status()
     print(f"imported {n} labels; the project has {s['labels']} labels, {s['positives']} positive", file=sys.stderr)

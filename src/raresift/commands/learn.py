@@ -16,6 +16,14 @@ QUERY_HELP = (
     "face masks, a specific person) and cannot read relations ('a bee on a yellow flower' = bee + flower)"
 )
 
+CONCEPT_HELP = ("the rare class to work on: one project, one set of embeddings, several concepts, each with its own "
+                "labels, rounds, query and model (the test split is shared). Default: 'default' (a project made "
+                "before concepts holds only it); `raresift concepts PROJECT` lists them")
+
+
+def add_concept(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--concept", default="default", metavar="NAME", help=CONCEPT_HELP)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -45,8 +53,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--evaluate", action="store_true", help="choose test photos to measure the ranking (see above)")
     p.add_argument("--seed", type=int, default=None, help="seed of the random choices (default: fresh, recorded)")
     p.add_argument("--who", default=None, help="name recorded with the round")
+    p.add_argument("--review", action="store_true",
+                   help="start no round: list the photos answered 'unsure' (stored, never trained on), to look at again")
+    add_concept(p)
     p.add_argument("--json", action="store_true",
-                   help="print a JSON list of objects: path, image_id, score, strategy, round, split")
+                   help="print a JSON list of objects: path, image_id, score, strategy, round, split, region (the "
+                   "box in original pixels where the score comes from, or null) and tiles (every tile's box and "
+                   "score); with --review: image_id, path, split, who, at")
     p.set_defaults(handler=cmd_next)
 
     p = sub.add_parser(
@@ -61,6 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=default("k"), help=f"K of precision@K (default {default('k')})")
     p.add_argument("--top", type=int, default=None, metavar="N",
                    help="size of the subset you would export, for the recall estimate (default: K x photos / test photos)")
+    add_concept(p)
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(handler=cmd_evaluate)
 
@@ -83,6 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--link", action="store_true", help="folder: symbolic links instead of copies")
     p.add_argument("--url-prefix", default=None, metavar="URL",
                    help="label-studio: image URL = this prefix + photo id (default: Label Studio local-files URL)")
+    add_concept(p)
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser(
@@ -125,15 +140,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_simulate)
 
 
-def _project(path: Path):
+def _project(path: Path, concept: str = "default"):
     from ..project import Project
 
-    return Project(path)
+    return Project(path, concept=concept)
 
 
 def cmd_next(args: argparse.Namespace) -> int:
+    if args.review:
+        with _project(args.project, args.concept) as project:
+            unsure = project.review()
+        if args.json:
+            print(json.dumps(unsure, indent=2))
+        else:
+            for item in unsure:
+                print(f"{item['path']}\t{item['split']}\t{item['who']}")
+            print(f"{len(unsure)} photos answered 'unsure' (concept {args.concept})", file=sys.stderr)
+        return 0
     n = args.n if args.n is not None else (default("evaluate_n") if args.evaluate else default("batch"))
-    with _project(args.project) as project:
+    with _project(args.project, args.concept) as project:
         batch = project.next(n, strategy=args.strategy, query=args.query, examples=args.examples,
                              not_like=args.not_like, evaluate=args.evaluate, seed=args.seed, who=args.who)
     if args.json:
@@ -148,7 +173,7 @@ def cmd_next(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    with _project(args.project) as project:
+    with _project(args.project, args.concept) as project:
         report = project.evaluate(k=args.k, top=args.top)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -173,10 +198,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    with _project(args.project) as project:
+    with _project(args.project, args.concept) as project:
         out = project.export(top=args.top, fmt=args.fmt, out=args.out, link=args.link, url_prefix=args.url_prefix)
+        root = project.store.images_root
     print(f"wrote {out}", file=sys.stderr)
+    if args.fmt == "label-studio" and args.url_prefix is None:
+        from ..export import LABEL_STUDIO_CONFIG
+
+        print(label_studio_hint(root, LABEL_STUDIO_CONFIG), file=sys.stderr)
     return 0
+
+
+def label_studio_hint(images_root, config: str) -> str:
+    """What Label Studio needs before the exported tasks show their photos (local-files URLs)."""
+    root = Path(images_root).resolve() if images_root else Path("/")
+    doc_root = root.anchor or "/"
+    return (
+        "Label Studio shows these photos only when it serves local files:\n"
+        f"  1. start it with LOCAL_FILES_SERVING_ENABLED=true LOCAL_FILES_DOCUMENT_ROOT={doc_root} label-studio start\n"
+        "  2. in the project: Settings > Labeling Interface > Code, paste this config:\n"
+        + "".join(f"       {line}\n" for line in config.strip().splitlines())
+        + f"  3. Settings > Cloud Storage > Add Source Storage > Local files, absolute path {root}\n"
+        "     (tick nothing else; no need to sync), then import the JSON file\n"
+        "  Or pass --url-prefix URL to point the tasks at a web server of your own."
+    )
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..settings import default
+from .learn import add_concept
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = default("port")
@@ -38,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="access token every request must carry (at least 8 characters); off this machine one is "
                    "generated and printed when none is given")
     p.add_argument("--who", default=None, help="name recorded with labels when the page gives none (default: user name)")
+    add_concept(p)
     p.set_defaults(handler=cmd_serve)
 
 
@@ -67,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not local and token is None:
         token = secrets.token_urlsafe(24)
     allowed = None if token is not None else ["127.0.0.1", "localhost", "[::1]", "::1"]
-    app = create_app(args.project, token=token, who=args.who, allowed_hosts=allowed)
+    app = create_app(args.project, token=token, who=args.who, allowed_hosts=allowed, concept=args.concept)
 
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -20,6 +20,7 @@ import json
 import logging
 import sys
 import threading
+from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from ..embed.models import has_text_tower, text_embedding
 from ..errors import InputError, NotReadyError
 from ..settings import default
 from ..store.cache import exclusive
+from ..store.labels import DEFAULT_CONCEPT
 from ..store.store import EXAMPLE_PREFIX, Store
 from .coldstart import concepts_for, example_scores, explore_levels, text_scores
 from .evidence import evidence
@@ -96,8 +98,8 @@ def prepare_scoring(store: Store) -> None:
 # ---------------------------------------------------------------------- the session from the store
 def _prior(store: Store, pool_rows: np.ndarray) -> tuple[np.ndarray | None, str | None]:
     """The cold-start prior of the project (text query or examples), cached per vector generation."""
-    query = store.meta(_META_QUERY)
-    examples = json.loads(store.meta(_META_EXAMPLES) or "[]")
+    query = store.meta(store.concept_key(_META_QUERY))
+    examples = json.loads(store.meta(store.concept_key(_META_EXAMPLES)) or "[]")
     if not query and not examples:
         return None, None
 
@@ -111,7 +113,8 @@ def _prior(store: Store, pool_rows: np.ndarray) -> tuple[np.ndarray | None, str 
                                      pool_rows))
         return parts[0] if len(parts) == 1 else np.nanmax(np.stack(parts), axis=0)
 
-    prior = store.cache.array("prior", (query, examples, DEFAULT_POOLING, PART_WEIGHTS), build)
+    name = "prior" if store.concept == DEFAULT_CONCEPT else f"prior-{store.concept}"  # one slot per concept
+    prior = store.cache.array(name, (query, examples, DEFAULT_POOLING, PART_WEIGHTS), build)
     return prior, ("text" if query else "examples")
 
 
@@ -142,8 +145,8 @@ def example_features(store: Store, examples: list[str]) -> np.ndarray:
 
 def _extra(store: Store) -> tuple[np.ndarray, np.ndarray] | None:
     """Labelled photos from outside the collection: the example files (1) and the not-like files (0)."""
-    pos = [e for e in json.loads(store.meta(_META_EXAMPLES) or "[]") if e.startswith(EXAMPLE_PREFIX)]
-    neg = json.loads(store.meta(_META_NOT_LIKE) or "[]")
+    pos = [e for e in json.loads(store.meta(store.concept_key(_META_EXAMPLES)) or "[]") if e.startswith(EXAMPLE_PREFIX)]
+    neg = json.loads(store.meta(store.concept_key(_META_NOT_LIKE)) or "[]")
     if not pos and not neg:
         return None
     feats = featurize(np.stack([store.example_vectors(e) for e in pos + neg]))
@@ -181,7 +184,7 @@ def _fingerprint(labels: np.ndarray, pool: np.ndarray, store: Store) -> str:
     h = hashlib.sha1()
     h.update(lab.astype(np.int64).tobytes())
     h.update(labels[lab].astype(np.int8).tobytes())
-    h.update(json.dumps([store.meta(_META_QUERY), store.meta(_META_EXAMPLES), store.meta(_META_NOT_LIKE),
+    h.update(json.dumps([*(store.meta(store.concept_key(k)) for k in (_META_QUERY, _META_EXAMPLES, _META_NOT_LIKE)),
                          store.vectors_generation(),
                          HEAD_DEFAULTS, DEFAULT_POOLING, PART_WEIGHTS]).encode())
     return h.hexdigest()[:16]
@@ -189,7 +192,7 @@ def _fingerprint(labels: np.ndarray, pool: np.ndarray, store: Store) -> str:
 
 def _load_head(store: Store) -> tuple[RareHead | None, str | None]:
     """The head saved by the last round, and the fingerprint of its training labels."""
-    path = store.paths.learn_dir / _HEAD_FILE
+    path = _head_path(store)
     if not path.is_file():
         return None, None
     from .head import RareHead
@@ -201,13 +204,19 @@ def _load_head(store: Store) -> tuple[RareHead | None, str | None]:
         return None, None
 
 
+def _head_path(store: Store) -> Path:
+    """Where the concept's last head is kept: ``learn/head.npz`` (the default concept), ``learn/head-NAME.npz``."""
+    name = _HEAD_FILE if store.concept == DEFAULT_CONCEPT else f"head-{store.concept}.npz"
+    return store.paths.learn_dir / name
+
+
 def saved_head(store: Store) -> RareHead | None:
     """The head the last round fitted (None before any): what the page shows evidence with."""
     return _load_head(store)[0]
 
 
 def _save_head(store: Store, head: RareHead, fingerprint: str) -> None:
-    path = store.paths.learn_dir / _HEAD_FILE
+    path = _head_path(store)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".head.{threading.get_ident()}.{id(head)}.tmp.npz")
     with contextlib.suppress(OSError):  # a read-only project still runs rounds
@@ -309,7 +318,7 @@ def set_query(store: Store, query: str) -> None:
     if info is not None and has_text_tower(info["model"]):  # any words: the model's text tower embeds them
         if not isinstance(query, str) or not query.strip():
             raise InputError("the text query is empty; describe the rare class in a few words")
-        store.set_meta(**{_META_QUERY: query})
+        store.set_meta(**{store.concept_key(_META_QUERY): query})
         return
     if not concepts_for(query):
         raise InputError(
@@ -318,7 +327,7 @@ def set_query(store: Store, query: str) -> None:
         )
     if store.logits() is None:
         raise NotReadyError("this project has no ImageNet logits (vectors from your own model); use --examples")
-    store.set_meta(**{_META_QUERY: query})
+    store.set_meta(**{store.concept_key(_META_QUERY): query})
 
 
 def set_examples(store: Store, examples: list[str | int], *, who: str | None,
@@ -340,9 +349,9 @@ def set_examples(store: Store, examples: list[str | int], *, who: str | None,
         resolved.append(store.paths_of([image_id])[image_id])
     for e in not_like or ():
         store.example_vectors(e)
-    values = {_META_EXAMPLES: json.dumps(resolved)}
+    values = {store.concept_key(_META_EXAMPLES): json.dumps(resolved)}
     if not_like is not None:
-        values[_META_NOT_LIKE] = json.dumps(list(not_like))
+        values[store.concept_key(_META_NOT_LIKE)] = json.dumps(list(not_like))
     store.set_meta(**values)
     splits, labels = store.splits(), store.label_array()
     new = [store.image_id(p) for p in resolved if not p.startswith(EXAMPLE_PREFIX)]
@@ -384,8 +393,8 @@ def next_batch(
     if query is not None:
         set_query(store, query)
     if examples or not_like:
-        set_examples(store, list(examples or json.loads(store.meta(_META_EXAMPLES) or "[]")), who=who,
-                     not_like=not_like)
+        known = json.loads(store.meta(store.concept_key(_META_EXAMPLES)) or "[]")
+        set_examples(store, list(examples or known), who=who, not_like=not_like)
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**31))
     rng = np.random.default_rng(seed)
@@ -405,9 +414,9 @@ def next_batch(
         if session.scorer.fitted:
             _save_head(store, session.scorer.head, fingerprint)
         params = {
-            "query": store.meta(_META_QUERY),
-            "examples": json.loads(store.meta(_META_EXAMPLES) or "[]"),
-            "not_like": json.loads(store.meta(_META_NOT_LIKE) or "[]"),
+            "query": store.meta(store.concept_key(_META_QUERY)),
+            "examples": json.loads(store.meta(store.concept_key(_META_EXAMPLES)) or "[]"),
+            "not_like": json.loads(store.meta(store.concept_key(_META_NOT_LIKE)) or "[]"),
             **session.describe(),
             "who": who,
         }
@@ -416,7 +425,7 @@ def next_batch(
             picks=[(int(r) + 1, s, None if not np.isfinite(p) else float(p)) for r, s, p in zip(rows, sources, proba)],
         )
     if evaluate and strategy == "random":
-        keep = labels[rows] < 0
+        keep = labels[rows] == -1  # an "unsure" answer is an answer: not asked again
         rows, sources, proba = rows[keep], [x for x, k in zip(sources, keep) if k], proba[keep]
     paths = store.paths_of(rows + 1)
     split = "test" if evaluate else "pool"
@@ -442,7 +451,7 @@ def _evaluation_picks(store: Store, z: np.ndarray, labels: np.ndarray, splits: n
         return cand[picks], sources
     # The top n of the whole test ranking; the ones already labelled need no new label.
     order = test[np.lexsort((test, -z[test]))][:n]
-    todo = order[labels[order] < 0]
+    todo = order[labels[order] == -1]
     return todo, ["top"] * len(todo)
 
 

@@ -187,7 +187,7 @@ class Session:
     def fit(self, rng: np.random.Generator) -> Scorer:
         """Fit the head on the labelled pool rows (weak negatives drawn from the unlabelled pool)."""
         lab = np.flatnonzero(self.pool & (self.labels >= 0))
-        unl = np.flatnonzero(self.pool & (self.labels < 0))
+        unl = np.flatnonzero(self.pool & (self.labels == -1))  # not the "unsure" ones (-2): never trained on
         scorer = fit_scorer(self.features, lab, self.labels[lab], unlabeled=unl, has_prior=self.prior is not None,
                             prior_weight=self.prior_weight, rng=rng, head_params=self.head_params,
                             previous=self.head, extra=self.extra)
@@ -223,7 +223,7 @@ class Session:
         fn = get_strategy(strategy)
         scorer = self.fit(rng)
         z = self.logits(rng)
-        ok = self.pool & (self.labels < 0) & np.isfinite(z)
+        ok = self.pool & (self.labels == -1) & np.isfinite(z)  # unsure answers (-2) are not asked again
         if candidates is not None:
             ok &= candidates
         cand = np.flatnonzero(ok)

@@ -127,6 +127,46 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             WHERE true ON CONFLICT(key) DO UPDATE SET value = excluded.value;
         """,
     ),
+    (
+        4,
+        "concepts (several rare classes per project: labels and rounds per concept) and unsure labels (value 2)",
+        # The labels table is rebuilt (SQLite cannot change a CHECK constraint): every event is copied with
+        # its id, so `replaces` and the label history stay as they were; all of it becomes concept 'default'.
+        """
+        CREATE TABLE concepts (
+            name       TEXT PRIMARY KEY,
+            created_at REAL NOT NULL
+        );
+        INSERT INTO concepts (name, created_at) VALUES ('default', CAST(strftime('%s', 'now') AS REAL));
+        CREATE TABLE labels_new (
+            id        INTEGER PRIMARY KEY,
+            image_id  INTEGER NOT NULL REFERENCES images(id),
+            -- 1 = shows the class, 0 = does not, 2 = unsure (kept, never trained on), NULL = withdrawn
+            value     INTEGER CHECK (value IN (0, 1, 2)),
+            who       TEXT NOT NULL,
+            at        REAL NOT NULL,
+            round_id  INTEGER REFERENCES rounds(id),
+            strategy  TEXT,
+            source    TEXT NOT NULL,
+            replaces  INTEGER REFERENCES labels(id),
+            conflict  INTEGER NOT NULL DEFAULT 0,
+            concept   TEXT NOT NULL DEFAULT 'default' REFERENCES concepts(name)
+        );
+        INSERT INTO labels_new (id, image_id, value, who, at, round_id, strategy, source, replaces, conflict, concept)
+            SELECT id, image_id, value, who, at, round_id, strategy, source, replaces, conflict, 'default' FROM labels;
+        DROP VIEW current_labels;
+        DROP INDEX labels_image;
+        DROP TABLE labels;
+        ALTER TABLE labels_new RENAME TO labels;
+        CREATE INDEX labels_concept_image ON labels(concept, image_id, id);
+        CREATE VIEW current_labels AS
+            SELECT l.* FROM labels l
+            WHERE l.id = (SELECT MAX(id) FROM labels m WHERE m.image_id = l.image_id AND m.concept = l.concept)
+              AND l.value IS NOT NULL;
+        ALTER TABLE rounds ADD COLUMN concept TEXT NOT NULL DEFAULT 'default';
+        CREATE INDEX rounds_concept ON rounds(concept, id);
+        """,
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -182,6 +222,9 @@ def _current_version(conn: sqlite3.Connection) -> int:
 
 
 def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    # Foreign keys off while tables are rebuilt (SQLite's own procedure for schema changes), checked
+    # before the commit: a migration that left a dangling reference is rolled back.
+    conn.execute("PRAGMA foreign_keys = OFF")
     conn.execute("BEGIN IMMEDIATE")
     try:
         # Re-read under the write lock: another process may have migrated meanwhile.
@@ -199,10 +242,15 @@ def _migrate(conn: sqlite3.Connection, version: int) -> None:
                 "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
                 (number, description, time.time()),
             )
+        bad = conn.execute("PRAGMA foreign_key_check").fetchall()
+        if bad:
+            raise sqlite3.IntegrityError(f"migration left {len(bad)} rows with a dangling reference, e.g. {tuple(bad[0])}")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    finally:
+        conn.execute("PRAGMA foreign_keys = ON")
 
 
 def _split_sql(script: str) -> list[str]:

@@ -33,6 +33,7 @@ Progress = Callable[[int], None]
 _ID_CHUNK = 4_000_000  # ids per group_concat: ~32 MB of text, far below SQLite's 1 GB string limit
 GEN_VECTORS = "gen.vectors"
 EXAMPLE_PREFIX = "file:"  # key of an example photo from outside the collection: file:SHA256
+UNSURE_ROW = -2  # label_array()'s value for an "unsure" answer (-1: no label)
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,11 @@ class Transaction:
 class Store:
     """One project folder: its SQLite database (one connection) and its files."""
 
-    def __init__(self, root: Path, conn: sqlite3.Connection):
+    def __init__(self, root: Path, conn: sqlite3.Connection, concept: str = _labels.DEFAULT_CONCEPT):
         self.root = Path(root)
+        # The rare class this store's labels, rounds, queries and models belong to (one project, one set
+        # of embeddings, several concepts); everything else (photos, splits, vectors) is shared.
+        self.concept = _labels.check_concept(concept)
         self.paths = ProjectPaths(self.root)
         self.db = conn
         # Caches of the learning loop (priors, clusters) and, beside the vectors, the scoring caches.
@@ -71,11 +75,12 @@ class Store:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, path: str | os.PathLike) -> Store:
+    def open(cls, path: str | os.PathLike, *, concept: str = _labels.DEFAULT_CONCEPT) -> Store:
         p = Path(path)
         if not p.is_dir():
             raise NotAProjectError(f"{p} is not a raresift project (no such folder); create one with `raresift init`")
-        return cls(p, _db.connect(ProjectPaths(p).db))
+        _labels.check_concept(concept)
+        return cls(p, _db.connect(ProjectPaths(p).db), concept)
 
     @classmethod
     def create(cls, path: str | os.PathLike, *, images: Path | None, test_fraction: float, seed: int,
@@ -428,61 +433,102 @@ class Store:
             raise InputError(f"example {key} is not in {self.paths.examples_dir} (deleted?); add the file again")
         return np.load(path)
 
+    # ------------------------------------------------------------------ concepts
+    def concept_key(self, key: str) -> str:
+        """The meta key of a per-concept setting (the query, the examples): ``key`` itself for the default
+        concept (so projects made before concepts keep theirs), ``concept.NAME.key`` for the others."""
+        return key if self.concept == _labels.DEFAULT_CONCEPT else f"concept.{self.concept}.{key}"
+
+    def concepts(self) -> list[dict[str, Any]]:
+        """Every concept of the project with its counts: name, labels, positives, negatives, unsure, rounds."""
+        rows = self.db.execute(
+            "SELECT c.name, "
+            "(SELECT COUNT(*) FROM current_labels l WHERE l.concept = c.name AND l.value IN (0, 1)), "
+            "(SELECT COUNT(*) FROM current_labels l WHERE l.concept = c.name AND l.value = 1), "
+            "(SELECT COUNT(*) FROM current_labels l WHERE l.concept = c.name AND l.value = 2), "
+            "(SELECT COUNT(*) FROM rounds r WHERE r.concept = c.name), c.created_at "
+            "FROM concepts c ORDER BY c.created_at, c.name").fetchall()
+        return [{"concept": r[0], "labels": r[1], "positives": r[2], "negatives": r[1] - r[2], "unsure": r[3],
+                 "rounds": r[4]} for r in rows]
+
+    def add_concept(self) -> None:
+        """Record this store's concept (labels and rounds record it by themselves)."""
+        with self.tx() as db:
+            db.execute("INSERT OR IGNORE INTO concepts (name, created_at) VALUES (?, ?)", (self.concept, time.time()))
+
     # ------------------------------------------------------------------ labels
     def label_array(self) -> np.ndarray:
-        """Array over rows (id - 1): 1, 0, or -1 where the image has no label."""
+        """Array over rows (id - 1) of the concept's labels: 1, 0, :data:`UNSURE_ROW` (-2: answered "unsure",
+        never trained on, not asked again), or -1 where the image has no label."""
         arr = np.full(self.n_rows(), -1, dtype=np.int8)
-        for image_id, value in self.db.execute("SELECT image_id, value FROM current_labels"):
-            arr[image_id - 1] = value
+        for image_id, value in self.db.execute("SELECT image_id, value FROM current_labels WHERE concept = ?",
+                                               (self.concept,)):
+            arr[image_id - 1] = UNSURE_ROW if value == _labels.UNSURE else value
         return arr
 
     def labels_by_path(self) -> dict[str, int]:
+        """path -> current label (1, 0 or 2 = unsure) of the concept."""
         return {r[0]: r[1] for r in self.db.execute(
-            "SELECT i.path, c.value FROM current_labels c JOIN images i ON i.id = c.image_id ORDER BY c.image_id")}
+            "SELECT i.path, c.value FROM current_labels c JOIN images i ON i.id = c.image_id WHERE c.concept = ? "
+            "ORDER BY c.image_id", (self.concept,))}
 
     def append_labels(self, items, **kw) -> list[_labels.LabelEvent]:
-        return _labels.append(self.db, items, **kw)
+        return _labels.append(self.db, items, concept=self.concept, **kw)
 
     def latest_label(self, image_id: int) -> _labels.LabelEvent | None:
-        return _labels.latest(self.db, image_id)
+        return _labels.latest(self.db, image_id, self.concept)
 
     def newest_label_of(self, who: str) -> tuple[int, int] | None:
         """(image id, event id) of the newest label by ``who`` that is still current, or None."""
         row = self.db.execute(
-            "SELECT l.image_id, l.id FROM labels l WHERE l.who = ? AND l.value IS NOT NULL "
-            "AND l.id = (SELECT MAX(id) FROM labels m WHERE m.image_id = l.image_id) ORDER BY l.id DESC LIMIT 1",
-            (who,),
+            "SELECT l.image_id, l.id FROM labels l WHERE l.concept = ? AND l.who = ? AND l.value IS NOT NULL "
+            "AND l.id = (SELECT MAX(id) FROM labels m WHERE m.concept = l.concept AND m.image_id = l.image_id) "
+            "ORDER BY l.id DESC LIMIT 1",
+            (self.concept, who),
         ).fetchone()
         return None if row is None else (row[0], row[1])
 
     def label_counts(self) -> dict[str, int]:
-        """labels, positives, negatives now, and ``seq``: the newest label event id (read together)."""
-        n, pos, seq = self.db.execute(
-            "SELECT (SELECT COUNT(*) FROM current_labels), (SELECT COALESCE(SUM(value), 0) FROM current_labels), "
-            "(SELECT COALESCE(MAX(id), 0) FROM labels)").fetchone()
-        return {"labels": n, "positives": pos, "negatives": n - pos, "seq": seq}
+        """labels (1 and 0), positives, negatives, unsure now, and ``seq``: the newest label event id (read
+        together, in one statement)."""
+        pos, neg, unsure, seq = self.db.execute(
+            "SELECT (SELECT COUNT(*) FROM current_labels WHERE concept = ?1 AND value = 1), "
+            "(SELECT COUNT(*) FROM current_labels WHERE concept = ?1 AND value = 0), "
+            "(SELECT COUNT(*) FROM current_labels WHERE concept = ?1 AND value = 2), "
+            "(SELECT COALESCE(MAX(id), 0) FROM labels)", (self.concept,)).fetchone()
+        return {"labels": pos + neg, "positives": pos, "negatives": neg, "unsure": unsure, "seq": seq}
 
     def labellers(self) -> dict[int, str]:
         """image id -> who gave its current label."""
-        return dict(self.db.execute("SELECT image_id, who FROM current_labels").fetchall())
+        return dict(self.db.execute("SELECT image_id, who FROM current_labels WHERE concept = ?",
+                                    (self.concept,)).fetchall())
 
     def label_history(self) -> Iterable[tuple[int, int | None]]:
-        return self.db.execute("SELECT image_id, value FROM labels ORDER BY id")
+        return self.db.execute("SELECT image_id, value FROM labels WHERE concept = ? ORDER BY id", (self.concept,))
 
     def label_rates(self) -> list[tuple[str, int, int]]:
         """(strategy, labels, positives) of the current labels, per strategy that picked them."""
         return self.db.execute(
-            "SELECT COALESCE(strategy, 'manual'), COUNT(*), SUM(value) FROM current_labels GROUP BY 1 ORDER BY 2 DESC"
+            "SELECT COALESCE(strategy, 'manual'), COUNT(*), SUM(value = 1) FROM current_labels "
+            "WHERE concept = ? AND value IN (0, 1) GROUP BY 1 ORDER BY 2 DESC", (self.concept,)
         ).fetchall()
+
+    def unsure(self) -> list[dict[str, Any]]:
+        """The photos answered "unsure" (for review), newest first: image_id, path, split, who, at."""
+        return [{"image_id": r[0], "path": r[1], "split": r[2], "who": r[3], "at": r[4]} for r in self.db.execute(
+            "SELECT c.image_id, i.path, i.split, c.who, c.at FROM current_labels c JOIN images i ON i.id = c.image_id "
+            "WHERE c.concept = ? AND c.value = 2 ORDER BY c.id DESC", (self.concept,))]
 
     # ------------------------------------------------------------------ rounds and queue
     def record_round(self, *, strategy: str, n: int, seed: int, purpose: str, params: dict,
                      picks: Sequence[tuple[int, str, float | None]]) -> int:
-        """Record a round and its queue (``picks``: image id, strategy, score) in one transaction."""
+        """Record a round of the concept and its queue (``picks``: image id, strategy, score) in one transaction."""
         with self.tx() as db:
+            db.execute("INSERT OR IGNORE INTO concepts (name, created_at) VALUES (?, ?)", (self.concept, time.time()))
             cur = db.execute(
-                "INSERT INTO rounds (started_at, strategy, n, seed, purpose, params) VALUES (?, ?, ?, ?, ?, ?)",
-                (time.time(), strategy, int(n), int(seed), purpose, json.dumps(params)),
+                "INSERT INTO rounds (started_at, strategy, n, seed, purpose, params, concept) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), strategy, int(n), int(seed), purpose, json.dumps(params), self.concept),
             )
             round_id = cur.lastrowid
             db.executemany(
@@ -493,27 +539,29 @@ class Store:
 
     def count_rounds(self, purpose: str | None = None) -> int:
         if purpose is None:
-            return self.db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
-        return self.db.execute("SELECT COUNT(*) FROM rounds WHERE purpose = ?", (purpose,)).fetchone()[0]
+            return self.db.execute("SELECT COUNT(*) FROM rounds WHERE concept = ?", (self.concept,)).fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM rounds WHERE concept = ? AND purpose = ?",
+                               (self.concept, purpose)).fetchone()[0]
 
     def evaluation_random_ids(self) -> set[int]:
-        """Image ids drawn by earlier `next --evaluate --strategy random` rounds."""
+        """Image ids drawn by earlier `next --evaluate --strategy random` rounds of the concept."""
         return {r[0] for r in self.db.execute(
             "SELECT q.image_id FROM queue q JOIN rounds r ON r.id = q.round_id "
-            "WHERE r.purpose = 'evaluate' AND q.strategy = 'random'")}
+            "WHERE r.concept = ? AND r.purpose = 'evaluate' AND q.strategy = 'random'", (self.concept,))}
 
     def pending(self, purpose: str | None = None) -> list[dict[str, Any]]:
-        """Photos queued by earlier rounds that have no label yet, oldest round first, in queue order."""
+        """Photos queued by earlier rounds of the concept that have no label yet (an "unsure" answer counts as
+        one), oldest round first, in queue order."""
         sql = (
             "SELECT q.image_id, i.path, q.score, q.strategy, q.round_id, i.split, r.purpose FROM queue q "
             "JOIN rounds r ON r.id = q.round_id JOIN images i ON i.id = q.image_id "
-            "WHERE q.image_id NOT IN (SELECT image_id FROM current_labels)"
-            + (" AND r.purpose = ?" if purpose else "")
+            "WHERE r.concept = ?1 AND q.image_id NOT IN (SELECT image_id FROM current_labels WHERE concept = ?1)"
+            + (" AND r.purpose = ?2" if purpose else "")
             + " ORDER BY q.round_id, q.position"
         )
         seen: set[int] = set()
         out = []
-        for row in self.db.execute(sql, (purpose,) if purpose else ()):
+        for row in self.db.execute(sql, (self.concept, purpose) if purpose else (self.concept,)):
             if row[0] in seen:
                 continue
             seen.add(row[0])
@@ -522,20 +570,22 @@ class Store:
         return out
 
     def queued_in(self, image_id: int) -> sqlite3.Row | None:
-        """round id, strategy, score, purpose of the newest round that queued the photo."""
+        """round id, strategy, score, purpose of the concept's newest round that queued the photo."""
         return self.db.execute(
             "SELECT q.round_id, q.strategy, q.score, r.purpose FROM queue q JOIN rounds r ON r.id = q.round_id "
-            "WHERE q.image_id = ? ORDER BY q.round_id DESC LIMIT 1", (int(image_id),)).fetchone()
+            "WHERE r.concept = ? AND q.image_id = ? ORDER BY q.round_id DESC LIMIT 1",
+            (self.concept, int(image_id))).fetchone()
 
     def latest_round(self) -> dict[str, Any] | None:
-        """The newest round with its progress: size, labelled, positives, left."""
-        row = self.db.execute("SELECT id, strategy, n, purpose, started_at FROM rounds ORDER BY id DESC LIMIT 1"
-                              ).fetchone()
+        """The concept's newest round with its progress: size, labelled, positives, left."""
+        row = self.db.execute("SELECT id, strategy, n, purpose, started_at FROM rounds WHERE concept = ? "
+                              "ORDER BY id DESC LIMIT 1", (self.concept,)).fetchone()
         if row is None:
             return None
         n_q, n_lab, n_pos = self.db.execute(
-            "SELECT COUNT(*), COUNT(c.image_id), COALESCE(SUM(c.value), 0) FROM queue qu "
-            "LEFT JOIN current_labels c ON c.image_id = qu.image_id WHERE qu.round_id = ?", (row[0],)).fetchone()
+            "SELECT COUNT(*), COUNT(c.image_id), COALESCE(SUM(c.value = 1), 0) FROM queue qu "
+            "LEFT JOIN current_labels c ON c.image_id = qu.image_id AND c.concept = ? WHERE qu.round_id = ?",
+            (self.concept, row[0])).fetchone()
         return {"id": row[0], "strategy": row[1], "purpose": row[3], "size": n_q, "labelled": n_lab,
                 "positives": n_pos, "left": n_q - n_lab}
 
@@ -552,10 +602,12 @@ class Store:
             if status != "error":
                 by_split[split] = by_split.get(split, 0) + n
         lab = q(
-            "SELECT COUNT(*), COALESCE(SUM(c.value), 0), COALESCE(SUM(i.split = 'test'), 0), "
-            "COALESCE(SUM(c.value * (i.split = 'test')), 0) "
-            "FROM current_labels c JOIN images i ON i.id = c.image_id"
+            "SELECT COUNT(*), COALESCE(SUM(c.value = 1), 0), COALESCE(SUM(i.split = 'test'), 0), "
+            "COALESCE(SUM((c.value = 1) * (i.split = 'test')), 0) "
+            "FROM current_labels c JOIN images i ON i.id = c.image_id WHERE c.concept = ? AND c.value IN (0, 1)",
+            (self.concept,),
         ).fetchone()
+        unsure = q("SELECT COUNT(*) FROM current_labels WHERE concept = ? AND value = 2", (self.concept,)).fetchone()[0]
         info = self.embedding_info()
         return {
             "project": str(self.root),
@@ -564,16 +616,18 @@ class Store:
             "embedded": by_status.get("embedded", 0),
             "pending": by_status.get("new", 0),
             "errors": q("SELECT COUNT(DISTINCT COALESCE(image_id, -id)) FROM errors").fetchone()[0],
+            "concept": self.concept,
             "labels": lab[0],
             "positives": lab[1],
             "negatives": lab[0] - lab[1],
+            "unsure": unsure,
             "test": by_split.get("test", 0),
             "pool": by_split.get("pool", 0),
             "test_labels": lab[2],
             "test_positives": lab[3],
             "duplicates": int(self.meta("images.duplicates", "0")),
             "rounds": self.count_rounds(),
-            "conflicts": q("SELECT COUNT(*) FROM labels WHERE conflict = 1").fetchone()[0],
+            "conflicts": q("SELECT COUNT(*) FROM labels WHERE concept = ? AND conflict = 1", (self.concept,)).fetchone()[0],
             "model": info["model"] if info else None,
             "tiles": info["tiles"] if info else None,
         }

@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import InputError, NotAProjectError, NotReadyError, RaresiftError
 from ..project import Project
-from ..store.labels import LabelConflict, LabelEvent
+from ..store.labels import DEFAULT_CONCEPT, LabelConflict, LabelEvent, check_concept
 from .. import labelling
 from ..settings import default
 
@@ -76,7 +76,7 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 def _event_json(ev: LabelEvent | None) -> dict[str, Any] | None:
     if ev is None:
         return None
-    return {"id": ev.id, "image_id": ev.image_id, "value": ev.value, "who": ev.who, "at": ev.at,
+    return {"id": ev.id, "image_id": ev.image_id, "value": labelling.api_value(ev.value), "who": ev.who, "at": ev.at,
             "round": ev.round_id, "strategy": ev.strategy, "source": ev.source, "conflict": ev.conflict}
 
 
@@ -158,7 +158,7 @@ class Item(BaseModel):
     purpose: str = "label"
     has_file: bool = True
     event: int | None = Field(None, description="id of the newest label event; send it back as `expected`")
-    label: int | None = Field(None, description="current label: 1, 0, or null")
+    label: int | Literal["unsure"] | None = Field(None, description="current label: 1, 0, \"unsure\", or null")
     labelled_by: str | None = None
     region: Box | None = Field(None, description="where in the photo the score comes from: the box of the tile "
                                "that adds most to it, in the original file's pixels (null before a model, or "
@@ -172,7 +172,9 @@ class ItemsOut(BaseModel):
 
 class LabelIn(BaseModel):
     image_id: ImageId
-    value: Literal[0, 1] | None = Field(description="1 = shows the class, 0 = does not, null = withdraw the label")
+    value: Literal[0, 1, "unsure"] | None = Field(
+        description="1 = shows the class, 0 = does not, \"unsure\" = cannot tell (stored and listed for review, "
+        "never trained on), null = withdraw the label")
     expected: EventId | None = Field(
         None, description="id of the newest label event the client saw (null: it saw none). When given, a label "
         "made by someone else since then is reported as a 409 label_conflict instead of being replaced. "
@@ -187,7 +189,7 @@ class LabelsIn(BaseModel):
 class EventOut(BaseModel):
     id: int
     image_id: int
-    value: int | None
+    value: int | Literal["unsure"] | None
     who: str
     at: float
     round: int | None
@@ -357,9 +359,14 @@ class _Guard:
 
 
 # ---------------------------------------------------------------------- app
+def _concept_of(request: Request) -> str:
+    """The concept a request works on: its ``concept`` query parameter, else the server's ``--concept``."""
+    return check_concept(request.query_params.get("concept") or request.app.state.concept)
+
+
 def _open_project(request: Request) -> Iterator[Project]:
     # One connection per request: SQLite (WAL) lets readers run beside the one writer.
-    project = Project.open(request.app.state.project_path)
+    project = Project.open(request.app.state.project_path, concept=_concept_of(request))
     try:
         yield project
     finally:
@@ -377,6 +384,7 @@ def create_app(
     allowed_hosts: list[str] | None = None,
     max_body: int = MAX_BODY,
     warm: bool = True,
+    concept: str = DEFAULT_CONCEPT,
 ) -> FastAPI:
     """The labelling app for the project at ``project_path``.
 
@@ -385,8 +393,10 @@ def create_app(
     whose ``Host`` header names another host are refused (use it for a server bound to
     127.0.0.1 without a token, against DNS rebinding). ``max_body``: largest request body, bytes.
     ``warm``: on start-up, import what rounds need in the background (see :func:`raresift.labelling.warm_up`),
-    so that the page's first round does not wait for it.
+    so that the page's first round does not wait for it. ``concept``: the concept (rare class) requests work
+    on unless they name another (``?concept=NAME``; the page has a switcher).
     """
+    check_concept(concept)
     path = Path(project_path)
     with Project.open(path) as project:  # fail now, not on the first request
         title = project.path.resolve().name
@@ -411,6 +421,7 @@ def create_app(
     )
     app.add_middleware(_Guard, token=token, allowed_hosts=allowed_hosts, max_body=max_body)
     app.state.project_path = path
+    app.state.concept = concept
     app.state.evaluations = {}
 
     # ---------------------------------------------------------------- errors
@@ -477,7 +488,8 @@ def create_app(
         return templates.TemplateResponse(
             request, "label.html",
             {"mode": mode, "title": title, "who": default_who, "version": __version__,
-             "batch": default("batch"), "grid": default("grid_page"), "k": default("k")},
+             "batch": default("batch"), "grid": default("grid_page"), "k": default("k"),
+             "concept": _concept_of(request)},
         )
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -663,6 +675,12 @@ def create_app(
     def api_export(project: ProjectDep, body: ExportIn) -> dict[str, Any]:
         out = labelling.export(project, top=body.top, fmt=body.fmt)
         return {"path": str(out)}
+
+    @app.get("/api/concepts", summary="The project's concepts (rare classes) with their label counts",
+             description="Every request works on one concept: `?concept=NAME` (default: the server's --concept). "
+             "A concept comes into being with its first label or round.")
+    def api_concepts(project: ProjectDep) -> dict[str, Any]:
+        return {"concepts": project.concepts(), "current": project.concept}
 
     @app.get("/api/strategies", summary="Strategy names a round can use")
     def api_strategies() -> dict[str, Any]:

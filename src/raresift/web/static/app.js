@@ -9,6 +9,7 @@ const MODE = body.dataset.mode; // label | grid | evaluate
 const PURPOSE = MODE === "evaluate" ? "evaluate" : "label";
 const GRID = parseInt(body.dataset.grid, 10) || 16;   // the grid's page size (raresift.settings)
 const BATCH = parseInt(body.dataset.batch, 10) || 25; // photos per round (raresift.settings)
+const CONCEPT = body.dataset.concept || "default";     // the rare class this page labels (?concept=NAME)
 
 const state = {
   items: [],          // queued photos not labelled yet, in order; items[0] is on screen (single mode)
@@ -48,7 +49,14 @@ class ApiError extends Error {
   }
 }
 
+// Every API call names the page's concept (labels, rounds and models are per concept).
+function withConcept(url) {
+  if (CONCEPT === "default" || !url.startsWith("/api/") || url.includes("/file") || url.includes("/crop")) return url;
+  return url + (url.includes("?") ? "&" : "?") + "concept=" + encodeURIComponent(CONCEPT);
+}
+
 async function api(method, url, data) {
+  url = withConcept(url);
   const opts = { method, credentials: "same-origin", headers: {} };
   if (data !== undefined) {
     opts.headers["Content-Type"] = "application/json";
@@ -339,7 +347,8 @@ async function commit(pairs) {
       const p = pairs.find((x) => x.item.image_id === d.image_id) || pairs[0];
       state.conflict = { item: p.item, value: p.value, current: d.current, pairs };
       const cur = d.current;
-      const what = !cur || cur.value == null ? "had its label withdrawn" : `was labelled <b>${cur.value ? "yes" : "no"}</b>`;
+      const what = !cur || cur.value == null ? "had its label withdrawn"
+        : `was labelled <b>${cur.value === "unsure" ? "unsure" : cur.value ? "yes" : "no"}</b>`;
       banner(`Photo <code>${esc(p.item.path)}</code> ${what}${cur ? ` by <b>${esc(cur.who)}</b> ${ago(cur.at)}` : ""}
         since you loaded it. Nothing was overwritten.
         <button data-key="k">Keep theirs <kbd>k</kbd></button> <button data-key="r">Use mine <kbd>r</kbd></button>`, "conflict");
@@ -724,12 +733,13 @@ function onKey(key) {
   if (MODE === "label") {
     if (key === "1" || key === "y") return run(() => labelCurrent(1));
     if (key === "0" || key === "n") return run(() => labelCurrent(0));
+    if (key === "?") return run(() => labelCurrent("unsure"));
     if (key === "s") return run(async () => skipCurrent());
     if (key === "m") return run(moreLikeThis);
     if (key === "x") return run(searchWithBox);
     if (key === "h") return run(async () => toggleRegion());
     if (key === "z") return run(async () => toggleZoom());
-    if (key === "g") { window.location.href = "/grid"; return; }
+    if (key === "g") { window.location.href = pageUrl("/grid"); return; }
     return;
   }
   if (key === "e" && MODE === "evaluate") return run(() => trainNext());
@@ -744,7 +754,7 @@ function onKey(key) {
   if (key === "ArrowDown" || key === "j") return run(async () => moveCursor(0, 1));
 }
 
-const HANDLED = new Set(["1", "y", "0", "n", "Backspace", "u", "s", "m", "x", "z", "w", "t", "g", "e", "b", "k", "r", "Enter", " ",
+const HANDLED = new Set(["1", "y", "0", "n", "?", "Backspace", "u", "s", "m", "x", "z", "w", "t", "g", "e", "b", "k", "r", "Enter", " ",
   "ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown", "h", "j", "l"]);
 
 document.addEventListener("keydown", (ev) => {
@@ -775,8 +785,39 @@ document.addEventListener("click", (ev) => {
   if (tile) run(async () => toggle(parseInt(tile.dataset.i, 10)));
 });
 
+// ------------------------------------------------------------------ concepts
+function pageUrl(path) {
+  return CONCEPT === "default" ? path : `${path}?concept=${encodeURIComponent(CONCEPT)}`;
+}
+
+async function loadConcepts() {
+  const sel = $("#concept");
+  if (!sel) return;
+  const res = await api("GET", "/api/concepts");
+  const names = res.concepts.map((c) => c.concept);
+  if (!names.includes(CONCEPT)) names.push(CONCEPT);
+  sel.innerHTML = names.map((n) => `<option${n === CONCEPT ? " selected" : ""}>${esc(n)}</option>`).join("")
+    + `<option value="">new concept…</option>`;
+  body.dataset.concepts = names.join(",");
+}
+
+function switchConcept(name) {
+  name = (name || "").trim();
+  if (!name || name === CONCEPT) return;
+  const url = new URL(window.location.href);
+  if (name === "default") url.searchParams.delete("concept"); else url.searchParams.set("concept", name);
+  window.location.href = url.toString();
+}
+
 // ------------------------------------------------------------------ start
 function bindForms() {
+  for (const a of document.querySelectorAll("header nav a[data-page]")) a.href = pageUrl(a.dataset.page);
+  const sel = $("#concept");
+  if (sel) sel.addEventListener("change", () => {
+    if (sel.value) { switchConcept(sel.value); return; }
+    const name = window.prompt("Name of the new concept (letters, digits, _ . -):", "");
+    if (name) switchConcept(name); else sel.value = CONCEPT;
+  });
   bindExamples();
   const w = $("#who");
   w.value = localStorage.getItem("raresift.who") || "";
@@ -811,6 +852,7 @@ async function start() {
 }
 
 async function boot() {
+  await loadConcepts();
   await refreshStatus();
   if (MODE === "label") {
     await ensureItems(50);
