@@ -134,3 +134,28 @@ def test_no_region_without_tiles(trained, tmp_path):
     assert all(r["region_x"] == "" for r in rows)
     tasks = json.loads(project.export(top=3, fmt="label-studio", out=tmp_path / "ls.json").read_text())
     assert all(len(t["predictions"][0]["result"]) == 1 for t in tasks)
+
+
+def test_coco_export_holds_images_category_and_region_boxes(embedded_project, tmp_path):
+    project_dir, images, truth = embedded_project
+    half = dict(list(truth.items())[:20])
+    assert main(["import-labels", str(project_dir), str(_truth_csv(tmp_path, half))]) == 0
+    assert main(["export", str(project_dir), "--top", "4", "--format", "coco", "--out", str(tmp_path / "c.json")]) == 0
+    coco = json.loads((tmp_path / "c.json").read_text())
+    assert coco["categories"] == [{"id": 1, "name": "default", "supercategory": "raresift"}]
+    n_pos = sum(half.values())
+    assert len(coco["images"]) == n_pos + 4
+    assert all((im["width"], im["height"]) == (160, 120) for im in coco["images"])
+    assert all((images / im["file_name"]).is_file() for im in coco["images"])
+    ids = {im["id"] for im in coco["images"]}
+    assert len(coco["annotations"]) == len(coco["images"])  # every photo of a tiled project has a region
+    for a in coco["annotations"]:
+        assert a["image_id"] in ids and a["category_id"] == 1 and a["verified"] is False
+        x, y, w, h = a["bbox"]
+        assert (w, h) == (80, 60) and 0 <= x <= 80 and 0 <= y <= 60 and a["area"] == w * h
+
+
+def _truth_csv(tmp_path, truth):
+    out = tmp_path / "truth.csv"
+    out.write_text("path,label\n" + "".join(f"{p},{v}\n" for p, v in truth.items()) + "")
+    return out

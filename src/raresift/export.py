@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from .store.store import Store
 
 __all__ = ["FORMATS", "LABEL_STUDIO_CONFIG", "export", "ranked"]
 
-FORMATS = ("csv", "jsonl", "folder", "label-studio", "imagefolder")
+FORMATS = ("csv", "jsonl", "folder", "label-studio", "imagefolder", "coco")
 POSITIVE_DIR = "positive"
 CANDIDATE_DIR = "candidate"
 # The labelling config the Label Studio tasks fit (paste it into the project's Labeling Setup).
@@ -92,6 +93,8 @@ def export(store: Store, *, top: int, fmt: str, out: str | os.PathLike, link: bo
     ``label-studio`` writes a JSON list of tasks with the score as a prediction (a choice, and the region
     as a rectangle in percent of the photo, for :data:`LABEL_STUDIO_CONFIG`); images are given as
     ``url_prefix`` + path (default: Label Studio's local-files URL of the absolute file path).
+    ``coco`` writes a COCO-style JSON (images with their size, the concept as the category, each photo's
+    region as an unverified box annotation with its score) for detection work that starts from these photos.
     ``imagefolder`` writes the Hugging Face ``imagefolder`` layout, a dataset to train on: one folder
     per class (``positive/``, ``negative/``: the labelled photos; ``candidate/``: the top unlabelled
     ones, unverified) and ``metadata.jsonl`` (file_name, label, verified, score, split, region, labelled_by),
@@ -122,11 +125,41 @@ def export(store: Store, *, top: int, fmt: str, out: str | os.PathLike, link: bo
         elif fmt == "jsonl":
             for r in rows:
                 fh.write(json.dumps(r) + "\n")
+        elif fmt == "coco":
+            json.dump(_coco(store, rows), fh, indent=1)
         else:
             sizes = photo_sizes(store, [r["image_id"] for r in rows if r["region"]])
             json.dump([_task(store, r, url_prefix, sizes.get(r["image_id"])) for r in rows], fh, indent=1)
     os.replace(tmp, out)
     return out
+
+
+def _coco(store: Store, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A COCO-style detection dataset: every exported photo, the concept as the one category, and each
+    photo's region as an (unverified) box annotation with its score."""
+    sizes = photo_sizes(store, [r["image_id"] for r in rows])
+    images, annotations = [], []
+    for r in rows:
+        wh = sizes.get(r["image_id"])
+        images.append({"id": r["image_id"], "file_name": r["path"], "width": wh[0] if wh else None,
+                       "height": wh[1] if wh else None, "raresift_rank": r["rank"], "raresift_score": r["score"],
+                       "raresift_label": r["label"], "raresift_split": r["split"]})
+        reg = r["region"]
+        if reg:
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": r["image_id"], "category_id": 1,
+                "bbox": [reg["x"], reg["y"], reg["width"], reg["height"]], "area": reg["width"] * reg["height"],
+                "iscrowd": 0, "score": r["score"],
+                # the photo's label is a person's (verified) or none; the box is always the model's guess
+                "verified": False, "image_verified": r["label"] is not None,
+            })
+    return {
+        "info": {"description": f"raresift export of {store.root.name}, concept {store.concept}",
+                 "version": "1.0", "date_created": time.strftime("%Y-%m-%dT%H:%M:%S")},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": store.concept, "supercategory": "raresift"}],
+    }
 
 
 def _task(store: Store, row: dict[str, Any], url_prefix: str | None, size: tuple[int, int] | None = None

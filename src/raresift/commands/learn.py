@@ -80,18 +80,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "export",
-        help="write the ranked candidates and the labelled positives (csv, jsonl, folder, label-studio)",
+        help="write the ranked candidates and the labelled positives (csv, jsonl, folder, label-studio, imagefolder, coco)",
         description="Export every photo labelled positive and the top N unlabelled photos of the current "
         "ranking with their scores. csv / jsonl: one row per photo (rank, path, score, label, split). "
         "folder: subfolders positive/ and candidate/ with copies (or --link symbolic links) and ranking.csv. "
         "label-studio: a JSON list of tasks with the model's prediction, to import in Label Studio with the "
         "labelling config <Image name=\"image\"/> + <Choices name=\"class\"> (positive / negative). "
         "imagefolder: a dataset to train on, in the Hugging Face imagefolder layout: positive/, negative/ "
-        "(labelled) and candidate/ (top N unlabelled, unverified) with metadata.jsonl.",
+        "(labelled) and candidate/ (top N unlabelled, unverified) with metadata.jsonl. coco: a COCO-style JSON "
+        "with the photos, the concept as the category and each photo's region as an unverified box.",
     )
     p.add_argument("project", type=Path)
     p.add_argument("--top", type=int, required=True, metavar="N", help="unlabelled candidates to export")
-    p.add_argument("--format", dest="fmt", choices=("csv", "jsonl", "folder", "label-studio", "imagefolder"),
+    p.add_argument("--format", dest="fmt", choices=("csv", "jsonl", "folder", "label-studio", "imagefolder", "coco"),
                    default="csv")
     p.add_argument("--out", type=Path, required=True, metavar="PATH", help="file (or new folder for --format folder)")
     p.add_argument("--link", action="store_true", help="folder: symbolic links instead of copies")

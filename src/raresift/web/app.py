@@ -247,7 +247,7 @@ class ExampleOut(BaseModel):
 
 class ExportIn(BaseModel):
     top: int = Field(100, ge=1, le=10_000_000)
-    fmt: str = Field("csv", max_length=40, description="csv, jsonl, folder, label-studio, imagefolder (see `raresift export`)")
+    fmt: str = Field("csv", max_length=40, description="csv, jsonl, folder, label-studio, imagefolder, coco (see `raresift export`)")
 
 
 class StatusOut(BaseModel):
