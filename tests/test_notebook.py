@@ -92,8 +92,8 @@ def test_h_and_z_show_the_region_and_zoom_to_it(embedded_project):
         lab.press("h")
         assert lab.show_region is False and lab.image.value != boxed  # the box is no longer drawn
         lab.press("z")
-        with Image.open(io.BytesIO(lab.image.value)) as crop:  # 80 x 60, enlarged from the original (at most 4x)
-            assert crop.size == (4 * it["region"]["width"], 4 * it["region"]["height"])
+        with Image.open(io.BytesIO(lab.image.value)) as crop:  # 80 x 60, enlarged from the original to 640 wide
+            assert crop.size == (8 * it["region"]["width"], 8 * it["region"]["height"])
         lab.press("z")
         with Image.open(io.BytesIO(lab.image.value)) as whole:
             assert whole.size == (160, 120)

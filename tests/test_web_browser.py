@@ -377,8 +377,8 @@ def test_region_overlay_zoom_and_grid_crops(browser, embedded_project):
         size = page.evaluate("[document.getElementById('photo').naturalWidth, document.getElementById('photo').naturalHeight]")
         assert abs(size[0] / size[1] - item["region"]["width"] / item["region"]["height"]) < 0.05
         # cut from the original and resampled for the screen: twice the box's size on screen, or as much as the
-        # 4x limit on enlarging allows (these generated photos are tiny: 160 x 120)
-        assert size[0] >= min(2 * region["width"], 4 * item["region"]["width"]) - 1
+        # 8x limit on enlarging allows (these generated photos are tiny: 160 x 120)
+        assert size[0] >= min(2 * region["width"], 8 * item["region"]["width"]) - 1
         page.keyboard.press("z")
         settle(page)
         assert page.evaluate("document.body.dataset.zoom") == "0"

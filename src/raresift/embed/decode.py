@@ -126,7 +126,7 @@ def image_size(path: str | os.PathLike | bytes) -> tuple[int, int]:
     return (h, w) if turned else (w, h)
 
 
-MAX_UPSCALE = 4.0  # a crop is enlarged at most this much (beyond that there is no detail left to show)
+MAX_UPSCALE = 8.0  # a crop is enlarged at most this much (a 20-pixel insect of a small photo still fills a screen)
 
 
 def crop_jpeg(path: str | os.PathLike, box: tuple[float, float, float, float], *, size: int = 1024,

@@ -635,7 +635,7 @@ def create_app(
              summary="A box of the photo, decoded from the original file at its own resolution",
              description="x, y, width, height in the original file's pixels (after its EXIF orientation), as "
              "`region` gives them. The box is cut from the file at its full resolution and resampled (Lanczos) "
-             "to `size` pixels on its longer side: down where the file has more pixels, up (at most 4x) where it "
+             "to `size` pixels on its longer side: down where the file has more pixels, up (at most 8x) where it "
              "has fewer, so the page shows it at screen size without upscaling a thumbnail.")
     def api_image_crop(project: ProjectDep, image_id: ImageIdPath, x: Annotated[int, Query(ge=0)],
                        y: Annotated[int, Query(ge=0)], width: Annotated[int, Query(ge=1)],
