@@ -128,6 +128,21 @@ def compare(project: Path, args) -> None:
           f"ratio {a / b:.2f}", flush=True)
 
 
+def compare_pools(project: Path, args) -> dict[str, float]:
+    """`next --pool full` against `next --pool knn` on the same project: the first knn round (it builds the
+    FAISS index and keeps it), then interleaved runs of both; medians."""
+    cmd = [*raresift_cmd(), "next", str(project), "--n", str(args.n), "--json", "--pool"]
+    first, _ = time_command([*cmd, "knn"])
+    full, knn = [], []
+    for _ in range(args.repeats):
+        full.append(time_command([*cmd, "full"])[0])
+        knn.append(time_command([*cmd, "knn"])[0])
+    out = {"knn_first": first, "full": statistics.median(full), "knn": statistics.median(knn)}
+    print(f"  --pool full {out['full']:.2f} s, --pool knn {out['knn']:.2f} s (ratio {out['knn'] / out['full']:.2f}; "
+          f"the first knn round, building the index: {first:.1f} s), {args.repeats} interleaved runs", flush=True)
+    return out
+
+
 def split_round(project: Path, n: int) -> dict[str, float]:
     """One round in this process, timed by part (wrapping the learner's fit and scoring)."""
     from raresift import Project
@@ -166,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--clean", action="store_true", help="delete the projects afterwards")
+    ap.add_argument("--pools", action="store_true",
+                    help="also time `next --pool knn` against `--pool full` (interleaved) at every size")
     ap.add_argument("--split", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one timed round
     ap.add_argument("--baseline-src", type=Path, default=None, metavar="DIR",
                     help="the src/ folder of another raresift (e.g. a git worktree of an older commit): its "
@@ -177,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} usable CPUs", flush=True)
     rows = []
+    pools: dict[int, dict[str, float]] = {}
     for size in args.sizes:
         project = make_project(args.workdir, size)
         # The first round after the vectors change writes the features cache (signed square roots,
@@ -202,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         if args.baseline_src is not None:
             compare(project, args)
+        if args.pools:
+            pools[size] = compare_pools(project, args)
         if args.clean:
             shutil.rmtree(project, ignore_errors=True)
     print()
@@ -215,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {size} | {med:.2f} s | {best:.2f} s | {first:.2f} s | {startup:.2f} s "
               f"({startup / (inproc + startup):.0%}) | {p['training']:.2f} s ({share['training']:.0%}) | "
               f"{p['scoring']:.2f} s ({share['scoring']:.0%}) | {p['selection']:.2f} s ({share['selection']:.0%}) |")
+    if pools:
+        print()
+        print("| photos | `--pool full` | `--pool knn` | knn / full | first knn round (builds the index) |")
+        print("|---:|---:|---:|---:|---:|")
+        for size, v in pools.items():
+            print(f"| {size:,} | {v['full']:.2f} s | {v['knn']:.2f} s | {v['knn'] / v['full']:.2f} | {v['knn_first']:.1f} s |")
     return 0
 
 

@@ -229,3 +229,36 @@ def test_query_cold_start_on_a_real_embedded_project(embedded_project, capsys):
     assert len(out.out.strip().splitlines()) == 3 and "round" in out.err
     assert main(["next", str(project_dir), "--strategy", "nope"]) == 2
     assert "valid:" in capsys.readouterr().err
+
+
+def test_knn_pool_scores_only_the_neighbours_and_a_sample(tmp_path, monkeypatch):
+    """next --pool knn: once there is a head, a round scores the labelled photos' neighbours plus a random
+    sample (recorded in the round), still finds the cluster, and the simulate path takes the same option."""
+    import json
+
+    from raresift.learn import session as session_module
+    from raresift.simulate import SimulationData, replay
+
+    monkeypatch.setattr(session_module, "KNN_RANDOM", 20)
+    project, truth = vectors_project(tmp_path, n=600, n_pos=30)
+    first = project.next(40, seed=1, pool="knn")  # no head yet: explores, knn does not apply
+    assert {b["strategy"] for b in first} == {"coldstart-explore"}
+    oracle(project, first, truth)
+    if not any(truth[b["path"]] for b in first):
+        pos = next(p for p, v in truth.items() if v)
+        project.label([(pos, 1)])
+    batch = project.next(20, strategy="top", seed=2, pool="knn")
+    params = json.loads(project.db.execute("SELECT params FROM rounds ORDER BY id DESC LIMIT 1").fetchone()[0])
+    assert params["pool"]["kind"] == "knn" and 20 < params["pool"]["rows"] < 600 - 40
+    assert sum(truth[b["path"]] for b in batch) >= 10  # the neighbours of the positives hold the cluster
+    full = project.next(5, seed=3, pool="full")
+    params = json.loads(project.db.execute("SELECT params FROM rounds ORDER BY id DESC LIMIT 1").fetchone()[0])
+    assert params["pool"] == "full" and len(full) == 5
+    with pytest.raises(InputError, match="--pool"):
+        project.next(5, pool="nearest")
+    X = np.asarray(project.vectors()[:, 0, :], dtype=np.float32)
+    y = np.array([truth[p] for p in project.image_ids()])
+    out = replay(SimulationData(X / np.linalg.norm(X, axis=1, keepdims=True), y), rng=np.random.default_rng(0),
+                 budget=100, pool="knn")
+    assert out["points"][-1]["found"] >= 12
+    project.close()

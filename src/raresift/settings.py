@@ -40,6 +40,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("unlabeled_weight", 0.05, "weight of one unlabelled photo as a weak negative, relative to a label"),
     Setting("max_unlabeled", 2000, "unlabelled photos drawn as weak negatives per fit"),
     Setting("prior_weight", 0.5, "weight of the cold-start prior at 0 labels; fades as 50 / (50 + labels)"),
+    Setting("pool", "auto", "photos a round scores: full (all), knn (the k nearest neighbours of the labelled "
+            "photos plus a random sample: SEALS), auto (knn from pool_auto_min embedded photos on)"),
+    Setting("knn_k", 100, "neighbours of each labelled photo in a knn pool"),
+    Setting("knn_random", 1000, "random unlabelled photos added to a knn pool (what the neighbours miss)"),
+    Setting("pool_auto_min", 500_000, "embedded photos from which --pool auto scores a knn pool"),
     # simulate
     Setting("budget", 200, "labels per simulated session"),
     Setting("repeats", 10, "simulated sessions, each on its own split"),

@@ -91,15 +91,29 @@ def replay(
     strategy: str = "default",
     head_params: dict | None = None,
     prior_weight: float | None = None,
+    pool: str = "full",
 ) -> dict[str, Any]:
     """One simulated session, driven through :class:`raresift.learn.session.Session` (the learner of
     ``raresift next``). Returns ``{"k", "prevalence", "points": [{labels, precision, ap, found}],
     "rounds": [{"seed", "rows", "strategies"}]}``; round r is what ``raresift next --seed SEED`` picks
     on a project holding the same labels.
 
-    ``k=None`` means K = min(50, positives in this repeat's test split).
+    ``k=None`` means K = min(50, positives in this repeat's test split). ``pool``: as ``raresift next
+    --pool`` (``knn``: rounds score the neighbours of the labelled photos in an exact index of the
+    features, plus a random sample; ``auto``: knn from ``pool_auto_min`` photos on).
     """
     n = len(data.y)
+    if pool not in ("auto", "full", "knn"):
+        raise InputError(f"pool must be auto, full or knn, got {pool!r}")
+    neighbours = None
+    if pool == "knn" or (pool == "auto" and n >= default("pool_auto_min")):
+        from .index import build_index, candidate_pool
+
+        index = build_index(data.X, kind="flat")
+        knn_k = default("knn_k")
+
+        def neighbours(rows: np.ndarray) -> np.ndarray:
+            return candidate_pool(index, data.X, rows, k=knn_k) if len(rows) else np.empty(0, dtype=np.int64)
     if data.pool is not None:
         in_pool = np.asarray(data.pool, dtype=bool)
         test = np.flatnonzero(~in_pool)
@@ -131,7 +145,7 @@ def replay(
     def ask(size: int, name: str, *, report: bool) -> bool:
         """One round: the session fits and picks, the oracle answers. False when nothing is left."""
         seed = int(rng.integers(2**31))
-        picks = session.query(size, name, rng=np.random.default_rng(seed))
+        picks = session.query(size, name, rng=np.random.default_rng(seed), neighbours=neighbours)
         if report:
             record()
         if not len(picks.rows):
@@ -144,8 +158,8 @@ def replay(
         return int((session.labels >= 0).sum())
 
     if protocol == "seed":
-        pool = np.flatnonzero(in_pool)
-        first = rng.choice(pool, size=min(SEED_RANDOM_LABELS, len(pool)), replace=False)
+        pool_rows = np.flatnonzero(in_pool)
+        first = rng.choice(pool_rows, size=min(SEED_RANDOM_LABELS, len(pool_rows)), replace=False)
         session.update(first, data.y[first])
         ask(SEED_ROUND, "uncertainty", report=True)
         session.fit(rng)
@@ -284,6 +298,7 @@ def simulate(
     plot_path: str | os.PathLike | None = None,
     embed_options: dict | None = None,
     progress: Callable[[int], None] | None = None,
+    pool: str = default("pool"),
 ) -> dict[str, Any]:
     """Replay ``repeats`` labelling sessions against an answer key and summarise precision@K by labels.
 
@@ -292,7 +307,8 @@ def simulate(
     ``random_precision_at_k_mean`` and ``curve`` (one point per label count: ``labels``,
     ``precision_at_k_mean``, ``precision_at_k_sd``, ``positives_found_mean``, ...). Writes the dict
     to ``json_path`` and a plot to ``plot_path`` (default: ``json_path`` with ``.png``) when given.
-    ``progress`` is called with 1 after each repeat.
+    ``progress`` is called with 1 after each repeat. ``pool``: which photos a round scores, as
+    ``raresift next --pool`` (see :func:`replay`).
 
     ``examples`` are image files from anywhere that show the class (one photo on your phone): they
     start every session as `next --examples FILE` does (a positive that trains, and the prior of
@@ -303,6 +319,8 @@ def simulate(
     ``sessions``: per repeat, the rounds (seed, image ids, strategies) in the order they were asked:
     ``raresift next --seed SEED`` on a project with the same labels picks the same photos.
     """
+    if pool not in ("auto", "full", "knn"):
+        raise InputError(f"--pool must be one of auto, full, knn, got {pool!r}")
     from .learn.coldstart import concepts_for, text_scores
     from .learn.features import featurize, iter_blocks
     from .learn.loop import clusters as project_clusters
@@ -348,13 +366,13 @@ def simulate(
         clusters = None
         if protocol == "default" and prior is None:  # the project's own clusterings, as `next` explores them
             clusters = [(ids[rows], prio[rows]) for ids, prio in project_clusters(proj.store)]
-        pool = (proj.splits()[rows] == "pool") if split == "project" else None
+        pool_mask = (proj.splits()[rows] == "pool") if split == "project" else None
         project_path = str(proj.path) if tmpdir is None else None
     finally:
         proj.close()
         if tmpdir is not None:
             tmpdir.cleanup()
-    data = SimulationData(X, y_all[rows].astype(np.int64), prior, test_fraction, clusters, pool, extra,
+    data = SimulationData(X, y_all[rows].astype(np.int64), prior, test_fraction, clusters, pool_mask, extra,
                           "text" if query is not None else "examples")
     if protocol == "seed" and len(rows) * (1 - test_fraction) < SEED_RANDOM_LABELS + SEED_ROUND:
         raise InputError(f"the seed protocol labels {SEED_RANDOM_LABELS + SEED_ROUND} pool photos; "
@@ -362,7 +380,7 @@ def simulate(
     runs = []
     for r in range(repeats):
         runs.append(replay(data, protocol=protocol, rng=np.random.default_rng(seed + r), k=k, budget=budget,
-                           batch=batch, strategy=strategy))
+                           batch=batch, strategy=strategy, pool=pool))
         if progress is not None:
             progress(1)
     result = _summarise(runs, k)

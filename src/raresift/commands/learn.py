@@ -53,6 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--evaluate", action="store_true", help="choose test photos to measure the ranking (see above)")
     p.add_argument("--seed", type=int, default=None, help="seed of the random choices (default: fresh, recorded)")
     p.add_argument("--who", default=None, help="name recorded with the round")
+    p.add_argument("--pool", choices=("auto", "full", "knn"), default=default("pool"),
+                   help="photos a round scores once there is a model: full = every photo; knn = the "
+                   f"{default('knn_k')} nearest neighbours of each labelled photo (FAISS index, built on first use) "
+                   f"plus {default('knn_random')} random ones, so the round's time follows the labels, not the "
+                   f"collection (SEALS); auto = knn from {default('pool_auto_min'):,} embedded photos on "
+                   f"(default {default('pool')})")
     p.add_argument("--review", action="store_true",
                    help="start no round: list the photos answered 'unsure' (stored, never trained on), to look at again")
     add_concept(p)
@@ -126,6 +132,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=default("k"), help=f"K of precision@K (default {default('k')})")
     p.add_argument("--batch", type=int, default=default("batch"), metavar="N",
                    help=f"photos per round in the default protocol (default {default('batch')})")
+    p.add_argument("--pool", choices=("auto", "full", "knn"), default=default("pool"),
+                   help="photos a round scores, as `next --pool` (knn: an exact index of the simulated photos)")
     p.add_argument("--split", choices=("random", "project"), default="random",
                    help="random (default): a new random test split per session, as the write-up; project: the "
                    "project's own test split in every session")
@@ -161,7 +169,8 @@ def cmd_next(args: argparse.Namespace) -> int:
     n = args.n if args.n is not None else (default("evaluate_n") if args.evaluate else default("batch"))
     with _project(args.project, args.concept) as project:
         batch = project.next(n, strategy=args.strategy, query=args.query, examples=args.examples,
-                             not_like=args.not_like, evaluate=args.evaluate, seed=args.seed, who=args.who)
+                             not_like=args.not_like, evaluate=args.evaluate, seed=args.seed, who=args.who,
+                             pool=args.pool)
     if args.json:
         print(json.dumps(batch, indent=2))
         return 0
@@ -239,7 +248,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             strategy=args.strategy, query=args.query, examples=args.examples, budget=args.budget, repeats=args.repeats, seed=args.seed,
             project=args.project, k=args.k, batch=args.batch, split=args.split, json_path=args.json_path,
             plot_path=args.plot,
-            embed_options=embed_options, progress=bar.update,
+            embed_options=embed_options, progress=bar.update, pool=args.pool,
         )
     k = result["k"]
     print(f"{result['protocol']} protocol, {result['repeats']} sessions, {result['photos']} photos "

@@ -60,6 +60,7 @@ _META_QUERY = "learn.query"
 _META_EXAMPLES = "learn.examples"  # JSON list: photo ids (paths) of the project, or file:HASH keys
 _META_NOT_LIKE = "learn.not_like"  # JSON list of file:HASH keys: photos the class does not look like
 _HEAD_FILE = "head.npz"
+POOLS = ("auto", "full", "knn")
 
 
 @dataclass
@@ -373,6 +374,7 @@ def next_batch(
     evaluate: bool = False,
     seed: int | None = None,
     who: str | None = None,
+    pool: str = default("pool"),
 ) -> list[dict[str, Any]]:
     """Retrain on all labels and choose the next ``n`` photos to label; the round is recorded.
 
@@ -380,7 +382,11 @@ def next_batch(
     collection; ``not_like`` the same for photos the class does not look like) set the cold start; they are remembered by the
     project and keep informing the ranking (with a weight that fades as labels come in). Without
     either, the first photos explore the collection: the most central photo of each small HDBSCAN
-    group, smallest first, then of each k-means cluster, skipping groups that have a label. With ``evaluate`` the photos come from the test split: the unlabelled ones
+    group, smallest first, then of each k-means cluster, skipping groups that have a label.
+    ``pool``: which photos a round scores once there is a head: ``full`` (every photo), ``knn`` (the
+    neighbours of the labelled photos in the project's FAISS index plus a random sample, see
+    :meth:`raresift.learn.session.Session.query`), ``auto`` (knn from ``pool_auto_min`` embedded photos
+    on, :mod:`raresift.settings`). With ``evaluate`` the photos come from the test split: the unlabelled ones
     among the top ``n`` of the test ranking (for precision@K), or, with ``strategy="random"``, ``n``
     random test photos not drawn before (for the random baseline; the ones that already have a label
     are recorded but not returned). Returns one dict per photo: path, image_id, score, strategy,
@@ -390,6 +396,8 @@ def next_batch(
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
         raise InputError(f"--n must be a whole number of photos >= 1, got {n!r}")
     get_strategy(strategy)
+    if pool not in POOLS:
+        raise InputError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
     if query is not None:
         set_query(store, query)
     if examples or not_like:
@@ -409,7 +417,8 @@ def next_batch(
             proba = sigmoid(z[rows]) if session.scorer.fitted or session.prior is not None \
                 else np.full(len(rows), np.nan)
         else:
-            picks = session.query(n, strategy, rng=rng, candidates=mask)
+            knn = pool == "knn" or (pool == "auto" and int(mask.sum()) >= default("pool_auto_min"))
+            picks = session.query(n, strategy, rng=rng, candidates=mask, neighbours=_neighbours(store) if knn else None)
             rows, sources, proba = picks.rows, picks.sources, picks.proba
         if session.scorer.fitted:
             _save_head(store, session.scorer.head, fingerprint)
@@ -436,6 +445,19 @@ def next_batch(
          **where[int(r) + 1]}
         for r, s, p in zip(rows, sources, proba)
     ]
+
+
+def _neighbours(store: Store):
+    """labelled rows -> the rows among their ``knn_k`` nearest neighbours (the project's FAISS index, built
+    on first use and kept in ``embeddings/``)."""
+    from ..index import candidate_pool, project_index
+
+    def near(rows: np.ndarray) -> np.ndarray:
+        if not len(rows):
+            return np.empty(0, dtype=np.int64)
+        return candidate_pool(project_index(store), store.vectors(), rows, k=default("knn_k"))
+
+    return near
 
 
 def _evaluation_picks(store: Store, z: np.ndarray, labels: np.ndarray, splits: np.ndarray, n: int, strategy: str,

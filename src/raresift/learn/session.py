@@ -38,6 +38,7 @@ HEAD_DEFAULTS: dict = {"C": default("head_c"), "unlabeled_weight": default("unla
 # How much the cold-start prior (standardised) still counts once the head is trained, at 0 labels;
 # it fades as labels come in (weight * 50 / (50 + labels)).
 PRIOR_WEIGHT = default("prior_weight")
+KNN_RANDOM = default("knn_random")  # random unlabelled rows a knn pool adds to the neighbours
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -182,6 +183,7 @@ class Session:
         self.prior_weight = prior_weight
         self.extra = extra
         self.scorer: Scorer | None = None
+        self.last_pool: int | None = None  # rows the last query scored (knn pool), None = every row
 
     # ------------------------------------------------------------------ learning
     def fit(self, rng: np.random.Generator) -> Scorer:
@@ -196,12 +198,18 @@ class Session:
             self.head = scorer.head
         return scorer
 
-    def logits(self, rng: np.random.Generator | None = None) -> np.ndarray:
+    def logits(self, rng: np.random.Generator | None = None, rows: np.ndarray | None = None) -> np.ndarray:
         """Scores (log-odds scale) of every row from the last fit: the head plus the fading prior; the prior
-        alone before there is a head; random low scores when nothing is known."""
+        alone before there is a head; random low scores when nothing is known. With ``rows``, the head
+        scores only those rows (a knn pool); the others get ``-inf``."""
         scorer = self.scorer if self.scorer is not None else Scorer(None)
         if scorer.fitted:
-            z = self.features.linear(scorer.head.coef_, scorer.head.intercept_)
+            if rows is None:
+                z = self.features.linear(scorer.head.coef_, scorer.head.intercept_)
+            else:
+                z = np.full(len(self.labels), -np.inf, dtype=np.float32)
+                if len(rows):
+                    z[rows] = scorer.head.decision_function(self.features[np.asarray(rows, dtype=np.int64)])
             if self.prior is not None and scorer.prior_weight:
                 z = z + np.float32(scorer.prior_weight) * np.nan_to_num(self.prior[: len(z)], nan=0.0)
             return z
@@ -211,7 +219,7 @@ class Session:
         return rng.random(len(self.labels)).astype(np.float32) - 10.0  # no information: random order, low odds
 
     def query(self, n: int, strategy: str = "default", *, rng: np.random.Generator,
-              candidates: np.ndarray | None = None) -> Picks:
+              candidates: np.ndarray | None = None, neighbours: Any = None) -> Picks:
         """Fit on the labels so far and pick ``n`` unlabelled pool photos with ``strategy``.
 
         With a head, the strategy picks by its probabilities; before one, the prior's top photos
@@ -219,10 +227,25 @@ class Session:
         explores (``coldstart-explore``): the most central photo of each group nobody labelled,
         small groups first, then k-means clusters. ``candidates`` (a boolean mask) narrows the rows
         that may be picked (e.g. the embedded ones).
+
+        ``neighbours`` (a function: labelled rows -> rows near them) makes the round score a knn pool
+        (SEALS, Coleman et al. 2022) once a head exists: the unlabelled pool rows among the neighbours of
+        the labelled ones plus :data:`KNN_RANDOM` random unlabelled rows; the rest are not scored, so the
+        round's cost follows the labels, not the collection.
         """
         fn = get_strategy(strategy)
         scorer = self.fit(rng)
-        z = self.logits(rng)
+        scored = None
+        if neighbours is not None and scorer.fitted:
+            unl = self.pool & (self.labels == -1)
+            if candidates is not None:
+                unl &= candidates
+            near = np.asarray(neighbours(np.flatnonzero(self.pool & (self.labels >= 0))), dtype=np.int64)
+            free = np.flatnonzero(unl)
+            sample = rng.choice(free, size=min(KNN_RANDOM, len(free)), replace=False) if len(free) else free
+            scored = np.union1d(near[unl[near]] if len(near) else near, sample)
+        self.last_pool = None if scored is None else int(len(scored))
+        z = self.logits(rng, rows=scored)
         ok = self.pool & (self.labels == -1) & np.isfinite(z)  # unsure answers (-2) are not asked again
         if candidates is not None:
             ok &= candidates
@@ -256,6 +279,7 @@ class Session:
             "positives": scorer.info.get("positives", 0),
             "head": {**HEAD_DEFAULTS, **(self.head_params or {}), "pooling": getattr(self.features, "pooling", None)},
             "prior_weight": scorer.prior_weight,
+            "pool": "full" if self.last_pool is None else {"kind": "knn", "rows": self.last_pool},
         }
 
 
