@@ -159,3 +159,27 @@ def _truth_csv(tmp_path, truth):
     out = tmp_path / "truth.csv"
     out.write_text("path,label\n" + "".join(f"{p},{v}\n" for p, v in truth.items()) + "")
     return out
+
+
+def test_label_studio_urls_escape_the_file_name(tmp_path):
+    """'+', '&', '#' and '%' in a file name survive the query string of a local-files URL."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    names = ["a+b.jpg", "x&y=1.jpg", "hash#1.jpg", "p%20q.jpg", "é space.jpg"]
+    for name in names:
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(images / name)
+    with Project.create(tmp_path / "p", images=images) as p:
+        p.add_images()
+        p.embed(batch_size=8)
+        p.label([(name, 1) for name in names])
+        tasks = json.loads(p.export(top=0, fmt="label-studio", out=tmp_path / "ls.json").read_text())
+    got = set()
+    for t in tasks:
+        url = urlsplit(t["data"]["image"])
+        assert url.path == "/data/local-files/" and not url.fragment
+        got.add("/" + parse_qs(url.query)["d"][0])
+    assert got == {str((images / name).resolve()) for name in names}

@@ -262,3 +262,24 @@ def test_knn_pool_scores_only_the_neighbours_and_a_sample(tmp_path, monkeypatch)
                  budget=100, pool="knn")
     assert out["points"][-1]["found"] >= 12
     project.close()
+
+
+def test_similar_strategy_queues_photos_like_the_examples(tmp_path):
+    """Strategy similar ("more like these"): the photos most like the examples (less like the counter-examples),
+    their similarity as score, the examples labelled positive, a recorded round; it needs examples."""
+    project, truth = vectors_project(tmp_path, n=400, n_pos=30)
+    pos = [p for p, v in truth.items() if v][:3]
+    neg = [p for p, v in truth.items() if not v][:5]
+    with pytest.raises(InputError, match="similar needs example"):
+        project.next(10, strategy="similar")
+    batch = project.next(12, strategy="similar", examples=pos, counter_examples=[project.image_id(p) for p in neg],
+                         seed=0)
+    assert len(batch) == 12 and {b["strategy"] for b in batch} == {"similar"}
+    assert sum(truth[b["path"]] for b in batch) >= 10
+    scores = [b["score"] for b in batch]
+    assert all(-1 <= s <= 1 for s in scores) and max(scores) > 0.3
+    assert not {b["path"] for b in batch} & set(pos)  # the examples are not asked again
+    splits = project.splits()
+    assert all(project.labels()[p] == 1 for p in pos if splits[project.image_id(p) - 1] == "pool")
+    assert project.db.execute("SELECT strategy FROM rounds ORDER BY id DESC LIMIT 1").fetchone()[0] == "similar"
+    project.close()

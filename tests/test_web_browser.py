@@ -424,3 +424,34 @@ def test_unsure_key_and_a_second_concept(browser, embedded_project):
         opts = other.eval_on_selector_all("#concept option", "els => els.map(e => e.textContent)")
         assert "default" in opts and "spiders" in opts
         assert not page.errors and not other.errors
+
+
+def test_grid_more_like_the_marked_photos(browser, embedded_project):
+    """m in the grid: the marked photos become positives and a `similar` round queues photos like them, each
+    showing its similarity."""
+    project, _, truth = embedded_project
+    with running_server(project) as url:
+        page = open_page(browser, url, "/grid")
+        tiles = page.locator(".tile")
+        expect(tiles.nth(3)).to_be_visible()
+        marked = [int(tiles.nth(i).get_attribute("data-image-id")) for i in (0, 2)]
+        tiles.nth(0).click()
+        tiles.nth(2).click()
+        settle(page)
+        page.keyboard.press("m")
+        settle(page)
+        page.wait_for_function("Number(document.body.dataset.similar || 0) > 0", timeout=WAIT_MS)
+        expect(page.locator("#banner")).to_contain_text("like the 2 marked")
+        shown = [int(tiles.nth(i).get_attribute("data-image-id")) for i in range(tiles.count())]
+        assert not set(marked) & set(shown)  # the examples are labelled now
+        with Project.open(project) as p:
+            row = p.db.execute("SELECT strategy, params FROM rounds ORDER BY id DESC LIMIT 1").fetchone()
+            assert row[0] == "similar" and len(json.loads(row[1])["examples"]) == 2
+            labels = {r[0]: r[1] for r in p.db.execute("SELECT image_id, value FROM current_labels")}
+            queued = [r[0] for r in p.db.execute("SELECT image_id FROM queue WHERE round_id = "
+                                                 "(SELECT MAX(id) FROM rounds) ORDER BY position")]
+        assert all(labels.get(i) == 1 for i in marked if i in labels)
+        assert shown[: len(queued)] == queued[: len(shown)]  # the similar photos come first
+        caption = page.locator(".tile figcaption").first.text_content()
+        assert "similar" in caption and float(caption.split()[0]) <= 1
+        assert not page.errors

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from urllib.parse import quote
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +169,9 @@ def _task(store: Store, row: dict[str, Any], url_prefix: str | None, size: tuple
         image = url_prefix + row["path"]
     else:
         f = store.file_path(row["image_id"])
-        image = f"/data/local-files/?d={str(f.resolve()).lstrip('/')}" if f is not None else row["path"]
+        # Escaped as Label Studio escapes its own local-files URLs (only "/" kept): a '+', '&' or '#' in a
+        # file name would otherwise end or change the query (measured: those photos answered 404).
+        image = f"/data/local-files/?d={quote(str(f.resolve()).lstrip('/'), safe='/')}" if f is not None else row["path"]
     score = row["score"] if row["score"] is not None else 0.0
     choice = "positive" if (row["label"] == 1 or score >= 0.5) else "negative"
     task: dict[str, Any] = {

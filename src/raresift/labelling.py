@@ -122,7 +122,8 @@ def queue(project: Project, *, purpose: str = "label", limit: int = 50) -> list[
 
 def new_round(project: Project, *, n: int = default("batch"), strategy: str = default("strategy"),
               query: str | None = None, examples: list[int | str] | None = None, evaluate: bool = False,
-              seed: int | None = None, who: str | None = None) -> list[dict[str, Any]]:
+              seed: int | None = None, who: str | None = None,
+              counter_examples: list[int] | None = None) -> list[dict[str, Any]]:
     """Train on the labels so far and choose the next batch (a recorded round); returns its items."""
     if n < 1:
         raise InputError(f"a round needs at least 1 photo, got n={n}")
@@ -134,8 +135,12 @@ def new_round(project: Project, *, n: int = default("batch"), strategy: str = de
             raise InputError(f"no image with database id {e} in this project")
         else:
             keys.append(int(e))
+    for i in counter_examples or ():
+        if project.store.image_row(int(i)) is None:
+            raise InputError(f"no image with database id {i} in this project")
+    extra = {"counter_examples": [int(i) for i in counter_examples]} if counter_examples else {}
     rows = project.next(n, strategy=strategy, query=query or None, examples=keys or None,
-                        evaluate=evaluate, seed=seed, who=who)
+                        evaluate=evaluate, seed=seed, who=who, **extra)
     return [it for it in _items(project, rows, "evaluate" if evaluate else "label") if it["label"] is None]
 
 

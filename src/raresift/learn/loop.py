@@ -375,6 +375,7 @@ def next_batch(
     seed: int | None = None,
     who: str | None = None,
     pool: str = default("pool"),
+    counter_examples: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Retrain on all labels and choose the next ``n`` photos to label; the round is recorded.
 
@@ -386,7 +387,9 @@ def next_batch(
     ``pool``: which photos a round scores once there is a head: ``full`` (every photo), ``knn`` (the
     neighbours of the labelled photos in the project's FAISS index plus a random sample, see
     :meth:`raresift.learn.session.Session.query`), ``auto`` (knn from ``pool_auto_min`` embedded photos
-    on, :mod:`raresift.settings`). With ``evaluate`` the photos come from the test split: the unlabelled ones
+    on, :mod:`raresift.settings`). ``strategy="similar"`` ("more like these") picks the photos most like
+    the ``examples`` given in this call, less like the ``counter_examples`` (image ids); their ``score``
+    is then the cosine similarity. With ``evaluate`` the photos come from the test split: the unlabelled ones
     among the top ``n`` of the test ranking (for precision@K), or, with ``strategy="random"``, ``n``
     random test photos not drawn before (for the random baseline; the ones that already have a label
     are recorded but not returned). Returns one dict per photo: path, image_id, score, strategy,
@@ -396,6 +399,8 @@ def next_batch(
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
         raise InputError(f"--n must be a whole number of photos >= 1, got {n!r}")
     get_strategy(strategy)
+    if strategy == "similar" and not evaluate and not examples:
+        raise InputError("strategy similar needs example photos: --examples ID|FILE ...")
     if pool not in POOLS:
         raise InputError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
     if query is not None:
@@ -418,7 +423,14 @@ def next_batch(
                 else np.full(len(rows), np.nan)
         else:
             knn = pool == "knn" or (pool == "auto" and int(mask.sum()) >= default("pool_auto_min"))
-            picks = session.query(n, strategy, rng=rng, candidates=mask, neighbours=_neighbours(store) if knn else None)
+            like = None
+            if strategy == "similar":
+                unlike = [int(i) for i in counter_examples or ()]
+                like = (example_features(store, json.loads(store.meta(store.concept_key(_META_EXAMPLES)) or "[]")),
+                        gather(store.vectors(), np.array(unlike, dtype=np.int64) - 1) if unlike
+                        else np.zeros((0, 1), dtype=np.float32))
+            picks = session.query(n, strategy, rng=rng, candidates=mask, neighbours=_neighbours(store) if knn else None,
+                                  similar_to=like)
             rows, sources, proba = picks.rows, picks.sources, picks.proba
         if session.scorer.fitted:
             _save_head(store, session.scorer.head, fingerprint)

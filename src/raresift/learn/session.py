@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import NotReadyError
+from ..errors import InputError, NotReadyError
 from ..settings import default
 from .coldstart import explore_picks
-from .features import RowSubset
+from .features import BLOCK_ROWS, RowSubset
 from .strategies import get_strategy
 
 if TYPE_CHECKING:
@@ -219,7 +219,8 @@ class Session:
         return rng.random(len(self.labels)).astype(np.float32) - 10.0  # no information: random order, low odds
 
     def query(self, n: int, strategy: str = "default", *, rng: np.random.Generator,
-              candidates: np.ndarray | None = None, neighbours: Any = None) -> Picks:
+              candidates: np.ndarray | None = None, neighbours: Any = None,
+              similar_to: tuple[np.ndarray, np.ndarray] | None = None) -> Picks:
         """Fit on the labels so far and pick ``n`` unlabelled pool photos with ``strategy``.
 
         With a head, the strategy picks by its probabilities; before one, the prior's top photos
@@ -232,8 +233,15 @@ class Session:
         (SEALS, Coleman et al. 2022) once a head exists: the unlabelled pool rows among the neighbours of
         the labelled ones plus :data:`KNN_RANDOM` random unlabelled rows; the rest are not scored, so the
         round's cost follows the labels, not the collection.
+
+        Strategy ``similar`` ("more like these") needs ``similar_to`` = (features of the example photos,
+        features of the counter-examples, possibly none): the candidates most similar (cosine, highest
+        over the examples) to the examples, less their similarity to the counter-examples; the picks'
+        ``proba`` is then their similarity to the examples.
         """
         fn = get_strategy(strategy)
+        if strategy == "similar":
+            return self._query_similar(n, rng, candidates, similar_to)
         scorer = self.fit(rng)
         scored = None
         if neighbours is not None and scorer.fitted:
@@ -265,6 +273,30 @@ class Session:
         known = scorer.fitted or self.prior is not None
         proba = sigmoid(z[rows]) if known else np.full(len(rows), np.nan)
         return Picks(rows, list(sources), proba, z)
+
+    def _query_similar(self, n: int, rng: np.random.Generator, candidates: np.ndarray | None,
+                       similar_to: tuple[np.ndarray, np.ndarray] | None) -> Picks:
+        if similar_to is None or not len(similar_to[0]):
+            raise InputError("strategy similar needs example photos (--examples, or photos marked on the page)")
+        self.fit(rng)  # the head still learns from every label, for the rounds after this one
+        like, unlike = (np.asarray(a, dtype=np.float32) for a in similar_to)
+        ok = self.pool & (self.labels == -1)
+        if candidates is not None:
+            ok &= candidates
+        cand = np.flatnonzero(ok)
+        sim = np.empty(len(cand), dtype=np.float32)
+        margin = np.empty(len(cand), dtype=np.float32)
+        for start in range(0, len(cand), BLOCK_ROWS):
+            f = np.asarray(self.features[cand[start : start + BLOCK_ROWS]], dtype=np.float32)
+            s = (f @ like.T).max(axis=1)
+            sim[start : start + len(f)] = s
+            margin[start : start + len(f)] = s - ((f @ unlike.T).max(axis=1) if len(unlike) else 0.0)
+        picks, sources = get_strategy("similar")(margin, n, rng=rng)
+        rows = cand[np.asarray(picks, dtype=np.int64)]
+        z = np.full(len(self.labels), -np.inf, dtype=np.float32)
+        z[cand] = margin
+        self.last_pool = None
+        return Picks(rows, list(sources), sim[np.asarray(picks, dtype=np.int64)].astype(np.float64), z)
 
     def update(self, rows: np.ndarray, values: np.ndarray) -> None:
         """Record answers: ``values[i]`` (1 / 0) is the label of row ``rows[i]``."""

@@ -24,6 +24,7 @@ __all__ = [
     "get_strategy",
     "mixed",
     "random_pick",
+    "similar",
     "top",
     "uncertainty",
     "uncertainty_sampling",
@@ -151,6 +152,14 @@ def mixed(proba: np.ndarray, n: int, *, rng: np.random.Generator, features: np.n
     return np.array(idx, dtype=np.int64), sources
 
 
+def similar(scores: np.ndarray, n: int, *, rng: np.random.Generator, features: np.ndarray | None = None) -> Picks:
+    """"More like these": ``scores`` here are not the model's probabilities but each candidate's
+    similarity to the example photos (less its similarity to the counter-examples), computed by the
+    session (:meth:`raresift.learn.session.Session.query`); the most similar come first."""
+    idx = _top_k(np.asarray(scores, dtype=np.float64), n, rng)
+    return idx, ["similar"] * len(idx)
+
+
 STRATEGIES: dict[str, Strategy] = {
     "random": random_pick,
     "uncertainty": uncertainty,
@@ -159,6 +168,7 @@ STRATEGIES: dict[str, Strategy] = {
     "diverse": diverse,
     "mixed": mixed,
     "default": mixed,
+    "similar": similar,
 }
 
 

@@ -228,6 +228,8 @@ class RoundIn(BaseModel):
     query: str | None = Field(None, max_length=500, description="text query for a cold start")
     examples: list[ImageId | Annotated[str, Field(pattern=r"^file:[0-9a-f]{64}$")]] | None = Field(
         None, max_length=100, description="image ids, or keys of example photos (POST /api/examples): find more like these")
+    counter_examples: list[ImageId] | None = Field(
+        None, max_length=1000, description="with strategy `similar`: photos the new ones should not look like")
     evaluate: bool = Field(False, description="queue the top-K test photos for evaluation instead")
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="seed of the round's random draws")
     who: str | None = Field(None, max_length=200)
@@ -560,11 +562,12 @@ def create_app(
     @app.post("/api/rounds", response_model=ItemsOut, responses=ERRORS,
               summary="Train on the labels so far and queue the next batch",
               description="`strategy` picks the photos; `query` (text) and `examples` (image ids) start a cold "
-              "project; `evaluate` queues the top-K test photos instead.")
+              "project; strategy `similar` queues the photos most like `examples` (less like `counter_examples`), "
+              "each with its similarity as `score`; `evaluate` queues the top-K test photos instead.")
     def api_rounds(project: ProjectDep, body: RoundIn):
         items = labelling.new_round(
             project, n=body.n, strategy=body.strategy, query=body.query, examples=body.examples,
-            evaluate=body.evaluate, seed=body.seed, who=body.who or default_who,
+            evaluate=body.evaluate, seed=body.seed, who=body.who or default_who, counter_examples=body.counter_examples,
         )
         return {"items": items}
 

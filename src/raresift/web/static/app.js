@@ -198,6 +198,7 @@ function showCounts(p, seq) {
 }
 
 function fillStrategies(names) {
+  names = names.filter((n) => n !== "similar"); // "more like these" (m) picks its own examples
   state.strategies = names;
   const sel = $("#strategy");
   const saved = localStorage.getItem(`raresift.strategy.${MODE}`);
@@ -546,6 +547,24 @@ async function moreLikeThis() {
   showCurrent();
 }
 
+// Grid: more like the marked photos (they are saved as positives), unlike the others on the page.
+async function moreLikeMarked() {
+  const shown = page();
+  const marked = shown.filter((it) => state.marks.has(it.image_id));
+  if (!marked.length) { banner("Mark the photos you want more of (<kbd>Space</kbd> or <kbd>1</kbd>), then press <kbd>m</kbd>.", "info"); return; }
+  const others = shown.filter((it) => !state.marks.has(it.image_id));
+  const items = await newRound({ strategy: "similar", examples: marked.map((it) => it.image_id),
+    counter_examples: others.map((it) => it.image_id), n: GRID });
+  const gone = new Set(marked.map((it) => it.image_id)); // labelled positive by the round
+  const fresh = new Set(items.map((it) => it.image_id));
+  state.items = items.concat(state.items.filter((it) => !gone.has(it.image_id) && !fresh.has(it.image_id)));
+  state.marks.clear();
+  state.cursor = 0;
+  body.dataset.similar = String(items.length);
+  banner(`Queued ${items.length} photos like the ${marked.length} marked; each shows its similarity to them.`, "info");
+  renderGrid();
+}
+
 async function trainNext(extra) {
   const k = parseInt(($("#eval-k") || {}).value, 10) || state.evalK;
   const items = await newRound(MODE === "evaluate" ? Object.assign({ evaluate: true, n: k, strategy: "default" }, extra || {}) : {});
@@ -746,6 +765,7 @@ function onKey(key) {
   if (key === "b" && MODE === "evaluate") return run(queueBaseline);
   if (key === "Enter") return run(submitGrid);
   if (key === "w") return run(async () => { state.whole = !state.whole; renderGrid(); });
+  if (key === "m" && MODE === "grid") return run(moreLikeMarked);
   if (key === " " || key === "1" || key === "y") return run(async () => toggle(state.cursor, key === " " ? undefined : true));
   if (key === "0" || key === "n") return run(async () => toggle(state.cursor, false));
   if (key === "ArrowLeft" || key === "h") return run(async () => moveCursor(-1, 0));
