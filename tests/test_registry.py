@@ -173,3 +173,75 @@ def test_bring_your_own_vectors_prepares_fast_rounds(tmp_path):
         project.label([(f"img{i}", int(i < 5)) for i in range(20)])
         assert len(project.next(10, seed=0)) == 10
         assert [c.stat().st_mtime_ns for c in caches] == stamps  # reused, not rebuilt
+
+
+def _shards(folder, X, ids, sizes, kind="npy"):
+    folder.mkdir()
+    start = 0
+    for k, size in enumerate(sizes):
+        part, names = X[start : start + size], ids[start : start + size]
+        if kind == "npy":
+            np.save(folder / f"part-{k:03d}.npy", part)
+            (folder / f"part-{k:03d}.txt").write_text("\n".join(names) + "\n")
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({"id": names, "embedding": [list(map(float, r)) for r in part]}),
+                           folder / f"part-{k:03d}.parquet")
+        start += size
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["npy", "parquet"])
+def test_sharded_imports_equal_the_single_matrix(tmp_path, kind):
+    """A folder of shards (npy + ids, or Parquet with id and embedding columns) registers the same photos and
+    vectors, in name order, as one matrix with one ids file."""
+    if kind == "parquet":
+        pytest.importorskip("pyarrow")
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(50, 12)).astype(np.float32)
+    ids = [f"s3://bucket/{i:03d}.jpg" for i in range(50)]
+    np.save(tmp_path / "all.npy", X)
+    (tmp_path / "all.txt").write_text("\n".join(ids) + "\n")
+    folder = _shards(tmp_path / "shards", X, ids, [20, 0, 17, 13], kind)
+    with Project.create(tmp_path / "one") as a, Project.create(tmp_path / "many") as b:
+        assert a.import_embeddings(tmp_path / "all.npy", tmp_path / "all.txt") == 50
+        assert b.import_embeddings(folder) == 50
+        assert a.image_ids() == b.image_ids() == ids
+        np.testing.assert_array_equal(np.asarray(a.vectors()), np.asarray(b.vectors()))
+        assert b.embedding_info()["dim"] == 12 and b.status()["embedded"] == 50
+    if kind == "parquet":  # one Parquet file alone, through the CLI
+        from raresift.cli import main
+
+        assert main(["init", str(tmp_path / "single"), "--embeddings", str(folder / "part-000.parquet")]) == 0
+        with Project(tmp_path / "single") as p:
+            assert p.image_ids() == ids[:20]
+
+
+def test_bad_shards_are_refused_before_anything_is_written(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(10, 4)).astype(np.float32)
+    ids = [f"{i}.jpg" for i in range(10)]
+    bad = _shards(tmp_path / "dup", X, ids[:5] + ids[:5], [5, 5])  # the same ids in two shards
+    with Project.create(tmp_path / "p1") as p:
+        with pytest.raises(InputError, match="repeats"):
+            p.import_embeddings(bad)
+    missing = _shards(tmp_path / "noids", X, ids, [10])
+    (missing / "part-000.txt").unlink()
+    with Project.create(tmp_path / "p2") as p:
+        with pytest.raises(InputError, match="no ids file"):
+            p.import_embeddings(missing)
+    dims = _shards(tmp_path / "dims", X, ids, [10])
+    np.save(dims / "part-001.npy", rng.normal(size=(2, 5)).astype(np.float32))
+    (dims / "part-001.txt").write_text("a\nb\n")
+    with Project.create(tmp_path / "p3") as p:
+        with pytest.raises(InputError, match="different lengths"):
+            p.import_embeddings(dims)
+        assert p.status()["images"] == 0
+    (tmp_path / "empty").mkdir()
+    with Project.create(tmp_path / "p4") as p:
+        with pytest.raises(InputError, match="holds no shards"):
+            p.import_embeddings(tmp_path / "empty")
+        with pytest.raises(InputError, match="leave --ids out"):
+            p.import_embeddings(tmp_path / "empty", tmp_path / "x.txt")

@@ -140,10 +140,11 @@ class Project:
         """
         return self.store.add_images(progress=progress)
 
-    def import_embeddings(self, embeddings: str | os.PathLike, ids: str | os.PathLike) -> int:
-        """Register images from a matrix computed elsewhere: row i of ``embeddings`` belongs to line i of ``ids``.
-
-        The ids may be paths or URIs; the matrix must be 2-D float (float16/float32/float64).
+    def import_embeddings(self, embeddings: str | os.PathLike, ids: str | os.PathLike | None = None) -> int:
+        """Register images from vectors computed elsewhere: an ``.npy`` matrix whose row i belongs to line i
+        of ``ids``; a Parquet file with ``id`` and ``embedding`` (or ``vector``) columns; or a folder of
+        such shards (``NAME.npy`` + ``NAME.txt``, or ``NAME.parquet``), taken in name order. Streamed,
+        never the whole matrix in memory (:mod:`raresift.embed.external`). The ids may be paths or URIs.
         Returns the number of images registered.
         """
         from .embed.external import import_embeddings

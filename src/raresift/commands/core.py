@@ -23,14 +23,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="create a project from a folder of photos (or from your own vectors)",
         description="Create a project folder: register every image under --images (recursively) with a stable "
         "id (its relative path), size and content hash, and hold out a random test split. "
-        "Or bring your own vectors with --embeddings FILE.npy --ids FILE.txt. "
+        "Or bring your own vectors: --embeddings FILE.npy --ids FILE.txt, --embeddings FILE.parquet (columns id "
+        "and embedding), or --embeddings DIR, a folder of shards (NAME.npy with NAME.txt ids, or NAME.parquet), "
+        "streamed in name order. "
         "Running init again on a grown folder registers only the new files.",
     )
     p.add_argument("project", type=Path, help="project folder to create")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", type=Path, metavar="DIR", help="folder of photos (jpg, jpeg, png, webp, bmp, gif, tif, tiff)")
-    src.add_argument("--embeddings", type=Path, metavar="FILE.npy", help="2-D float matrix, row i = the image on line i of --ids")
-    p.add_argument("--ids", type=Path, metavar="FILE.txt", help="one id (path or URI) per line, with --embeddings")
+    src.add_argument("--embeddings", type=Path, metavar="FILE.npy|FILE.parquet|DIR",
+                     help="vectors computed elsewhere: a 2-D float .npy matrix (row i = the image on line i of --ids), "
+                     "a Parquet file with columns id and embedding (or vector), or a folder of such shards")
+    p.add_argument("--ids", type=Path, metavar="FILE.txt", help="one id (path or URI) per line, with --embeddings FILE.npy")
     p.add_argument(
         "--test-fraction", type=float, default=DEFAULT_TEST_FRACTION,
         help=f"share of photos held out as the test set (default {DEFAULT_TEST_FRACTION}, as in the reference write-up)",
@@ -154,8 +158,8 @@ def print_status(status: dict, as_json: bool) -> None:
 # ---------------------------------------------------------------- commands
 def cmd_init(args: argparse.Namespace) -> int:
     if args.embeddings is not None:
-        if args.ids is None:
-            raise InputError("--embeddings needs --ids FILE.txt (one id per line, line i = row i)")
+        if args.embeddings.suffix.lower() == ".npy" and args.ids is None:
+            raise InputError("--embeddings FILE.npy needs --ids FILE.txt (one id per line, line i = row i)")
         project = Project.create(args.project, test_fraction=args.test_fraction, seed=args.seed)
         try:
             n = project.import_embeddings(args.embeddings, args.ids)
