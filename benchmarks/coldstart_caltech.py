@@ -441,8 +441,10 @@ def explorers() -> list[Explorer]:
 
     return [
         Explorer("shipped", "raresift's explorer (`explore_levels` fitted on the simulated collection only, "
-                 "`explore_picks`): HDBSCAN groups smallest first, then n/20 k-means clusters",
+                 "`explore_picks`): HDBSCAN groups smallest first, then n/20 k-means clusters in stratified order",
                  lambda ctx: explore_levels(ctx["X"], seed=0), explore_picks),
+        Explorer("shipped-random-order", "the same with the k-means clusters in random order (stratified=False)",
+                 lambda ctx: explore_levels(ctx["X"], seed=0, stratified=False), explore_picks),
         Explorer("shipped-project", "the same, fitted on the whole project (all 9,144 photos, the class's other photos "
                  "too): what `simulate` explores", lambda ctx: ctx["project_levels"], explore_picks),
         Explorer("kmeans-collection", "the same, k-means levels fitted on the simulated collection only "

@@ -356,15 +356,17 @@ def small_groups(Z: np.ndarray, fit_rows: np.ndarray, *, min_cluster_size: int =
 
 
 def explore_levels(X: np.ndarray, *, seed: int = 0, sample: int = 20000, dims: int = 128, fine: int = 20,
-                   max_clusters: int = 512) -> list[tuple[np.ndarray, np.ndarray]]:
+                   max_clusters: int = 512, stratified: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
     """What exploring without a query or examples picks from: ``[(group id per row, priority per row)]``
     for :func:`explore_picks` (lower priority first; group -1 = in no group); none for fewer than 2 photos.
 
     1. Small groups first: the features reduced by PCA to ``dims`` dimensions, HDBSCAN groups
        (:func:`small_groups`, fitted on a random sample of at most ``sample`` rows), ranked by size,
        smallest first; in each group its most central photo.
-    2. Then about n / ``fine`` k-means clusters (at most ``max_clusters``) of the same reduced features
-       in random order (seeded), the photo nearest each centre.
+    2. Then about n / ``fine`` k-means clusters (at most ``max_clusters``) of the same reduced features,
+       the photo nearest each centre, in an order that goes round the collection's regions
+       (``stratified``, :func:`_stratified_order`; else random, seeded): the first ~90 of them see
+       every part of the collection, as coarse k-means did.
 
     Measured on 20 Caltech-101 classes cut down to 20 photos among about 9,000 (1 in 450, no hint;
     ``benchmarks/coldstart_caltech.py``): the first positive after a median of about 45 labels,
@@ -391,10 +393,33 @@ def explore_levels(X: np.ndarray, *, seed: int = 0, sample: int = 20000, dims: i
             central[ok] = ((Z[ok] - centre[ids[ok]]) ** 2).sum(axis=1)
             levels.append((ids, _group_priority(ids, size, central).astype(np.float32)))
     km_ids, dist = cluster_features(Z, n_clusters=max(2, min(max_clusters, n // fine)), seed=seed, sample=sample)
-    order = rng.random(int(km_ids.max()) + 1)
+    order = _stratified_order(Z, km_ids, rng, seed) if stratified else rng.random(int(km_ids.max()) + 1)
     central = dist + 0.5 * np.einsum("ij,ij->i", Z, Z)  # half the squared distance to the centre
     levels.append((km_ids, _group_priority(km_ids, order, central).astype(np.float32)))
     return levels
+
+
+def _stratified_order(Z: np.ndarray, ids: np.ndarray, rng: np.random.Generator, seed: int) -> np.ndarray:
+    """A rank per k-means cluster that visits the collection evenly: the clusters' centres are grouped into
+    about n/100 (at most 96) coarse groups, and the ranks go round the coarse groups (in random order),
+    one cluster of each per round, so the first ~90 picks see every part of the collection (as coarse
+    k-means did) while each pick still comes from a small cluster."""
+    k = int(ids.max()) + 1
+    centre = np.zeros((k, Z.shape[1]), dtype=np.float64)
+    np.add.at(centre, ids, Z)
+    centre /= np.maximum(np.bincount(ids, minlength=k), 1)[:, None]
+    kc = int(max(2, min(96, len(Z) // 100, k)))
+    coarse, _ = cluster_features(centre.astype(np.float32), n_clusters=kc, seed=seed)
+    buckets = [rng.permutation(np.flatnonzero(coarse == c)) for c in rng.permutation(int(coarse.max()) + 1)]
+    rank = np.zeros(k)
+    r, taken = 0, 0
+    while taken < k:
+        for b in buckets:
+            if r < len(b):
+                rank[b[r]] = taken
+                taken += 1
+        r += 1
+    return rank
 
 
 def explore_picks(levels: list[tuple[np.ndarray, np.ndarray]], cand: np.ndarray, labelled: np.ndarray, n: int,
@@ -403,8 +428,8 @@ def explore_picks(levels: list[tuple[np.ndarray, np.ndarray]], cand: np.ndarray,
 
     ``levels`` (:func:`explore_levels`): ``[(group id per row, priority per row)]``, -1 = in no group.
     From each level in turn: the groups that hold no labelled photo and no photo picked in this batch
-    (at any level), in order of their best (lowest-priority) candidate, which is taken. Random candidates fill up when
-    every group is covered.
+    (at any level), in order of their best (lowest-priority) candidate, which is taken. Random
+    candidates fill up when every group is covered.
     """
     n = min(n, len(cand))
     picks: list[int] = []
