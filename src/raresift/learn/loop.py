@@ -175,7 +175,7 @@ def clusters(store: Store) -> list[tuple[np.ndarray, np.ndarray]]:
             out[f"ids{i}"], out[f"prio{i}"] = full_ids, full_prio
         return out
 
-    arrays = store.cache.arrays("clusters", ("explore-2", DEFAULT_POOLING, PART_WEIGHTS), build)
+    arrays = store.cache.arrays("clusters", ("explore-3", DEFAULT_POOLING, PART_WEIGHTS), build)
     return [(arrays[f"ids{i}"], arrays[f"prio{i}"]) for i in range(int(arrays["levels"]))]
 
 
