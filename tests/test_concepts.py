@@ -108,3 +108,21 @@ def test_unsure_through_the_api(two_concepts):
     names = {c["concept"] for c in client.get("/api/concepts").json()["concepts"]}
     assert names == {"default", "other"}
     assert client.get("/api/status?concept=bad name").status_code == 400
+
+
+def test_simulate_starts_from_a_concepts_stored_query(embedded_project, tmp_path):
+    """simulate --concept NAME replays sessions that start from the query `next --concept NAME` remembered."""
+    from conftest import write_truth
+
+    from raresift.simulate import simulate
+
+    project, _, truth = embedded_project
+    with Project(project, concept="beetles") as p:
+        p.next(5, query="beetle", seed=0)
+    key = write_truth(tmp_path / "truth.csv", truth)
+    res = simulate(project=project, truth=key, concept="beetles", budget=10, repeats=1, batch=5, k=3)
+    plain = simulate(project=project, truth=key, budget=10, repeats=1, batch=5, k=3)
+    assert res["concepts"] and "beetle" in " ".join(res["concepts"]).lower()
+    assert plain["concepts"] is None
+    with pytest.raises(InputError, match="needs --project"):
+        simulate(images=tmp_path, truth=key, concept="beetles")

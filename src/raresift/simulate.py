@@ -299,6 +299,7 @@ def simulate(
     embed_options: dict | None = None,
     progress: Callable[[int], None] | None = None,
     pool: str = default("pool"),
+    concept: str | None = None,
 ) -> dict[str, Any]:
     """Replay ``repeats`` labelling sessions against an answer key and summarise precision@K by labels.
 
@@ -308,7 +309,9 @@ def simulate(
     ``precision_at_k_mean``, ``precision_at_k_sd``, ``positives_found_mean``, ...). Writes the dict
     to ``json_path`` and a plot to ``plot_path`` (default: ``json_path`` with ``.png``) when given.
     ``progress`` is called with 1 after each repeat. ``pool``: which photos a round scores, as
-    ``raresift next --pool`` (see :func:`replay`).
+    ``raresift next --pool`` (see :func:`replay`). ``concept``: the sessions start from that concept's
+    query and examples as `next --concept NAME` remembers them, where ``query`` / ``examples`` are not
+    given (an existing project only; the answer key still says what is positive).
 
     ``examples`` are image files from anywhere that show the class (one photo on your phone): they
     start every session as `next --examples FILE` does (a positive that trains, and the prior of
@@ -342,8 +345,22 @@ def simulate(
         concepts = concepts_for(query)
         if not concepts:
             raise InputError(f"no ImageNet concept matches {query!r}; try other words or leave --query out")
+    if concept is not None:
+        from .store.labels import check_concept
+
+        check_concept(concept)
+        if project is None:
+            raise InputError("--concept needs --project: the concept's query and examples are kept in a project")
     proj, tmpdir = _open_project(images, project, embed_options, None)
     try:
+        stored_examples: list[str] = []
+        if concept is not None:
+            proj.store.concept = concept
+            if query is None and proj.store.meta(proj.store.concept_key("learn.query")):
+                query = proj.store.meta(proj.store.concept_key("learn.query"))
+                concepts = concepts_for(query)
+            if not examples:
+                stored_examples = json.loads(proj.store.meta(proj.store.concept_key("learn.examples")) or "[]")
         mask = proj.embedded_mask()
         ids = proj.image_ids()
         y_all, key_info = load_truth(ids, truth=truth, truth_folder=truth_folder)
@@ -354,11 +371,11 @@ def simulate(
         X = np.concatenate([featurize(b) for _, b in iter_blocks(vectors, rows=rows)])
         prior = text_scores(proj.store.logits(), mask, query)[rows] if query is not None else None
         extra = None
-        if examples:
+        if examples or stored_examples:
             from .learn.coldstart import example_scores
             from .learn.loop import example_features
 
-            keys = [proj.add_example(e) for e in examples]
+            keys = [proj.add_example(e) for e in examples] if examples else stored_examples
             feats = example_features(proj.store, keys)
             extra = (feats, np.ones(len(keys), dtype=np.int64))
             sim = example_scores(vectors, mask, feats)[rows]

@@ -134,6 +134,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"photos per round in the default protocol (default {default('batch')})")
     p.add_argument("--pool", choices=("auto", "full", "knn"), default=default("pool"),
                    help="photos a round scores, as `next --pool` (knn: an exact index of the simulated photos)")
+    p.add_argument("--concept", default=None, metavar="NAME",
+                   help="with --project: start the sessions from that concept's query and examples, as `next "
+                   "--concept NAME` remembers them (unless --query / --examples are given)")
     p.add_argument("--split", choices=("random", "project"), default="random",
                    help="random (default): a new random test split per session, as the write-up; project: the "
                    "project's own test split in every session")
@@ -248,7 +251,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             strategy=args.strategy, query=args.query, examples=args.examples, budget=args.budget, repeats=args.repeats, seed=args.seed,
             project=args.project, k=args.k, batch=args.batch, split=args.split, json_path=args.json_path,
             plot_path=args.plot,
-            embed_options=embed_options, progress=bar.update, pool=args.pool,
+            embed_options=embed_options, progress=bar.update, pool=args.pool, concept=args.concept,
         )
     k = result["k"]
     print(f"{result['protocol']} protocol, {result['repeats']} sessions, {result['photos']} photos "
