@@ -155,7 +155,7 @@ class LabelStudio:
         self.exe, self.data_dir, self.port = exe, data_dir, port
         self.base = f"http://127.0.0.1:{port}"
         self.token = secrets.token_hex(20)
-        self.password = secrets.token_urlsafe(16)
+        self.password = "pw" + secrets.token_hex(16)  # never starts with "-" (argparse would take it for an option)
         self.log_path = data_dir / "server.log"
         self.proc: subprocess.Popen | None = None
 
