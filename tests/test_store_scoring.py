@@ -128,3 +128,26 @@ def test_a_damaged_cache_is_rebuilt(tmp_path):
     target = cache.path("x", ("a",), ".npy")
     target.write_bytes(b"not an array")
     np.testing.assert_array_equal(cache.array("x", ("a",), lambda: np.ones(3)), np.ones(3))
+
+
+def test_init_embeddings_builds_the_knn_index_from_the_auto_size_on(tmp_path, monkeypatch):
+    """Above `pool_auto_min` photos, rounds score knn pools by default; `init --embeddings` builds their index,
+    so the first round does not (below that size it builds none)."""
+    from raresift import settings
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "m.npy", rng.normal(size=(300, 16)).astype(np.float32))
+    (tmp_path / "ids.txt").write_text("".join(f"{i}.jpg\n" for i in range(300)))
+    with Project.create(tmp_path / "small") as p:
+        p.import_embeddings(tmp_path / "m.npy", tmp_path / "ids.txt")
+        assert not p.store.paths.index.exists()
+    monkeypatch.setitem(settings.SETTINGS, "pool_auto_min", settings.Setting("pool_auto_min", 200, "test"))
+    with Project.create(tmp_path / "big") as p:
+        p.import_embeddings(tmp_path / "m.npy", tmp_path / "ids.txt")
+        assert p.store.paths.index.is_file()
+        p.label([(f"{i}.jpg", int(i < 10)) for i in range(0, 300, 7)])
+        p.next(10, seed=0)
+        import json
+
+        params = json.loads(p.db.execute("SELECT params FROM rounds ORDER BY id DESC LIMIT 1").fetchone()[0])
+        assert params["pool"]["kind"] == "knn"

@@ -81,7 +81,8 @@ class Model:
 
 def prepare_scoring(store: Store) -> None:
     """Write the caches that make a round fast at scale (signed-square-root features and their norms,
-    beside the vectors) once the vectors are complete, so the first `next` does not pay for them.
+    beside the vectors, and from ``pool_auto_min`` photos on the FAISS index of the knn pools) once the
+    vectors are complete, so the first `next` does not pay for them.
 
     Only for one view per photo (no tiles), the case the fast scoring path serves; a project folder
     that cannot be written to is left as it is (rounds then score block by block)."""
@@ -94,6 +95,15 @@ def prepare_scoring(store: Store) -> None:
         sqrt_features(vectors, store.vector_cache)
     except OSError as exc:
         log.warning("scoring caches not written (%s); rounds will score block by block", exc)
+    if int(store.embedded_mask().sum()) >= default("pool_auto_min"):
+        # Rounds will score knn pools (`--pool auto`): build the FAISS index now, not in the first round
+        # (measured: ~85 s at 10^6 photos on 2 cores).
+        from ..index import project_index
+
+        try:
+            project_index(store)
+        except OSError as exc:
+            log.warning("the vector index was not written (%s); the first knn round will build it", exc)
 
 
 # ---------------------------------------------------------------------- the session from the store
