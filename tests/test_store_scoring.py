@@ -145,9 +145,13 @@ def test_init_embeddings_builds_the_knn_index_from_the_auto_size_on(tmp_path, mo
     with Project.create(tmp_path / "big") as p:
         p.import_embeddings(tmp_path / "m.npy", tmp_path / "ids.txt")
         assert p.store.paths.index.is_file()
+        assert not list(p.store.paths.embed_dir.glob("sqrt*"))  # knn rounds need no full-scan caches
         p.label([(f"{i}.jpg", int(i < 10)) for i in range(0, 300, 7)])
         p.next(10, seed=0)
         import json
 
         params = json.loads(p.db.execute("SELECT params FROM rounds ORDER BY id DESC LIMIT 1").fetchone()[0])
         assert params["pool"]["kind"] == "knn"
+        assert not list(p.store.paths.embed_dir.glob("sqrt*"))
+        evaluated = p.next(5, evaluate=True, seed=1)  # a full pass over the test split, featurised on the fly
+        assert 1 <= len(evaluated) <= 5 and all(e["split"] == "test" for e in evaluated)

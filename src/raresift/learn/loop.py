@@ -80,14 +80,25 @@ class Model:
 
 
 def prepare_scoring(store: Store) -> None:
-    """Write the caches that make a round fast at scale (signed-square-root features and their norms,
-    beside the vectors, and from ``pool_auto_min`` photos on the FAISS index of the knn pools) once the
-    vectors are complete, so the first `next` does not pay for them.
+    """Write the caches that make a round fast at scale once the vectors are complete, so the first `next`
+    does not pay for them: signed-square-root features and their norms beside the vectors; from
+    ``pool_auto_min`` photos on (where rounds score knn pools) the FAISS index instead.
 
     Only for one view per photo (no tiles), the case the fast scoring path serves; a project folder
     that cannot be written to is left as it is (rounds then score block by block)."""
     info = store.embedding_info()
     if info is None or info["views"] != 1:
+        return
+    if _knn_sized(store):
+        # Rounds score knn pools (`--pool auto`): build their FAISS index now, not in the first round
+        # (measured: ~85 s at 10^6 photos on 2 cores). No scoring caches: a knn round featurises its
+        # few rows on the fly, and float32 square roots would take twice the vector file on disk.
+        from ..index import project_index
+
+        try:
+            project_index(store)
+        except OSError as exc:
+            log.warning("the vector index was not written (%s); the first knn round will build it", exc)
         return
     try:
         vectors = store.vectors()
@@ -95,15 +106,11 @@ def prepare_scoring(store: Store) -> None:
         sqrt_features(vectors, store.vector_cache)
     except OSError as exc:
         log.warning("scoring caches not written (%s); rounds will score block by block", exc)
-    if int(store.embedded_mask().sum()) >= default("pool_auto_min"):
-        # Rounds will score knn pools (`--pool auto`): build the FAISS index now, not in the first round
-        # (measured: ~85 s at 10^6 photos on 2 cores).
-        from ..index import project_index
 
-        try:
-            project_index(store)
-        except OSError as exc:
-            log.warning("the vector index was not written (%s); the first knn round will build it", exc)
+
+def _knn_sized(store: Store) -> bool:
+    """Whether the collection is large enough for `--pool auto` to score knn pools."""
+    return store.count_status("embedded") >= default("pool_auto_min")
 
 
 # ---------------------------------------------------------------------- the session from the store
@@ -258,7 +265,8 @@ def load_session(store: Store, *, warm: bool = True) -> tuple[Session, dict[str,
     extra = _extra(store)
     if prior is None and not (labels[pool] == 1).any() and extra is None:
         level = clusters(store)
-    session = Session(VectorFeatures(vectors, DEFAULT_POOLING, cache=store.vector_cache), labels, pool,
+    cache = None if _knn_sized(store) else store.vector_cache  # see prepare_scoring
+    session = Session(VectorFeatures(vectors, DEFAULT_POOLING, cache=cache), labels, pool,
                       prior=None if prior is None else prior[:n], prior_kind=prior_kind, clusters=level, head=head,
                       extra=extra)
     return session, {"labels": labels, "splits": splits, "mask": mask}, _fingerprint(labels, pool, store)

@@ -324,7 +324,8 @@ class Store:
                 for row in self.db.execute("SELECT id, fs_path FROM images WHERE status = 'new' ORDER BY id")]
 
     def count_status(self, status: str) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM images WHERE status = ?", (status,)).fetchone()[0]
+        """Photos with ``status`` (from the counts the triggers keep: no scan of the collection)."""
+        return self.db.execute("SELECT COALESCE(SUM(n), 0) FROM image_counts WHERE status = ?", (status,)).fetchone()[0]
 
     def retry_errors(self) -> None:
         with self.tx() as db:
