@@ -259,7 +259,7 @@ class Project:
         transaction for all. A bad line raises :class:`LabelImportError` naming the line; nothing is
         imported then. Returns the number of labels read.
         """
-        chosen = read_csv(csv_path, self.store.ids_by_path(), concept=self.concept)
+        chosen = read_csv(csv_path, self.store.id_lookup(), concept=self.concept)
         items = [(i, v, None, None, name) for name, values in chosen.items() for i, v in values.items()]
         self.store.append_labels(items, who=who or default_who(), source="csv")
         return len(items)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import InputError, LabelImportError
 
@@ -160,9 +161,10 @@ def current(conn: sqlite3.Connection, concept: str = DEFAULT_CONCEPT) -> dict[in
                                                    (concept,))}
 
 
-def read_csv(csv_path: str | os.PathLike, id_of: dict[str, int], concept: str = DEFAULT_CONCEPT
+def read_csv(csv_path: str | os.PathLike, id_of: Any, concept: str = DEFAULT_CONCEPT
              ) -> dict[str, dict[int, int]]:
-    """A labels CSV (header ``path,label``, optionally ``concept``) as concept -> image id -> value; a bad
+    """A labels CSV (header ``path,label``, optionally ``concept``) as concept -> image id -> value (``id_of``:
+    anything with ``.get(path)`` giving the image id or None, e.g. a dict); a bad
     line raises :class:`LabelImportError`. ``label`` is 1, 0 or ``unsure``; rows without a ``concept``
     column (or with an empty one) belong to ``concept``."""
     p = Path(csv_path)

@@ -281,6 +281,11 @@ class Store:
     def ids_by_path(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT path, id FROM images").fetchall())
 
+    def id_lookup(self) -> _IdLookup:
+        """path -> database id, one indexed query per path asked (``.get(path)``): for a labels file, which
+        names a few of the collection's paths (reading all 10^7 paths into a dict took 27 s)."""
+        return _IdLookup(self.db)
+
     def image_row(self, image_id: int) -> sqlite3.Row | None:
         """path, split, fs_path, status of one image."""
         return self.db.execute("SELECT path, split, fs_path, status FROM images WHERE id = ?",
@@ -643,6 +648,15 @@ class Store:
         row = self.db.execute("SELECT reason FROM errors WHERE image_id = ? ORDER BY at DESC LIMIT 1",
                               (image_id,)).fetchone()
         return row[0] if row else None
+
+
+class _IdLookup:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def get(self, path: str, default: int | None = None) -> int | None:
+        row = self.db.execute("SELECT id FROM images WHERE path = ?", (path,)).fetchone()
+        return default if row is None else row[0]
 
 
 def _set_meta(db: sqlite3.Connection, values: dict[str, str]) -> None:
