@@ -22,7 +22,6 @@ import numpy as np
 from .errors import InputError
 from .learn.evidence import evidence, photo_sizes
 from .learn.loop import current_model
-from .learn.session import sigmoid
 from .store.store import Store
 
 __all__ = ["FORMATS", "LABEL_STUDIO_CONFIG", "export", "ranked"]
@@ -50,9 +49,8 @@ def ranked(store: Store, *, top: int, negatives: bool = False) -> list[dict[str,
     if not isinstance(top, int) or isinstance(top, bool) or top < 0:
         raise InputError(f"--top must be a whole number >= 0, got {top!r}")
     model = current_model(store)
-    s = sigmoid(model.logits).astype(np.float64) if model.known else np.full(len(model.logits), 0.5)
-    s[~np.isfinite(model.logits)] = np.nan
-    head = model.session.scorer.head if model.session.scorer is not None and model.session.scorer.fitted else None
+    s = model.probabilities()
+    head = model.head
     labels = store.label_array()[: len(s)]
     splits = store.splits()[: len(s)]
     ok = np.isfinite(s)

@@ -331,10 +331,7 @@ class Project:
         from .learn.evidence import evidence
         from .learn.loop import current_model
 
-        model = current_model(self.store)
-        scorer = model.session.scorer
-        return evidence(self.store, scorer.head if scorer is not None and scorer.fitted else None,
-                        [int(i) for i in image_ids])
+        return evidence(self.store, current_model(self.store).head, [int(i) for i in image_ids])
 
     def evaluate(self, *, k: int = default("k"), top: int | None = None) -> dict[str, Any]:
         """precision@K on the test split with intervals, the random baseline, lift, recall estimates

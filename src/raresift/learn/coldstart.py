@@ -323,6 +323,15 @@ def _pca(X, rows: np.ndarray, dims: int, seed: int):
     return Z
 
 
+def _group_means(Z: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """``(k, dim)`` float64 mean of the rows of ``Z`` in each group ``0..k-1`` (rows with id -1 count in none)."""
+    ok = ids >= 0
+    centre = np.zeros((k, Z.shape[1]), dtype=np.float64)
+    np.add.at(centre, ids[ok], Z[ok])
+    centre /= np.maximum(np.bincount(ids[ok], minlength=k), 1)[:, None]
+    return centre
+
+
 def small_groups(Z: np.ndarray, fit_rows: np.ndarray, *, min_cluster_size: int = 8, min_samples: int = 3
                  ) -> np.ndarray:
     """HDBSCAN groups of the rows of ``Z`` (group id per row, -1 = in none), fitted on ``fit_rows``.
@@ -338,10 +347,7 @@ def small_groups(Z: np.ndarray, fit_rows: np.ndarray, *, min_cluster_size: int =
     if k == 0 or len(fit_rows) == len(Z):
         return ids
     member = lab >= 0
-    centre = np.zeros((k, Z.shape[1]), dtype=np.float64)
-    np.add.at(centre, lab[member], Z[fit_rows][member])
-    centre /= np.bincount(lab[member], minlength=k)[:, None]
-    centre = centre.astype(np.float32)
+    centre = _group_means(Z[fit_rows], lab, k).astype(np.float32)
     radius = np.zeros(k, dtype=np.float32)
     np.maximum.at(radius, lab[member], ((Z[fit_rows][member] - centre[lab[member]]) ** 2).sum(axis=1))
     rest = np.setdiff1d(np.arange(len(Z)), fit_rows)
@@ -387,9 +393,7 @@ def explore_levels(X: np.ndarray, *, seed: int = 0, sample: int = 20000, dims: i
             fitted = ids[fit_rows]
             size = np.bincount(fitted[fitted >= 0], minlength=k) + rng.random(k)  # smallest first, ties at random
             ok = ids >= 0
-            centre = np.zeros((k, Z.shape[1]))
-            np.add.at(centre, ids[ok], Z[ok])
-            centre /= np.maximum(np.bincount(ids[ok], minlength=k), 1)[:, None]
+            centre = _group_means(Z, ids, k)
             central = np.zeros(n)
             central[ok] = ((Z[ok] - centre[ids[ok]]) ** 2).sum(axis=1)
             levels.append((ids, _group_priority(ids, size, central).astype(np.float32)))
@@ -406,9 +410,7 @@ def _stratified_order(Z: np.ndarray, ids: np.ndarray, rng: np.random.Generator, 
     one cluster of each per round, so the first ~90 picks see every part of the collection (as coarse
     k-means did) while each pick still comes from a small cluster."""
     k = int(ids.max()) + 1
-    centre = np.zeros((k, Z.shape[1]), dtype=np.float64)
-    np.add.at(centre, ids, Z)
-    centre /= np.maximum(np.bincount(ids, minlength=k), 1)[:, None]
+    centre = _group_means(Z, ids, k)
     kc = int(max(2, min(96, len(Z) // 100, k)))
     coarse, _ = cluster_features(centre.astype(np.float32), n_clusters=kc, seed=seed)
     buckets = [rng.permutation(np.flatnonzero(coarse == c)) for c in rng.permutation(int(coarse.max()) + 1)]

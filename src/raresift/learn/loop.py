@@ -74,6 +74,18 @@ class Model:
     mask: np.ndarray  # embedded rows
 
     @property
+    def head(self) -> RareHead | None:
+        """The fitted head, or None before the labels hold both classes."""
+        scorer = self.session.scorer
+        return scorer.head if scorer is not None and scorer.fitted else None
+
+    def probabilities(self) -> np.ndarray:
+        """The probability of the rare class for every row (nan where not embedded; 0.5 when nothing is known)."""
+        out = sigmoid(self.logits).astype(np.float64) if self.known else np.full(len(self.logits), 0.5)
+        out[~np.isfinite(self.logits)] = np.nan
+        return out
+
+    @property
     def known(self) -> bool:
         """Whether the scores mean anything (a head, or at least a prior)."""
         return self.session.scorer is not None and (self.session.scorer.fitted or self.session.prior is not None)
@@ -324,10 +336,7 @@ def scores(store: Store) -> np.ndarray:
     Before the labels hold both classes, these are the cold-start scores (text query / examples),
     or 0.5 everywhere when there is neither.
     """
-    model = current_model(store)
-    out = sigmoid(model.logits).astype(np.float64) if model.known else np.full(len(model.logits), 0.5)
-    out[~np.isfinite(model.logits)] = np.nan
-    return out
+    return current_model(store).probabilities()
 
 
 # ---------------------------------------------------------------------- a round
@@ -440,7 +449,7 @@ def next_batch(
             proba = sigmoid(z[rows]) if session.scorer.fitted or session.prior is not None \
                 else np.full(len(rows), np.nan)
         else:
-            knn = pool == "knn" or (pool == "auto" and int(mask.sum()) >= default("pool_auto_min"))
+            knn = pool == "knn" or (pool == "auto" and _knn_sized(store))
             like = None
             if strategy == "similar":
                 unlike = [int(i) for i in counter_examples or ()]
