@@ -140,3 +140,41 @@ def test_index_save_and_load_roundtrip(tmp_path):
     back = VectorIndex.load(tmp_path / "i.faiss")
     assert (back.kind, back.size, back.nprobe) == ("ivf-sq8", 3000, 4)
     np.testing.assert_array_equal(back.search(x[:10], 5)[1], index.search(x[:10], 5)[1])
+
+
+def test_auto_kind_switches_to_pq_above_the_byte_budget(monkeypatch):
+    from raresift import settings
+    from raresift.index import auto_kind
+
+    assert auto_kind(10_000, 512) == "flat"
+    assert auto_kind(1_000_000, 512) == "ivf-sq8"  # 0.5 GB of 8-bit codes
+    assert auto_kind(10_000_000, 512) == "ivf-pq"  # 5 GB of 8-bit codes: over the 2 GB budget
+    monkeypatch.setitem(settings.SETTINGS, "index_sq8_max_gb", settings.Setting("index_sq8_max_gb", 0.001, "test"))
+    assert auto_kind(60_000, 64) == "ivf-pq"
+
+
+def test_pq_neighbours_are_reranked_by_the_exact_vectors(tmp_path):
+    """Product-quantised codes only shortlist: the neighbours returned are ordered by exact cosine, and
+    they match exact search far better than the codes' own order."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(40, 64)).astype(np.float32)
+    x = (centres[rng.integers(0, 40, 8000)] + 0.6 * rng.normal(size=(8000, 64))).astype(np.float32)
+    pq = build_index(x, kind="ivf-pq", nlist=32, nprobe=8)
+    assert pq.approximate
+    exact = build_index(x, kind="flat")
+    queries = np.arange(0, 8000, 97)
+    got = pq.neighbours(x, queries, 10)
+    truth = exact.neighbours(x, queries, 10)
+    raw = pq.search(x[queries], 10)[1]
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth)])
+    raw_overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(raw, truth)])
+    assert overlap > 0.9 and overlap > raw_overlap
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for q, nb in zip(queries, got):
+        sims = unit[nb] @ unit[q]
+        assert np.all(np.diff(sims) <= 1e-6)  # best first, by the exact similarity
+        assert nb[0] == q  # a photo is its own nearest neighbour
+    path = tmp_path / "index.faiss"
+    pq.save(path)
+    back = VectorIndex.load(path, lazy=True)
+    assert back.kind == "ivf-pq" and np.array_equal(back.neighbours(x, queries[:5], 10), got[:5])

@@ -10,10 +10,16 @@ Kinds of index, chosen by ``kind="auto"`` from the number of vectors:
     Exact search, a float32 copy of the vectors (4 bytes x dim per photo). Up to 50,000 photos.
 ``ivf-sq8``
     Inverted file (``sqrt(n)`` k-means cells) with 8-bit scalar-quantised vectors: 1 byte x dim per
-    photo, a search visits ``nprobe`` cells. Above 50,000 photos.
+    photo, a search visits ``nprobe`` cells. Above 50,000 photos, while the codes take at most
+    ``index_sq8_max_gb`` (:mod:`raresift.settings`, 2 GB: 4 million 512-d or 1.6 million 1280-d photos).
 ``ivf-pq``
-    Inverted file with product quantisation (64 bytes per photo): for collections whose 8-bit
-    codes do not fit in memory (hundreds of millions of photos).
+    Inverted file with product quantisation (64 bytes per photo: 0.64 GB at 10^7) above that. Its
+    similarities are approximate, so :meth:`VectorIndex.neighbours` and :func:`more_like_this` fetch
+    ``pq_refine`` times the neighbours asked for and rank them by the exact vectors (read from the
+    memory map: a few rows per query).
+
+Inverted files are opened memory-mapped (FAISS ``IO_FLAG_MMAP``): opening costs nothing, and a
+search reads only the cells it visits.
 
 The candidate pool follows Coleman et al., "Similarity Search for Efficient Active Learning and
 Search of Rare Concepts" (SEALS, AAAI 2022): each round scores only the unlabelled photos among
@@ -36,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, NotReadyError
+from .settings import default
 from .store.store import Store
 
 __all__ = [
@@ -48,11 +55,13 @@ __all__ = [
     "near_duplicates",
     "project_index",
     "similar",
+    "auto_kind",
 ]
 
 log = logging.getLogger(__name__)
 
 KINDS = ("auto", "flat", "ivf-sq8", "ivf-pq")
+ENGINES = ("local", "ray")
 FLAT_MAX = 50_000  # above this, "auto" builds an inverted file (exact search gets slow and big)
 _BLOCK = 16384  # rows read from the memory map at a time while adding
 
@@ -74,8 +83,15 @@ class VectorIndex:
         if self.index is None:
             import faiss
 
-            self.index = faiss.read_index(str(self.path))
+            # Inverted lists memory-mapped: opening is free and a search pages in only the cells it visits.
+            flags = faiss.IO_FLAG_MMAP if self.kind != "flat" else 0
+            self.index = faiss.read_index(str(self.path), flags)
         return self.index
+
+    @property
+    def approximate(self) -> bool:
+        """True when the index's similarities are rough (product quantisation): callers re-rank exactly."""
+        return self.kind == "ivf-pq"
 
     def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest rows of each query: ``(similarities (m, k) float32, rows (m, k) int64)``."""
@@ -100,7 +116,11 @@ class VectorIndex:
         rows = np.asarray(rows, dtype=np.int64)
         todo = [r for r in dict.fromkeys(rows.tolist()) if (r, k) not in self._knn_cache]
         if todo:
-            _, found = self.search(_gather(vectors, np.array(todo, dtype=np.int64)), k)
+            queries = _gather(vectors, np.array(todo, dtype=np.int64))
+            if self.approximate:
+                _, found = _rerank(vectors, queries, self.search(queries, k * default("pq_refine"))[1], k)
+            else:
+                _, found = self.search(queries, k)
             for r, nb in zip(todo, found):
                 self._knn_cache[(r, k)] = nb
             self._save_neighbours()
@@ -178,24 +198,31 @@ def build_index(
     threads: int | None = None,
     random_state: int = 0,
     progress: Callable[[int], None] | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> VectorIndex:
     """Build an index over ``vectors`` (``(n, dim)`` or a project's ``(n, views, dim)``; view 0 is used).
 
     ``rows`` selects the rows to index (default: all); the index returns these row numbers.
     ``nlist`` / ``nprobe`` tune the inverted-file kinds (defaults: ``sqrt(n)`` cells, visit
     ``max(8, nlist // 64)``). ``progress(n_added)`` is called after each block.
+    ``engine="ray"`` adds the vectors of an inverted file on Ray (:func:`raresift.ray_jobs.index_on_ray`:
+    ``vectors`` must then be a memory-mapped ``.npy`` file that every node reads at the same path); the
+    cells are trained here either way, and the result is the same index.
     """
     import faiss
 
     if kind not in KINDS:
         raise InputError(f"unknown index kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if engine not in ENGINES:
+        raise InputError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
     if threads:
         faiss.omp_set_num_threads(int(threads))
     dim = int(vectors.shape[-1])
     rows = np.arange(vectors.shape[0], dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
     n = len(rows)
     if kind == "auto":
-        kind = "flat" if n <= FLAT_MAX else "ivf-sq8"
+        kind = auto_kind(n, dim)
     if kind == "flat":
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         used_nprobe = None
@@ -219,6 +246,14 @@ def build_index(
         index.train(_unit(_gather(vectors, rows[sample])))
         used_nprobe = int(nprobe or max(8, nlist // 64))
         index.nprobe = used_nprobe
+    if engine == "ray" and kind != "flat":
+        source = getattr(vectors, "filename", None)
+        if source is None:
+            raise InputError("engine='ray' builds from a memory-mapped .npy file (a project's vectors), not an array")
+        from .ray_jobs import index_on_ray
+
+        index, added = index_on_ray(source, np.sort(rows), index, address=ray_address, progress=progress)
+        return VectorIndex(index, kind, dim, added, used_nprobe)
     added = 0
     for start in range(0, n, _BLOCK):
         chunk = rows[start : start + _BLOCK]
@@ -315,7 +350,10 @@ def more_like_this(
     skip = set(rows.tolist())
     want = n + len(skip)
     while True:
-        sims, found = index.search(query, want)
+        if index.approximate:
+            sims, found = _rerank(vectors, query, index.search(query, want * default("pq_refine"))[1], want)
+        else:
+            sims, found = index.search(query, want)
         keep = [
             (r, s)
             for r, s in zip(found[0].tolist(), sims[0].tolist())
@@ -381,6 +419,28 @@ def near_duplicates(
 
 
 # ---------------------------------------------------------------- helpers
+def auto_kind(n: int, dim: int) -> str:
+    """The kind ``kind="auto"`` builds for ``n`` vectors of ``dim`` values (see the module docstring)."""
+    if n <= FLAT_MAX:
+        return "flat"
+    return "ivf-sq8" if n * dim <= default("index_sq8_max_gb") * 1e9 else "ivf-pq"
+
+
+def _rerank(vectors: np.ndarray, queries: np.ndarray, found: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of each query's ``found`` rows (-1 = none) by exact cosine: ``(sims, rows)``, -1 padded."""
+    q = _unit(queries)
+    uniq = np.unique(found[found >= 0])
+    cand = _unit(_gather(vectors, uniq)) if len(uniq) else np.zeros((0, q.shape[1]), dtype=np.float32)
+    sims = np.full((len(found), k), -1.0, dtype=np.float32)
+    rows = np.full((len(found), k), -1, dtype=np.int64)
+    for i, hits in enumerate(found):
+        hits = hits[hits >= 0]
+        s = cand[np.searchsorted(uniq, hits)] @ q[i]
+        best = np.argsort(-s, kind="stable")[:k]
+        sims[i, : len(best)], rows[i, : len(best)] = s[best], hits[best]
+    return sims, rows
+
+
 def _gather(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Whole-photo vectors of ``rows`` as float32 (reads only those rows of a memory map)."""
     rows = np.asarray(rows, dtype=np.int64)

@@ -268,7 +268,8 @@ class Project:
     def next(self, n: int = default("batch"), *, examples: Iterable[str | int | os.PathLike] | None = None,
              not_like: Iterable[str | os.PathLike] | None = None, **options: Any) -> list[dict[str, Any]]:
         """Retrain on all labels and choose the next ``n`` photos to label (a recorded round); options as
-        :func:`raresift.learn.loop.next_batch` (``strategy``, ``query``, ``evaluate``, ``seed``, ``who``, ``pool``).
+        :func:`raresift.learn.loop.next_batch` (``strategy``, ``query``, ``evaluate``, ``seed``, ``who``, ``pool``,
+        ``engine``, ``ray_address``).
 
         ``examples``: photos that show the class: ids (paths) of the project's photos, or image files from
         anywhere (copied into the project and embedded with its model, see :meth:`add_example`).

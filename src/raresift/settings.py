@@ -46,6 +46,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("knn_random", 1000, "random unlabelled photos added to a knn pool (what the neighbours miss)"),
     Setting("pool_auto_min", 2_000_000, "embedded photos from which --pool auto scores a knn pool (measured: a full "
             "scan round is 1.1-1.3 s at 10^6, so about 3 s here)"),
+    Setting("index_sq8_max_gb", 2.0, "largest 8-bit index kind='auto' builds (photos x dim bytes); above it the "
+            "index stores 64-byte product-quantised codes (ivf-pq) and re-ranks their neighbours exactly"),
+    Setting("pq_refine", 4, "an ivf-pq search fetches this many times the asked neighbours, then ranks them by "
+            "the exact vectors"),
     # simulate
     Setting("budget", 200, "labels per simulated session"),
     Setting("repeats", 10, "simulated sessions, each on its own split"),

@@ -59,6 +59,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    f"plus {default('knn_random')} random ones, so the round's time follows the labels, not the "
                    f"collection (SEALS); auto = knn from {default('pool_auto_min'):,} embedded photos on "
                    f"(default {default('pool')})")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="where a round's full scan of the collection runs: local (this process) or ray (a Ray Data "
+                   "job over shards of the vector file, on the cluster at --ray-address or a local Ray; the project "
+                   "folder must be at the same path on every node; same picks; needs pip install 'raresift[ray]')")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --engine ray: address of a running Ray cluster (default: start a local Ray)")
     p.add_argument("--review", action="store_true",
                    help="start no round: list the photos answered 'unsure' (stored, never trained on), to look at again")
     add_concept(p)
@@ -173,7 +179,7 @@ def cmd_next(args: argparse.Namespace) -> int:
     with _project(args.project, args.concept) as project:
         batch = project.next(n, strategy=args.strategy, query=args.query, examples=args.examples,
                              not_like=args.not_like, evaluate=args.evaluate, seed=args.seed, who=args.who,
-                             pool=args.pool)
+                             pool=args.pool, engine=args.engine, ray_address=args.ray_address)
     if args.json:
         print(json.dumps(batch, indent=2))
         return 0

@@ -18,7 +18,6 @@ already started (``ray.init(...)``) is used as it is.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..errors import EmbeddingError, InputError, MissingExtraError
+from ..errors import EmbeddingError
 from .batches import decode_item, model_chunk, run_model
 from .decode import Views
 
@@ -86,24 +85,6 @@ def _bound(config: dict) -> type:
     return type("_EmbedActorBound", (_EmbedActor,), {"config": dict(config)})
 
 
-@contextlib.contextmanager
-def _quiet_ray_data():
-    """Ray Data logs its plans and timings at INFO/WARNING to the console; the library stays silent.
-
-    Its logger goes back to its level afterwards; with ``raresift -v`` (INFO logging) it is left alone.
-    """
-    logger = logging.getLogger("ray.data")
-    if log.isEnabledFor(logging.INFO):
-        yield
-        return
-    saved = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(saved)
-
-
 def embed_on_ray(
     todo: list[tuple[int, bytes]],
     *,
@@ -125,33 +106,11 @@ def embed_on_ray(
     """
     if not todo:
         return
-    try:
-        import ray
-        import ray.data
-    except ImportError:
-        raise MissingExtraError("--engine ray", "ray") from None
+    from ..ray_jobs import ray_cluster
 
-    started_here = False
-    if not ray.is_initialized():
-        try:
-            ray.init(
-                address=address,
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-                configure_logging=False,
-            )
-        except (ConnectionError, ValueError, RuntimeError) as exc:
-            where = f"the Ray cluster at {address}" if address else "a local Ray"
-            raise InputError(f"cannot start or reach {where}: {str(exc).splitlines()[0]}") from exc
-        started_here = True
-    try:
-        with _quiet_ray_data():
-            _run(ray, todo, root=root, views=views, model=model, backend=backend, threads=threads, workers=workers,
-                 batch_size=batch_size, max_pixels=max_pixels, store=store)
-    finally:
-        if started_here:
-            ray.shutdown()
+    with ray_cluster(address) as ray:
+        _run(ray, todo, root=root, views=views, model=model, backend=backend, threads=threads, workers=workers,
+             batch_size=batch_size, max_pixels=max_pixels, store=store)
 
 
 def plan_actors(cluster: dict[str, float], node_cpus: list[float], threads: int | None) -> dict[str, float | int]:
@@ -172,12 +131,6 @@ def plan_actors(cluster: dict[str, float], node_cpus: list[float], threads: int 
 
 def _run(ray, todo, *, root, views, model, backend, threads, workers, batch_size, max_pixels, store) -> None:
     import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the library stays silent; the CLI draws its own bar
-    ctx.enable_operator_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.enable_auto_log_stats = False
 
     node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
     plan = plan_actors(ray.cluster_resources(), node_cpus, threads)

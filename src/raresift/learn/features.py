@@ -151,13 +151,16 @@ class VectorFeatures:
     whole-photo vectors and their norms (``sqrt_features`` and ``sqrt_norms`` of the ``cache``, a
     :class:`raresift.store.cache.Cache` beside the vectors): one BLAS product per 65,536-row block,
     the same values as featurising each block. Without a cache (or where it cannot be written, a
-    read-only project), every block is featurised.
+    read-only project), every block is featurised. With ``remote`` (a
+    :class:`raresift.ray_jobs.RayScoring`), :meth:`linear` runs as a Ray Data job over shards of the
+    vector file instead (``next --engine ray``), featurising each block with the same code.
     """
 
-    def __init__(self, vectors: np.ndarray, pooling: str = DEFAULT_POOLING, *, cache=None):
+    def __init__(self, vectors: np.ndarray, pooling: str = DEFAULT_POOLING, *, cache=None, remote=None):
         self.vectors = vectors
         self.pooling = pooling
         self.cache = cache
+        self.remote = remote
 
     def __len__(self) -> int:
         return self.vectors.shape[0]
@@ -170,6 +173,8 @@ class VectorFeatures:
 
     def linear(self, coef: np.ndarray, intercept: float) -> np.ndarray:
         coef = np.asarray(coef, dtype=np.float32)
+        if self.remote is not None:
+            return self.remote.linear(coef, intercept, pooling=self.pooling, rows=len(self))
         if self.cache is not None and self.vectors.ndim == 3 and self.vectors.shape[1] == 1:
             try:
                 feats, norms = sqrt_features(self.vectors, self.cache), sqrt_norms(self.vectors, self.cache)

@@ -256,10 +256,12 @@ def _save_head(store: Store, head: RareHead, fingerprint: str) -> None:
     tmp.unlink(missing_ok=True)
 
 
-def load_session(store: Store, *, warm: bool = True) -> tuple[Session, dict[str, np.ndarray], str]:
+def load_session(store: Store, *, warm: bool = True, engine: str = "local", ray_address: str | None = None
+                 ) -> tuple[Session, dict[str, np.ndarray], str]:
     """The project's session: features, labels, pool, prior, clusters and the previous head.
 
-    Returns ``(session, state, fingerprint)`` with ``state`` = labels, splits and the embedded mask
+    ``engine="ray"``: full scans of the vectors run as Ray Data jobs (:mod:`raresift.ray_jobs`; the
+    cluster at ``ray_address``, or a local Ray). Returns ``(session, state, fingerprint)`` with ``state`` = labels, splits and the embedded mask
     as read (each read scans the image rows once).
     """
     vectors = store.vectors()
@@ -278,7 +280,12 @@ def load_session(store: Store, *, warm: bool = True) -> tuple[Session, dict[str,
     if prior is None and not (labels[pool] == 1).any() and extra is None:
         level = clusters(store)
     cache = None if _knn_sized(store) else store.vector_cache  # see prepare_scoring
-    session = Session(VectorFeatures(vectors, DEFAULT_POOLING, cache=cache), labels, pool,
+    remote = None
+    if engine == "ray":
+        from ..ray_jobs import RayScoring
+
+        remote = RayScoring(store.paths.vectors, address=ray_address)
+    session = Session(VectorFeatures(vectors, DEFAULT_POOLING, cache=cache, remote=remote), labels, pool,
                       prior=None if prior is None else prior[:n], prior_kind=prior_kind, clusters=level, head=head,
                       extra=extra)
     return session, {"labels": labels, "splits": splits, "mask": mask}, _fingerprint(labels, pool, store)
@@ -403,6 +410,8 @@ def next_batch(
     who: str | None = None,
     pool: str = default("pool"),
     counter_examples: list[int] | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> list[dict[str, Any]]:
     """Retrain on all labels and choose the next ``n`` photos to label; the round is recorded.
 
@@ -416,7 +425,9 @@ def next_batch(
     :meth:`raresift.learn.session.Session.query`), ``auto`` (knn from ``pool_auto_min`` embedded photos
     on, :mod:`raresift.settings`). ``strategy="similar"`` ("more like these") picks the photos most like
     the ``examples`` given in this call, less like the ``counter_examples`` (image ids); their ``score``
-    is then the cosine similarity. With ``evaluate`` the photos come from the test split: the unlabelled ones
+    is then the cosine similarity. ``engine="ray"`` runs the round's full scan of the collection as a Ray
+    Data job over shards of the vector file (the cluster at ``ray_address`` or a local Ray; the same
+    picks as ``local``). With ``evaluate`` the photos come from the test split: the unlabelled ones
     among the top ``n`` of the test ranking (for precision@K), or, with ``strategy="random"``, ``n``
     random test photos not drawn before (for the random baseline; the ones that already have a label
     are recorded but not returned). Returns one dict per photo: path, image_id, score, strategy,
@@ -430,6 +441,8 @@ def next_batch(
         raise InputError("strategy similar needs example photos: --examples ID|FILE ...")
     if pool not in POOLS:
         raise InputError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    if engine not in ("local", "ray"):
+        raise InputError(f"--engine must be local or ray, got {engine!r}")
     if query is not None:
         set_query(store, query)
     if examples or not_like:
@@ -439,7 +452,7 @@ def next_batch(
         seed = int(np.random.SeedSequence().entropy % (2**31))
     rng = np.random.default_rng(seed)
     with round_lock(store):
-        session, state, fingerprint = load_session(store)
+        session, state, fingerprint = load_session(store, engine=engine, ray_address=ray_address)
         labels, splits, mask = state["labels"], state["splits"], state["mask"]
         if evaluate:
             session.fit(rng)
