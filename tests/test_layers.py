@@ -4,7 +4,7 @@ Layers, lowest first (a module imports modules of its own layer or of lower ones
 
     0  errors, settings
     1  store
-    2  embed, learn, index
+    2  embed, learn, index, ray_jobs
     3  project, evaluate, export, simulate, labelling
     4  cli, commands, web, notebook, demo, __main__, the package itself (raresift/__init__.py)
 
@@ -21,7 +21,7 @@ PACKAGE = "raresift"
 LAYERS = [
     ("errors", "settings"),
     ("store",),
-    ("embed", "learn", "index"),
+    ("embed", "learn", "index", "ray_jobs"),
     ("project", "evaluate", "export", "simulate", "labelling"),
     ("cli", "commands", "web", "notebook", "demo", "__main__", ""),
 ]

@@ -155,3 +155,30 @@ def test_init_embeddings_builds_the_knn_index_from_the_auto_size_on(tmp_path, mo
         assert not list(p.store.paths.embed_dir.glob("sqrt*"))
         evaluated = p.next(5, evaluate=True, seed=1)  # a full pass over the test split, featurised on the fly
         assert 1 <= len(evaluated) <= 5 and all(e["split"] == "test" for e in evaluated)
+
+
+def test_a_tiled_photo_counts_as_its_views_for_the_auto_pool(embedded_project, monkeypatch):
+    """A full scan reads every view vector: with 3 x 3 tiles (10 views) `--pool auto` turns to knn pools at a
+    tenth of the photos, and the index is built by `prepare_scoring` then."""
+    import json
+
+    from raresift import settings
+    from raresift.learn.loop import prepare_scoring
+    from raresift.learn.session import knn_by_default
+
+    assert knn_by_default(200_000, 10) and not knn_by_default(200_000, 1) and knn_by_default(2_000_000)
+    project, _, truth = embedded_project
+    monkeypatch.setitem(settings.SETTINGS, "pool_auto_min", settings.Setting("pool_auto_min", 300, "test"))
+    with Project.open(project) as p:
+        assert p.store.embedding_info()["views"] == 10 and p.store.count_status("embedded") == 40  # 400 views
+        prepare_scoring(p.store)
+        assert p.store.paths.index.is_file()
+        p.label([(path, v) for path, v in sorted(truth.items())[:12]] + [(path, 1) for path, v in truth.items() if v][:2])
+        p.next(5, seed=0)
+        params = json.loads(p.db.execute("SELECT params FROM rounds ORDER BY id DESC LIMIT 1").fetchone()[0])
+        assert params["pool"]["kind"] == "knn"
+    monkeypatch.setitem(settings.SETTINGS, "pool_auto_min", settings.Setting("pool_auto_min", 401, "test"))
+    with Project.open(project) as p:
+        p.next(5, seed=1)
+        params = json.loads(p.db.execute("SELECT params FROM rounds ORDER BY id DESC LIMIT 1").fetchone()[0])
+        assert params["pool"] == "full"

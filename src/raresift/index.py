@@ -44,6 +44,9 @@ import numpy as np
 from .errors import InputError, NotReadyError
 from .settings import default
 from .store.store import Store
+from .store.vectors import ADD_BLOCK
+from .store.vectors import unit_rows as _unit
+from .store.vectors import whole_rows as _gather
 
 __all__ = [
     "KINDS",
@@ -63,7 +66,7 @@ log = logging.getLogger(__name__)
 KINDS = ("auto", "flat", "ivf-sq8", "ivf-pq")
 ENGINES = ("local", "ray")
 FLAT_MAX = 50_000  # above this, "auto" builds an inverted file (exact search gets slow and big)
-_BLOCK = 16384  # rows read from the memory map at a time while adding
+_BLOCK = ADD_BLOCK  # rows read from the memory map at a time while adding
 
 
 @dataclass
@@ -439,29 +442,6 @@ def _rerank(vectors: np.ndarray, queries: np.ndarray, found: np.ndarray, k: int)
         best = np.argsort(-s, kind="stable")[:k]
         sims[i, : len(best)], rows[i, : len(best)] = s[best], hits[best]
     return sims, rows
-
-
-def _gather(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Whole-photo vectors of ``rows`` as float32 (reads only those rows of a memory map)."""
-    rows = np.asarray(rows, dtype=np.int64)
-    if vectors.ndim == 3:
-        if len(rows) and rows[-1] - rows[0] + 1 == len(rows) and np.all(np.diff(rows) == 1):
-            part = vectors[rows[0] : rows[-1] + 1, 0, :]  # contiguous: a slice, no fancy-index copy
-        else:
-            part = vectors[rows, 0, :]
-    else:
-        if len(rows) and rows[-1] - rows[0] + 1 == len(rows) and np.all(np.diff(rows) == 1):
-            part = vectors[rows[0] : rows[-1] + 1]
-        else:
-            part = vectors[rows]
-    return np.ascontiguousarray(part, dtype=np.float32)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    np.maximum(norms, 1e-12, out=norms)
-    return x / norms
 
 
 def _pq_subquantizers(dim: int) -> int:

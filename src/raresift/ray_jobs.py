@@ -157,7 +157,7 @@ def _index_shards(batch: dict[str, np.ndarray], *, path: str, trained: np.ndarra
     import faiss
     import ray
 
-    from .index import _BLOCK, _gather, _unit
+    from .store.vectors import ADD_BLOCK, unit_rows, whole_rows
 
     vectors = np.load(path, mmap_mode="r")
     rows = ray.get(rows_ref) if isinstance(rows_ref, ray.ObjectRef) else np.asarray(rows_ref)
@@ -166,12 +166,12 @@ def _index_shards(batch: dict[str, np.ndarray], *, path: str, trained: np.ndarra
         index = faiss.deserialize_index(trained)
         mine = rows[np.searchsorted(rows, start) : np.searchsorted(rows, stop)]
         count = 0
-        for a in range(0, len(mine), _BLOCK):
-            chunk = mine[a : a + _BLOCK]
-            block = _gather(vectors, chunk)
+        for a in range(0, len(mine), ADD_BLOCK):
+            chunk = mine[a : a + ADD_BLOCK]
+            block = whole_rows(vectors, chunk)
             keep = np.any(block != 0, axis=1)  # rows never embedded hold zeros: left out, as locally
             if keep.any():
-                index.add_with_ids(_unit(block[keep]), chunk[keep])
+                index.add_with_ids(unit_rows(block[keep]), chunk[keep])
                 count += int(keep.sum())
         parts.append(faiss.serialize_index(index).tobytes())
         added.append(count)

@@ -44,8 +44,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "photos plus a random sample: SEALS), auto (knn from pool_auto_min embedded photos on)"),
     Setting("knn_k", 100, "neighbours of each labelled photo in a knn pool"),
     Setting("knn_random", 1000, "random unlabelled photos added to a knn pool (what the neighbours miss)"),
-    Setting("pool_auto_min", 2_000_000, "embedded photos from which --pool auto scores a knn pool (measured: a full "
-            "scan round is 1.1-1.3 s at 10^6, so about 3 s here)"),
+    Setting("pool_auto_min", 2_000_000, "embedded view vectors (photos x views: whole photo + tiles) from which "
+            "--pool auto scores a knn pool (measured: a full scan round is 1.1-1.3 s at 10^6 one-view photos, so "
+            "about 3 s here)"),
     Setting("index_sq8_max_gb", 2.0, "largest 8-bit index kind='auto' builds (photos x dim bytes); above it the "
             "index stores 64-byte product-quantised codes (ivf-pq) and re-ranks their neighbours exactly"),
     Setting("pq_refine", 4, "an ivf-pq search fetches this many times the asked neighbours, then ranks them by "

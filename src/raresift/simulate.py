@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import InputError, NotReadyError
 from .learn.features import MatrixFeatures
-from .learn.session import Session, standardise
+from .learn.session import Session, knn_by_default, standardise
 from .learn.strategies import get_strategy
 from .settings import default
 
@@ -53,6 +53,7 @@ class SimulationData:
     pool: np.ndarray | None = None  # (n,) bool: a fixed pool split (the project's); None = draw one per repeat
     extra: tuple[np.ndarray, np.ndarray] | None = None  # (features, labels) of example photos from outside
     prior_kind: str = "text"
+    views: int = 1  # view vectors per photo in the project (whole photo + tiles): what a full scan reads
 
 
 def curve_points(budget: int) -> list[int]:
@@ -100,13 +101,13 @@ def replay(
 
     ``k=None`` means K = min(50, positives in this repeat's test split). ``pool``: as ``raresift next
     --pool`` (``knn``: rounds score the neighbours of the labelled photos in an exact index of the
-    features, plus a random sample; ``auto``: knn from ``pool_auto_min`` photos on).
+    features, plus a random sample; ``auto``: where ``next`` would, from ``pool_auto_min`` view vectors on).
     """
     n = len(data.y)
     if pool not in ("auto", "full", "knn"):
         raise InputError(f"pool must be auto, full or knn, got {pool!r}")
     neighbours = None
-    if pool == "knn" or (pool == "auto" and n >= default("pool_auto_min")):
+    if pool == "knn" or (pool == "auto" and knn_by_default(n, data.views)):
         from .index import build_index, candidate_pool
 
         index = build_index(data.X, kind="flat")
@@ -384,13 +385,14 @@ def simulate(
         if protocol == "default" and prior is None:  # the project's own clusterings, as `next` explores them
             clusters = [(ids[rows], prio[rows]) for ids, prio in project_clusters(proj.store)]
         pool_mask = (proj.splits()[rows] == "pool") if split == "project" else None
+        views = int(vectors.shape[1]) if vectors.ndim == 3 else 1
         project_path = str(proj.path) if tmpdir is None else None
     finally:
         proj.close()
         if tmpdir is not None:
             tmpdir.cleanup()
     data = SimulationData(X, y_all[rows].astype(np.int64), prior, test_fraction, clusters, pool_mask, extra,
-                          "text" if query is not None else "examples")
+                          "text" if query is not None else "examples", views)
     if protocol == "seed" and len(rows) * (1 - test_fraction) < SEED_RANDOM_LABELS + SEED_ROUND:
         raise InputError(f"the seed protocol labels {SEED_RANDOM_LABELS + SEED_ROUND} pool photos; "
                          f"this collection has only {int(len(rows) * (1 - test_fraction))}")

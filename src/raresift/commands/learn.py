@@ -58,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    f"{default('knn_k')} nearest neighbours of each labelled photo (FAISS index, built on first use) "
                    f"plus {default('knn_random')} random ones, so the round's time follows the labels, not the "
                    f"collection (SEALS); auto = knn from {default('pool_auto_min'):,} embedded photos on "
+                   f"({default('pool_auto_min') // 10:,} with 3 x 3 tiles: a photo counts as its views) "
                    f"(default {default('pool')})")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="where a round's full scan of the collection runs: local (this process) or ray (a Ray Data "

@@ -44,7 +44,7 @@ from .features import (
     sqrt_features,
     sqrt_norms,
 )
-from .session import HEAD_DEFAULTS, Session, sigmoid, standardise
+from .session import HEAD_DEFAULTS, Session, knn_by_default, sigmoid, standardise
 from .strategies import get_strategy
 
 if TYPE_CHECKING:
@@ -93,13 +93,12 @@ class Model:
 
 def prepare_scoring(store: Store) -> None:
     """Write the caches that make a round fast at scale once the vectors are complete, so the first `next`
-    does not pay for them: signed-square-root features and their norms beside the vectors; from
-    ``pool_auto_min`` photos on (where rounds score knn pools) the FAISS index instead.
-
-    Only for one view per photo (no tiles), the case the fast scoring path serves; a project folder
-    that cannot be written to is left as it is (rounds then score block by block)."""
+    does not pay for them: signed-square-root features and their norms beside the vectors (one view per
+    photo, the case that fast path serves); where rounds score knn pools (``pool_auto_min`` view vectors,
+    :func:`raresift.learn.session.knn_by_default`), the FAISS index instead. A project folder that cannot
+    be written to is left as it is (rounds then score block by block)."""
     info = store.embedding_info()
-    if info is None or info["views"] != 1:
+    if info is None:
         return
     if _knn_sized(store):
         # Rounds score knn pools (`--pool auto`): build their FAISS index now, not in the first round
@@ -112,6 +111,8 @@ def prepare_scoring(store: Store) -> None:
         except OSError as exc:
             log.warning("the vector index was not written (%s); the first knn round will build it", exc)
         return
+    if info["views"] != 1:
+        return
     try:
         vectors = store.vectors()
         sqrt_norms(vectors, store.vector_cache)
@@ -122,7 +123,8 @@ def prepare_scoring(store: Store) -> None:
 
 def _knn_sized(store: Store) -> bool:
     """Whether the collection is large enough for `--pool auto` to score knn pools."""
-    return store.count_status("embedded") >= default("pool_auto_min")
+    info = store.embedding_info()
+    return knn_by_default(store.count_status("embedded"), info["views"] if info else 1)
 
 
 # ---------------------------------------------------------------------- the session from the store
@@ -422,8 +424,8 @@ def next_batch(
     group, smallest first, then of each k-means cluster, skipping groups that have a label.
     ``pool``: which photos a round scores once there is a head: ``full`` (every photo), ``knn`` (the
     neighbours of the labelled photos in the project's FAISS index plus a random sample, see
-    :meth:`raresift.learn.session.Session.query`), ``auto`` (knn from ``pool_auto_min`` embedded photos
-    on, :mod:`raresift.settings`). ``strategy="similar"`` ("more like these") picks the photos most like
+    :meth:`raresift.learn.session.Session.query`), ``auto`` (knn from ``pool_auto_min`` embedded view
+    vectors on, :func:`raresift.learn.session.knn_by_default`: 2,000,000 photos, 200,000 with tiles). ``strategy="similar"`` ("more like these") picks the photos most like
     the ``examples`` given in this call, less like the ``counter_examples`` (image ids); their ``score``
     is then the cosine similarity. ``engine="ray"`` runs the round's full scan of the collection as a Ray
     Data job over shards of the vector file (the cluster at ``ray_address`` or a local Ray; the same

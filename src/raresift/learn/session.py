@@ -30,7 +30,8 @@ from .strategies import get_strategy
 if TYPE_CHECKING:
     from .head import RareHead
 
-__all__ = ["HEAD_DEFAULTS", "PRIOR_WEIGHT", "Scorer", "Session", "fit_scorer", "sigmoid", "standardise"]
+__all__ = ["HEAD_DEFAULTS", "PRIOR_WEIGHT", "Scorer", "Session", "fit_scorer", "knn_by_default", "sigmoid",
+           "standardise"]
 
 # Settings of the head the workflow uses (tuned on the flower and Caltech-101 benchmarks).
 HEAD_DEFAULTS: dict = {"C": default("head_c"), "unlabeled_weight": default("unlabeled_weight"),
@@ -39,6 +40,13 @@ HEAD_DEFAULTS: dict = {"C": default("head_c"), "unlabeled_weight": default("unla
 # it fades as labels come in (weight * 50 / (50 + labels)).
 PRIOR_WEIGHT = default("prior_weight")
 KNN_RANDOM = default("knn_random")  # random unlabelled rows a knn pool adds to the neighbours
+
+
+def knn_by_default(photos: int, views: int = 1) -> bool:
+    """Whether ``--pool auto`` scores knn pools: a full scan reads every view vector, so a photo counts as its
+    number of views (whole photo + tiles), and the switch is at ``pool_auto_min`` view vectors (2,000,000:
+    photos without tiles, 200,000 with 3 x 3 tiles)."""
+    return int(photos) * max(1, int(views)) >= default("pool_auto_min")
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:

@@ -14,6 +14,27 @@ import numpy as np
 
 from ..errors import ProjectError
 
+ADD_BLOCK = 16384  # rows read from a vector file at a time while an index is filled
+
+
+def whole_rows(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Whole-photo vectors (view 0) of ``rows`` as float32 (reads only those rows of a memory map)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    contiguous = len(rows) and rows[-1] - rows[0] + 1 == len(rows) and np.all(np.diff(rows) == 1)
+    if vectors.ndim == 3:
+        part = vectors[rows[0] : rows[-1] + 1, 0, :] if contiguous else vectors[rows, 0, :]
+    else:
+        part = vectors[rows[0] : rows[-1] + 1] if contiguous else vectors[rows]
+    return np.ascontiguousarray(part, dtype=np.float32)
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float32; rows of zeros stay zeros)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.maximum(norms, 1e-12, out=norms)
+    return x / norms
+
 
 def open_read(path: Path) -> np.memmap | None:
     """Open an array read-only as a memory map, or return None if it does not exist."""
