@@ -7,19 +7,22 @@ in fresh processes:
 * ``raresift init P --embeddings SHARDS/`` (streamed; from ``pool_auto_min`` photos on it also builds
   the FAISS index of the knn pools);
 * ``raresift import-labels P labels.csv`` (200 labels: 20 of the rare class, 180 others);
-* ``raresift next P --n 100 --json`` (the default ``--pool auto``), the first and the median of the next
-  ``--repeats``.
+* ``raresift next P --n 100 --json`` (the default ``--pool auto``), the first round, then ``--repeats``
+  rounds each after the previous batch is answered from the planted key (``import-labels``): every
+  round then searches the neighbours of 100 new labels, as in a real session.
 
 Peak memory: the largest resident set of the command's process (``ru_maxrss`` of the child). Disk:
 the vector file and everything else the project keeps beside it (index, caches), as a share of it.
 
 Usage:
     python benchmarks/scale_shards.py --work /work/devdata/scale --sizes 100000 1000000 10000000
+    python benchmarks/scale_shards.py --work /work/devdata/scale --sizes 10000000 --reuse   # same project again
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -31,13 +34,19 @@ from pathlib import Path
 import numpy as np
 
 
-def write_shards(folder: Path, n: int, dim: int, shards: int, seed: int = 0) -> np.ndarray:
-    """The shards of ``n`` float16 vectors; returns the rows of the planted rare class."""
-    folder.mkdir(parents=True, exist_ok=True)
+def planted(n: int, dim: int, seed: int = 0) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
+    """The generator (after the draws), the rare class's direction and its rows."""
     rng = np.random.default_rng(seed)
     direction = rng.normal(size=dim).astype(np.float32)
     direction /= np.linalg.norm(direction)
     rare = np.sort(rng.choice(n, size=max(20, n // 1000), replace=False))
+    return rng, direction, rare
+
+
+def write_shards(folder: Path, n: int, dim: int, shards: int, seed: int = 0) -> np.ndarray:
+    """The shards of ``n`` float16 vectors; returns the rows of the planted rare class."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, direction, rare = planted(n, dim, seed)
     bounds = np.linspace(0, n, shards + 1).astype(np.int64)
     for k in range(shards):
         lo, hi = int(bounds[k]), int(bounds[k + 1])
@@ -80,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the shards and projects")
+    ap.add_argument("--reuse", action="store_true",
+                    help="use the project WORK/p-N made by an earlier run (skip writing the shards and init)")
     args = ap.parse_args(argv)
     raresift = [sys.executable, "-m", "raresift"]
     print(f"load average {os.getloadavg()[0]:.1f}; {args.dim}-d float16 vectors in {args.shards} .npy shards\n", flush=True)
@@ -87,11 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.sizes:
         folder = args.work / f"shards-{n}"
         project = args.work / f"p-{n}"
-        shutil.rmtree(project, ignore_errors=True)
-        t0 = time.perf_counter()
-        rare = write_shards(folder, n, args.dim, args.shards)
-        gen = time.perf_counter() - t0
-        init_s, init_mb, _ = timed([*raresift, "init", str(project), "--embeddings", str(folder)])
+        if args.reuse and (project / "raresift.sqlite").is_file():
+            rare = planted(n, args.dim)[2]
+            gen = init_s = init_mb = float("nan")
+        else:
+            shutil.rmtree(project, ignore_errors=True)
+            t0 = time.perf_counter()
+            rare = write_shards(folder, n, args.dim, args.shards)
+            gen = time.perf_counter() - t0
+            init_s, init_mb, _ = timed([*raresift, "init", str(project), "--embeddings", str(folder)])
         rng = np.random.default_rng(1)
         others = rng.choice(np.setdiff1d(np.arange(n), rare), size=180, replace=False)
         labels = project.parent / f"labels-{n}.csv"
@@ -100,11 +115,19 @@ def main(argv: list[str] | None = None) -> int:
         lab_s, lab_mb, _ = timed([*raresift, "import-labels", str(project), str(labels)])
         first, first_mb, out = timed([*raresift, "next", str(project), "--n", "100", "--json"])
         assert out.count('"path"') == 100, out[:300]
+        rare_set = set(rare.tolist())
         walls, mbs = [], []
-        for _ in range(args.repeats):
+        for r in range(args.repeats):
+            # The person answers the batch (from the planted key); the next round then searches the
+            # neighbours of 100 new labels, as every round of a real session does.
+            answers = project.parent / f"answers-{n}-{r}.csv"
+            answers.write_text("path,label\n" + "".join(f"{item['path']},{int(item['image_id'] - 1 in rare_set)}\n"
+                                                        for item in json.loads(out)))
+            timed([*raresift, "import-labels", str(project), str(answers)])
             w, mb, out = timed([*raresift, "next", str(project), "--n", "100", "--json"])
             walls.append(w)
             mbs.append(mb)
+            print(f"    round after 100 new labels: {w:.2f} s, peak {mb:,.0f} MB", flush=True)
         found = sum(1 for i in rare if f"{i:09d}.jpg" in out)
         emb = project / "embeddings"
         vec_bytes = (emb / "vectors.npy").stat().st_size
@@ -118,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(folder, ignore_errors=True)
     print()
     print("| photos | writing the shards | `init --embeddings DIR` | its peak memory | `import-labels` (200) | "
-          "first `next --n 100` | next ones (median) | peak memory of `next` | vectors | index + caches | "
+          "first `next --n 100` | next ones, each after 100 new labels (median) | peak memory of `next` | vectors | index + caches | "
           "rare photos in the last batch |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, gen, init_s, init_mb, lab_s, first, med, next_mb, vec_bytes, other, found in rows:

@@ -178,3 +178,24 @@ def test_pq_neighbours_are_reranked_by_the_exact_vectors(tmp_path):
     pq.save(path)
     back = VectorIndex.load(path, lazy=True)
     assert back.kind == "ivf-pq" and np.array_equal(back.neighbours(x, queries[:5], 10), got[:5])
+
+
+def test_neighbours_cached_by_one_index_are_not_served_by_its_replacement(tmp_path):
+    from raresift.index import project_index
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "v.npy", rng.normal(size=(3000, 16)).astype(np.float32))
+    (tmp_path / "ids.txt").write_text("".join(f"{i}.jpg\n" for i in range(3000)))
+    with Project.create(tmp_path / "p") as p:
+        p.import_embeddings(tmp_path / "v.npy", tmp_path / "ids.txt")
+        flat = project_index(p.store, kind="flat")
+        flat.neighbours(p.vectors(), np.arange(10), 5)
+        knn = p.store.paths.index.with_name("index-knn.npz")
+        assert knn.is_file()
+        # A saved neighbour file of another kind of index over the same vectors is ignored ...
+        saved = knn.read_bytes()
+        ivf = project_index(p.store, kind="ivf-pq", nlist=16)
+        assert ivf.kind == "ivf-pq" and not knn.is_file()  # ... and a rebuild drops it
+        knn.write_bytes(saved)
+        again = project_index(p.store)
+        assert again.kind == "ivf-pq" and not again._knn_cache

@@ -182,3 +182,23 @@ def test_a_tiled_photo_counts_as_its_views_for_the_auto_pool(embedded_project, m
         p.next(5, seed=1)
         params = json.loads(p.db.execute("SELECT params FROM rounds ORDER BY id DESC LIMIT 1").fetchone()[0])
         assert params["pool"] == "full"
+
+
+def test_splits_are_cached_and_follow_new_photos(tmp_path, monkeypatch):
+    import raresift.store.store as store_module
+
+    monkeypatch.setattr(store_module, "_SPLIT_CACHE_MIN", 1)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "m.npy", rng.normal(size=(500, 8)).astype(np.float32))
+    (tmp_path / "ids.txt").write_text("".join(f"{i}.jpg\n" for i in range(500)))
+    with Project.create(tmp_path / "p") as p:
+        p.import_embeddings(tmp_path / "m.npy", tmp_path / "ids.txt")
+        truth = np.array([r[0] for r in p.db.execute("SELECT split FROM images ORDER BY id")])
+        first = p.store.splits()
+        assert np.array_equal(first, truth) and list(p.store.paths.learn_dir.glob("splits-*.npy"))
+        assert np.array_equal(p.store.splits(), truth)  # from the cache file
+        p.db.execute("INSERT INTO images (path, status, split, added_at) VALUES ('new.jpg', 'new', 'test', 0)")
+        p.db.commit()
+        grown = p.store.splits()
+        assert len(grown) == 501 and grown[-1] == "test"
+        assert np.array_equal(grown, np.array([r[0] for r in p.db.execute("SELECT split FROM images ORDER BY id")]))

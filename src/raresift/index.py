@@ -131,6 +131,10 @@ class VectorIndex:
             return np.empty((0, k), dtype=np.int64)
         return np.stack([self._knn_cache[(r, k)] for r in rows.tolist()])
 
+    def _knn_stamp(self) -> dict:
+        """What the cached neighbours belong to: the vectors (the index's stamp) and the kind of index."""
+        return {**self.stamp, "kind": self.kind, "nprobe": self.nprobe}
+
     def _knn_path(self) -> Path | None:
         return None if self.path is None else self.path.with_name(self.path.stem + "-knn.npz")
 
@@ -138,7 +142,7 @@ class VectorIndex:
         target = self._knn_path()
         if target is None:
             return
-        arrays: dict[str, np.ndarray] = {"stamp": np.array(json.dumps(self.stamp, sort_keys=True))}
+        arrays: dict[str, np.ndarray] = {"stamp": np.array(json.dumps(self._knn_stamp(), sort_keys=True))}
         for k in sorted({k for _, k in self._knn_cache}):
             rows = sorted(r for r, kk in self._knn_cache if kk == k)
             arrays[f"rows_{k}"] = np.array(rows, dtype=np.int64)
@@ -153,7 +157,7 @@ class VectorIndex:
             return
         try:
             with np.load(source) as data:
-                if str(data["stamp"]) != json.dumps(self.stamp, sort_keys=True):
+                if str(data["stamp"]) != json.dumps(self._knn_stamp(), sort_keys=True):
                     return  # neighbours of another index
                 for key in data.files:
                     if key.startswith("rows_"):
@@ -241,6 +245,7 @@ def build_index(
         else:
             m = _pq_subquantizers(dim)
             index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+            index.pq.cp.min_points_per_centroid = 1  # small collections: no warning per sub-quantizer (64 of them)
         index.cp.seed = int(random_state)
         # k-means needs ~30-256 points per cell; more only costs time.
         rng = np.random.default_rng(random_state)
@@ -307,6 +312,9 @@ def project_index(
     log.info("built a %s index of %d vectors in %.1f s", built.kind, built.size, time.perf_counter() - t0)
     if save:
         built.save(path)
+        knn = built._knn_path()
+        if knn is not None:
+            knn.unlink(missing_ok=True)  # neighbours found by the index this one replaces
     return built
 
 
