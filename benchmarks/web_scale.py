@@ -106,7 +106,15 @@ def main() -> int:
         if "labelling" not in line:
             raise RuntimeError(f"serve did not start: {line}{server.stderr.read()}")
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        request(conn, "GET", "/api/status")  # first request: the app opens the project
+        while True:  # the line comes once the socket is bound; uvicorn listens a moment later
+            try:
+                request(conn, "GET", "/api/status")  # first request: the app opens the project
+                break
+            except ConnectionRefusedError:
+                if server.poll() is not None:
+                    raise RuntimeError(f"serve exited: {server.stderr.read()}") from None
+                conn.close()
+                time.sleep(0.1)
         idle = [request(conn, "GET", "/api/status")[0] for _ in range(30)]
         n = args.clients * args.labels
         ms, batch = request(conn, "POST", "/api/rounds", {"n": n, "strategy": "random", "seed": 1})

@@ -74,6 +74,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Replies go out at once (accepted connections inherit the option): with Nagle's algorithm on, the
+    # body of a reply waited for the ACK of its headers, which the client delays by ~40 ms on a
+    # kept-alive connection: every request after the first took 44 ms more (measured on /api/strategies).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((args.host.strip("[]"), args.port))
     except OSError as exc:
