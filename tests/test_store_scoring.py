@@ -202,3 +202,28 @@ def test_splits_are_cached_and_follow_new_photos(tmp_path, monkeypatch):
         grown = p.store.splits()
         assert len(grown) == 501 and grown[-1] == "test"
         assert np.array_equal(grown, np.array([r[0] for r in p.db.execute("SELECT split FROM images ORDER BY id")]))
+
+
+def test_tiled_features_cached_at_knn_scale_score_as_featurised(embedded_project, monkeypatch):
+    """Tiled photos where rounds score knn pools: their features are written once (float16) and a round reads
+    them instead of featurising 10 views a photo; rows and full scans match the featurised values."""
+    from raresift import settings
+    from raresift.learn.features import VectorFeatures, pooled_features
+    from raresift.learn.loop import load_session, prepare_scoring
+
+    project, _, truth = embedded_project
+    monkeypatch.setitem(settings.SETTINGS, "pool_auto_min", settings.Setting("pool_auto_min", 300, "test"))
+    with Project.open(project) as p:
+        prepare_scoring(p.store)
+        assert list(p.store.paths.embed_dir.glob("pooled-*.npy"))
+        session, _, _ = load_session(p.store)
+        cached = session.features
+        assert cached.pooled is not None
+        plain = VectorFeatures(p.vectors())
+        rows = np.array([7, 3, 30, 3])
+        np.testing.assert_allclose(cached[rows], plain[rows], atol=2e-3)
+        coef = np.random.default_rng(0).normal(size=plain[rows].shape[1]).astype(np.float32)
+        np.testing.assert_allclose(cached.linear(coef, 0.5), plain.linear(coef, 0.5), atol=0.05)
+        assert np.array_equal(pooled_features(p.vectors(), p.store.vector_cache), cached.pooled)  # built once
+        p.label([(path, v) for path, v in sorted(truth.items())[:12]] + [(path, 1) for path, v in truth.items() if v][:2])
+        assert len(p.next(5, seed=0)) == 5

@@ -25,7 +25,8 @@ import numpy as np
 
 __all__ = [
     "BLOCK_ROWS", "DEFAULT_POOLING", "PART_WEIGHTS", "POOLINGS", "MatrixFeatures", "RowSubset", "VectorFeatures", "feature_dim",
-    "featurize", "gather", "iter_blocks", "linear_scores", "signed_sqrt", "sqrt_features", "sqrt_norms",
+    "featurize", "gather", "iter_blocks", "linear_scores", "pooled_features", "signed_sqrt", "sqrt_features",
+    "sqrt_norms",
 ]
 
 # Rows per block when streaming over the memory map: ~20 MB of float16 at 1280-d, 1 view.
@@ -156,25 +157,41 @@ class VectorFeatures:
     vector file instead (``next --engine ray``), featurising each block with the same code.
     """
 
-    def __init__(self, vectors: np.ndarray, pooling: str = DEFAULT_POOLING, *, cache=None, remote=None):
+    def __init__(self, vectors: np.ndarray, pooling: str = DEFAULT_POOLING, *, cache=None, remote=None,
+                 pooled: np.ndarray | None = None):
         self.vectors = vectors
         self.pooling = pooling
         self.cache = cache
         self.remote = remote
+        # Tiled photos at scale: every photo's feature, featurised once (float16, :func:`pooled_features`).
+        self.pooled = pooled
 
     def __len__(self) -> int:
         return self.vectors.shape[0]
 
     def __getitem__(self, rows) -> np.ndarray:
         if isinstance(rows, slice):
+            if self.pooled is not None:
+                return np.asarray(self.pooled[rows], dtype=np.float32)
             return featurize(self.vectors[rows], self.pooling)
         rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
+        if self.pooled is not None:
+            order = np.argsort(rows, kind="stable")  # sorted reads of the memory map
+            out = np.empty((len(rows), self.pooled.shape[1]), dtype=np.float32)
+            out[order] = self.pooled[rows[order]]
+            return out
         return gather(self.vectors, rows, self.pooling)
 
     def linear(self, coef: np.ndarray, intercept: float) -> np.ndarray:
         coef = np.asarray(coef, dtype=np.float32)
         if self.remote is not None:
             return self.remote.linear(coef, intercept, pooling=self.pooling, rows=len(self))
+        if self.pooled is not None:
+            out = np.empty(len(self), dtype=np.float32)
+            for start in range(0, len(out), SCORE_BLOCK):
+                block = np.asarray(self.pooled[start : start + SCORE_BLOCK], dtype=np.float32)
+                np.matmul(block, coef, out=out[start : start + len(block)])
+            return out + np.float32(intercept)
         if self.cache is not None and self.vectors.ndim == 3 and self.vectors.shape[1] == 1:
             try:
                 feats, norms = sqrt_features(self.vectors, self.cache), sqrt_norms(self.vectors, self.cache)
@@ -237,3 +254,21 @@ def linear_scores(feats: np.ndarray, coef: np.ndarray, intercept: float, norms: 
     out /= np.where(np.asarray(norms) > 0, norms, 1.0).astype(np.float32, copy=False)
     out += np.float32(intercept)
     return out
+
+
+def pooled_features(vectors: np.ndarray, cache, pooling: str = DEFAULT_POOLING) -> np.ndarray:
+    """Every photo's feature (:func:`featurize`) as a float16 ``(rows, feature_dim)`` memory map, written
+    once per vector generation: for tiled photos at scale, a round then reads 3 x dim values a photo
+    (7.7 KB at 1280-d) instead of featurising 10 views (25.6 KB) from the vector file, and the file
+    is small enough to stay in the page cache."""
+    views = vectors.shape[1] if vectors.ndim == 3 else 1
+    shape = (vectors.shape[0], feature_dim(views, vectors.shape[-1], pooling))
+
+    def write(tmp) -> None:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+        for rows, block in iter_blocks(vectors):
+            out[rows[0] : rows[-1] + 1] = featurize(block, pooling).astype(np.float16)
+        out.flush()
+        del out
+
+    return cache.writer("pooled", (vectors.shape, pooling, tuple(sorted(PART_WEIGHTS.items()))), write)

@@ -41,6 +41,7 @@ from .features import (
     VectorFeatures,
     featurize,
     gather,
+    pooled_features,
     sqrt_features,
     sqrt_norms,
 )
@@ -102,14 +103,18 @@ def prepare_scoring(store: Store) -> None:
         return
     if _knn_sized(store):
         # Rounds score knn pools (`--pool auto`): build their FAISS index now, not in the first round
-        # (measured: ~85 s at 10^6 photos on 2 cores). No scoring caches: a knn round featurises its
-        # few rows on the fly, and float32 square roots would take twice the vector file on disk.
+        # (measured: ~85 s at 10^6 photos on 2 cores). No scoring caches for one view a photo: a knn
+        # round featurises its few rows on the fly, and float32 square roots would take twice the
+        # vector file on disk. Tiled photos: their features once, float16 (0.3x the vector file).
         from ..index import project_index
 
         try:
             project_index(store)
+            if info["views"] > 1:
+                pooled_features(store.vectors(), store.vector_cache)
         except OSError as exc:
-            log.warning("the vector index was not written (%s); the first knn round will build it", exc)
+            log.warning("the vector index or features were not written (%s); the first knn round will build them",
+                        exc)
         return
     if info["views"] != 1:
         return
@@ -281,15 +286,22 @@ def load_session(store: Store, *, warm: bool = True, engine: str = "local", ray_
     extra = _extra(store)
     if prior is None and not (labels[pool] == 1).any() and extra is None:
         level = clusters(store)
-    cache = None if _knn_sized(store) else store.vector_cache  # see prepare_scoring
+    knn_sized = _knn_sized(store)
+    cache = None if knn_sized else store.vector_cache  # see prepare_scoring
+    pooled = None
+    if knn_sized and vectors.ndim == 3 and vectors.shape[1] > 1:
+        try:
+            pooled = pooled_features(vectors, store.vector_cache)
+        except OSError as exc:  # a read-only project: featurise the rows a round needs
+            log.warning("tiled features not cached (%s); featurising on the fly", exc)
     remote = None
     if engine == "ray":
         from ..ray_jobs import RayScoring
 
         remote = RayScoring(store.paths.vectors, address=ray_address)
-    session = Session(VectorFeatures(vectors, DEFAULT_POOLING, cache=cache, remote=remote), labels, pool,
-                      prior=None if prior is None else prior[:n], prior_kind=prior_kind, clusters=level, head=head,
-                      extra=extra)
+    features = VectorFeatures(vectors, DEFAULT_POOLING, cache=cache, remote=remote, pooled=pooled)
+    session = Session(features, labels, pool, prior=None if prior is None else prior[:n], prior_kind=prior_kind,
+                      clusters=level, head=head, extra=extra)
     return session, {"labels": labels, "splits": splits, "mask": mask}, _fingerprint(labels, pool, store)
 
 
