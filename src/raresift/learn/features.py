@@ -176,6 +176,8 @@ class VectorFeatures:
             return featurize(self.vectors[rows], self.pooling)
         rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
         if self.pooled is not None:
+            if len(rows) < 2 or np.all(rows[1:] >= rows[:-1]):  # already sorted (pools are): one read, one cast
+                return self.pooled[rows].astype(np.float32)
             order = np.argsort(rows, kind="stable")  # sorted reads of the memory map
             out = np.empty((len(rows), self.pooled.shape[1]), dtype=np.float32)
             out[order] = self.pooled[rows[order]]
