@@ -6,6 +6,8 @@ whose newest recorded version is above what this code knows is refused untouched
 
 from __future__ import annotations
 
+import contextlib
+
 import sqlite3
 import time
 from pathlib import Path
@@ -247,7 +249,9 @@ def _migrate(conn: sqlite3.Connection, version: int) -> None:
             raise sqlite3.IntegrityError(f"migration left {len(bad)} rows with a dangling reference, e.g. {tuple(bad[0])}")
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # keep the first error (SQLite may have rolled back already: a full disk)
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
         raise
     finally:
         conn.execute("PRAGMA foreign_keys = ON")

@@ -7,6 +7,7 @@ class of the project); a project made before concepts existed holds one, :data:`
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import getpass
 import io
@@ -150,7 +151,11 @@ def append(
             )
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # SQLite rolls some failures back by itself (a full disk at COMMIT: SQLITE_FULL); a second ROLLBACK
+        # would fail with "no transaction is active" and hide the error worth reporting.
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
         raise
     return events
 
