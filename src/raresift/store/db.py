@@ -7,7 +7,6 @@ whose newest recorded version is above what this code knows is refused untouched
 from __future__ import annotations
 
 import contextlib
-
 import sqlite3
 import time
 from pathlib import Path
