@@ -199,3 +199,19 @@ def test_neighbours_cached_by_one_index_are_not_served_by_its_replacement(tmp_pa
         knn.write_bytes(saved)
         again = project_index(p.store)
         assert again.kind == "ivf-pq" and not again._knn_cache
+
+
+def test_near_duplicates_on_a_pq_index_use_exact_similarities():
+    """Product-quantised similarities are rough: groups above the threshold come out as with exact search."""
+    from raresift.index import near_duplicates
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(6000, 64)).astype(np.float32)
+    x[3000:3300] = x[:300] + 0.05 * rng.normal(size=(300, 64)).astype(np.float32)  # near copies (cosine ~0.999)
+    # related photos around the threshold (cosine ~0.95): the rough similarities put some on the wrong side
+    x[4000:4300] = x[300:600] + 0.3 * rng.normal(size=(300, 64)).astype(np.float32)
+    exact = near_duplicates(build_index(x, kind="flat"), x, threshold=0.95, nprobe=None)
+    index = build_index(x, kind="ivf-pq", nlist=16, nprobe=16)
+    assert near_duplicates(index, x, threshold=0.95, nprobe=16) == exact
+    index.kind = "rough"  # the same index with its own similarities: not the exact groups
+    assert near_duplicates(index, x, threshold=0.95, nprobe=16) != exact

@@ -224,6 +224,9 @@ def test_tiled_features_cached_at_knn_scale_score_as_featurised(embedded_project
         np.testing.assert_allclose(cached[rows], plain[rows], atol=2e-3)
         coef = np.random.default_rng(0).normal(size=plain[rows].shape[1]).astype(np.float32)
         np.testing.assert_allclose(cached.linear(coef, 0.5), plain.linear(coef, 0.5), atol=0.05)
-        assert np.array_equal(pooled_features(p.vectors(), p.store.vector_cache), cached.pooled)  # built once
+        written = next(p.store.paths.embed_dir.glob("pooled-*.npy")).stat()
+        assert np.array_equal(pooled_features(p.vectors(), p.store.vector_cache), cached.pooled)
+        again = next(p.store.paths.embed_dir.glob("pooled-*.npy")).stat()
+        assert (again.st_ino, again.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)  # built once
         p.label([(path, v) for path, v in sorted(truth.items())[:12]] + [(path, 1) for path, v in truth.items() if v][:2])
         assert len(p.next(5, seed=0)) == 5

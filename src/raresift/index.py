@@ -413,6 +413,8 @@ def near_duplicates(
         if not keep.any():
             continue
         sims, found = index.search(q[keep], k + 1, nprobe=nprobe)
+        if index.approximate:  # product-quantised similarities are rough: the threshold needs exact ones
+            sims = _exact_pair_sims(vectors, q[keep], found)
         src = np.repeat(chunk[keep], found.shape[1])
         hit = (sims.ravel() >= threshold) & (found.ravel() >= 0) & (found.ravel() != src)
         for a, b in zip(src[hit].tolist(), found.ravel()[hit].tolist()):
@@ -435,6 +437,18 @@ def auto_kind(n: int, dim: int) -> str:
     if n <= FLAT_MAX:
         return "flat"
     return "ivf-sq8" if n * dim <= default("index_sq8_max_gb") * 1e9 else "ivf-pq"
+
+
+def _exact_pair_sims(vectors: np.ndarray, queries: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """Exact cosine of each query with each of its ``found`` rows (-1 = none: -1.0)."""
+    q = _unit(queries)
+    uniq = np.unique(found[found >= 0])
+    cand = _unit(_gather(vectors, uniq)) if len(uniq) else np.zeros((0, q.shape[1]), dtype=np.float32)
+    sims = np.full(found.shape, -1.0, dtype=np.float32)
+    for i, hits in enumerate(found):
+        ok = hits >= 0
+        sims[i, ok] = cand[np.searchsorted(uniq, hits[ok])] @ q[i]
+    return sims
 
 
 def _rerank(vectors: np.ndarray, queries: np.ndarray, found: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -4,7 +4,8 @@ The project keeps its vectors in one ``.npy`` file (row = image id - 1). A job c
 ranges, the *shards*, and runs one Ray Data task per shard: the worker opens the file itself,
 memory-mapped (the project folder must be at the same path on every node, a shared file system,
 as the photos are for ``embed --engine ray``), so only the head (a few kilobytes) or the trained,
-empty index goes out, and only scores or the shard's part of the index come back.
+empty index goes out (an index build also sends the rows to add, once, through the object store),
+and only scores or the shard's part of the index come back.
 
 * :func:`score_on_ray`: ``features . coef + intercept`` of every row, each shard featurised with
   the same code as the local engine (:func:`raresift.learn.features.featurize`), so a round picks the
@@ -29,7 +30,8 @@ import numpy as np
 
 from .errors import InputError, MissingExtraError
 
-__all__ = ["SHARD_ROWS", "index_on_ray", "quiet_ray_data", "ray_cluster", "score_on_ray", "shard_bounds"]
+__all__ = ["SHARD_ROWS", "RayScoring", "index_on_ray", "quiet_ray_data", "ray_cluster", "require_ray", "score_on_ray",
+           "shard_bounds"]
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +96,7 @@ def quiet_ray_data():
         logger.setLevel(saved)
 
 
-def _shards_dataset(ray, n: int, shard_rows: int):
-    bounds = shard_bounds(n, shard_rows)
+def _shards_dataset(ray, bounds: list[tuple[int, int]]):
     items = [{"start": a, "stop": b} for a, b in bounds]
     return ray.data.from_items(items, override_num_blocks=max(1, len(items))), len(items)
 
@@ -113,21 +114,28 @@ def _score_shards(batch: dict[str, np.ndarray], *, path: str, coef: np.ndarray, 
             b = min(stop, a + BLOCK_ROWS)
             block = vectors[a:b]
             rows.append(np.arange(a, b, dtype=np.int64))
-            scores.append(featurize(block if block.ndim == 3 else block[:, None, :], pooling) @ coef
-                          + np.float32(intercept))
+            if pooling is None:  # rows that are features already (the tiled-feature cache)
+                feats = np.asarray(block, dtype=np.float32)
+            else:
+                feats = featurize(block if block.ndim == 3 else block[:, None, :], pooling)
+            scores.append(feats @ coef + np.float32(intercept))
     if not rows:
         return {"row": np.zeros(0, dtype=np.int64), "score": np.zeros(0, dtype=np.float32)}
     return {"row": np.concatenate(rows), "score": np.concatenate(scores).astype(np.float32)}
 
 
-def score_on_ray(path: str | Path, coef: np.ndarray, intercept: float, *, pooling: str, rows: int,
+def score_on_ray(path: str | Path, coef: np.ndarray, intercept: float, *, pooling: str | None, rows: int,
                  address: str | None = None, shard_rows: int | None = None) -> np.ndarray:
     """``featurize(vectors[r]) . coef + intercept`` for every row ``r < rows`` of the ``.npy`` file
-    ``path``, one Ray Data task per shard of ``shard_rows`` rows; float32, in row order."""
+    ``path`` (with ``pooling=None`` the file's rows are features already), one Ray Data task per shard
+    of ``shard_rows`` rows; float32, in row order."""
     coef = np.ascontiguousarray(coef, dtype=np.float32)
+    path = Path(path).resolve()  # workers start elsewhere: a relative path would name another file
     out = np.full(rows, np.nan, dtype=np.float32)
+    if rows == 0:
+        return out
     with ray_cluster(address) as ray:
-        ds, shards = _shards_dataset(ray, rows, shard_rows)
+        ds, shards = _shards_dataset(ray, shard_bounds(rows, shard_rows))
         log.info("Ray: scoring %d rows in %d shards", rows, shards)
         scored = ds.map_batches(_score_shards, batch_size=1, batch_format="numpy",
                                 fn_kwargs={"path": str(path), "coef": coef, "intercept": float(intercept),
@@ -145,9 +153,20 @@ class RayScoring:
     def __init__(self, path: str | Path, *, address: str | None = None, shard_rows: int | None = None):
         self.path, self.address, self.shard_rows = Path(path), address, shard_rows
 
-    def linear(self, coef: np.ndarray, intercept: float, *, pooling: str, rows: int) -> np.ndarray:
-        return score_on_ray(self.path, coef, intercept, pooling=pooling, rows=rows, address=self.address,
+    def linear(self, coef: np.ndarray, intercept: float, *, pooling: str | None, rows: int,
+               source: str | Path | None = None) -> np.ndarray:
+        """Scores of every row of the vector file (or of ``source``, a file of features: ``pooling=None``)."""
+        return score_on_ray(source or self.path, coef, intercept, pooling=pooling, rows=rows, address=self.address,
                             shard_rows=self.shard_rows)
+
+
+def require_ray() -> None:
+    """Fail now, with one line naming the extra, when Ray is not installed (before a round starts)."""
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise MissingExtraError("--engine ray", "ray") from None
 
 
 # ---------------------------------------------------------------- index
@@ -188,6 +207,7 @@ def index_on_ray(path: str | Path, rows: np.ndarray, trained: Any, *, address: s
     import faiss
 
     rows = np.asarray(rows, dtype=np.int64)
+    path = Path(path).resolve()
     if trained.ntotal:
         raise InputError("index_on_ray needs an empty trained index")
     blob = faiss.serialize_index(trained)
@@ -195,9 +215,13 @@ def index_on_ray(path: str | Path, rows: np.ndarray, trained: Any, *, address: s
     shard_rows = int(shard_rows or SHARD_ROWS)
     index, total = trained, 0
     waiting: dict[int, tuple[bytes, int]] = {}  # parts that came back before an earlier shard's
-    order = [a for a, _ in shard_bounds(n, shard_rows)]
+    # Shards without a row to add get no task (rows may skip whole ranges).
+    bounds = [(a, b) for a, b in shard_bounds(n, shard_rows) if np.searchsorted(rows, b) > np.searchsorted(rows, a)]
+    order = [a for a, _ in bounds]
+    if not bounds:
+        return index, 0
     with ray_cluster(address) as ray:
-        ds, shards = _shards_dataset(ray, n, shard_rows)
+        ds, shards = _shards_dataset(ray, bounds)
         log.info("Ray: adding %d vectors to the index in %d shards", len(rows), shards)
         built = ds.map_batches(_index_shards, batch_size=1, batch_format="numpy",
                                fn_kwargs={"path": str(path), "trained": blob, "rows_ref": ray.put(rows)})

@@ -41,7 +41,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("max_unlabeled", 2000, "unlabelled photos drawn as weak negatives per fit"),
     Setting("prior_weight", 0.5, "weight of the cold-start prior at 0 labels; fades as 50 / (50 + labels)"),
     Setting("pool", "auto", "photos a round scores: full (all), knn (the k nearest neighbours of the labelled "
-            "photos plus a random sample: SEALS), auto (knn from pool_auto_min embedded photos on)"),
+            "photos plus a random sample: SEALS), auto (knn from pool_auto_min embedded view vectors on: a photo counts "
+            "as its views)"),
     Setting("knn_k", 100, "neighbours of each labelled photo in a knn pool"),
     Setting("knn_random", 1000, "random unlabelled photos added to a knn pool (what the neighbours miss)"),
     Setting("pool_auto_min", 2_000_000, "embedded view vectors (photos x views: whole photo + tiles) from which "

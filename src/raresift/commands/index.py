@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="kind of index (default auto: by the number of photos, see above)")
     p.add_argument("--rebuild", action="store_true", help="build it again even when the saved one is current")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="where the vectors are added: local (this process) or ray (needs pip install 'raresift[ray]')")
+                   help="where the vectors are added: local (this process) or ray (inverted files only: a flat "
+                   "index, up to 50,000 photos, is built here; needs pip install 'raresift[ray]')")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="with --engine ray: address of a running Ray cluster (default: start a local Ray)")
     p.add_argument("--json", action="store_true",
@@ -73,10 +74,14 @@ def cmd_index(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with Project(args.project) as project:
         path = project.store.paths.index
-        before = path.stat().st_mtime_ns if path.is_file() else None
+        def identity():  # a rebuild replaces the file (os.replace): a new inode, whatever the clock
+            st = path.stat() if path.is_file() else None
+            return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
+
+        before = identity()
         index = project_index(project.store, kind=args.kind, rebuild=args.rebuild, engine=args.engine,
                               ray_address=args.ray_address)
-        built = not path.is_file() or path.stat().st_mtime_ns != before
+        built = identity() != before
     report = {"kind": index.kind, "photos": index.size, "dim": index.dim, "nprobe": index.nprobe,
               "bytes": path.stat().st_size, "built": built, "seconds": round(time.perf_counter() - t0, 2)}
     if args.json:

@@ -187,6 +187,9 @@ class VectorFeatures:
     def linear(self, coef: np.ndarray, intercept: float) -> np.ndarray:
         coef = np.asarray(coef, dtype=np.float32)
         if self.remote is not None:
+            if self.pooled is not None:  # score what the head was trained on: the cached features
+                return self.remote.linear(coef, intercept, pooling=None, rows=len(self),
+                                          source=getattr(self.pooled, "filename", None))
             return self.remote.linear(coef, intercept, pooling=self.pooling, rows=len(self))
         if self.pooled is not None:
             out = np.empty(len(self), dtype=np.float32)
@@ -258,13 +261,21 @@ def linear_scores(feats: np.ndarray, coef: np.ndarray, intercept: float, norms: 
     return out
 
 
-def pooled_features(vectors: np.ndarray, cache, pooling: str = DEFAULT_POOLING) -> np.ndarray:
+def pooled_features(vectors: np.ndarray, cache, pooling: str = DEFAULT_POOLING, *, build: bool = True
+                    ) -> np.ndarray | None:
     """Every photo's feature (:func:`featurize`) as a float16 ``(rows, feature_dim)`` memory map, written
     once per vector generation: for tiled photos at scale, a round then reads 3 x dim values a photo
     (7.7 KB at 1280-d) instead of featurising 10 views (25.6 KB) from the vector file, and the file
-    is small enough to stay in the page cache."""
+    is small enough to stay in the page cache. With ``build=False``, the file if it is there, else None."""
     views = vectors.shape[1] if vectors.ndim == 3 else 1
     shape = (vectors.shape[0], feature_dim(views, vectors.shape[-1], pooling))
+    parts = (vectors.shape, pooling, tuple(sorted(PART_WEIGHTS.items())))
+    if not build:
+        target = cache.path("pooled", parts, ".npy")
+        try:
+            return np.load(target, mmap_mode="r") if target.is_file() else None
+        except (OSError, ValueError):  # damaged or half-visible: featurise on the fly
+            return None
 
     def write(tmp) -> None:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
@@ -273,4 +284,4 @@ def pooled_features(vectors: np.ndarray, cache, pooling: str = DEFAULT_POOLING) 
         out.flush()
         del out
 
-    return cache.writer("pooled", (vectors.shape, pooling, tuple(sorted(PART_WEIGHTS.items()))), write)
+    return cache.writer("pooled", parts, write)

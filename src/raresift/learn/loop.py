@@ -290,10 +290,8 @@ def load_session(store: Store, *, warm: bool = True, engine: str = "local", ray_
     cache = None if knn_sized else store.vector_cache  # see prepare_scoring
     pooled = None
     if knn_sized and vectors.ndim == 3 and vectors.shape[1] > 1:
-        try:
-            pooled = pooled_features(vectors, store.vector_cache)
-        except OSError as exc:  # a read-only project: featurise the rows a round needs
-            log.warning("tiled features not cached (%s); featurising on the fly", exc)
+        # Written by prepare_scoring (after embed / init): a round only uses it, never pays for it.
+        pooled = pooled_features(vectors, store.vector_cache, build=False)
     remote = None
     if engine == "ray":
         from ..ray_jobs import RayScoring
@@ -457,6 +455,10 @@ def next_batch(
         raise InputError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
     if engine not in ("local", "ray"):
         raise InputError(f"--engine must be local or ray, got {engine!r}")
+    if engine == "ray":
+        from ..ray_jobs import require_ray
+
+        require_ray()
     if query is not None:
         set_query(store, query)
     if examples or not_like:
@@ -486,6 +488,10 @@ def next_batch(
             picks = session.query(n, strategy, rng=rng, candidates=mask, neighbours=_neighbours(store) if knn else None,
                                   similar_to=like)
             rows, sources, proba = picks.rows, picks.sources, picks.proba
+        if engine == "ray" and (not session.scorer.fitted or session.last_pool is not None or strategy == "similar"):
+            log.warning("--engine ray: this round scored no full scan (%s), so it ran here",
+                        "no model yet" if not session.scorer.fitted else
+                        "a knn pool" if session.last_pool is not None else "strategy similar")
         if session.scorer.fitted:
             _save_head(store, session.scorer.head, fingerprint)
         params = {

@@ -32,6 +32,7 @@ __all__ = ["AddReport", "Store", "Transaction"]
 Progress = Callable[[int], None]
 _ID_CHUNK = 4_000_000  # ids per group_concat: ~32 MB of text, far below SQLite's 1 GB string limit
 GEN_VECTORS = "gen.vectors"
+GEN_SPLITS = "gen.splits"  # bumped when the test split is drawn again (the first registration)
 _SPLIT_CACHE_MIN = 100_000  # rows from which splits() keeps the test rows in a cache file
 EXAMPLE_PREFIX = "file:"  # key of an example photo from outside the collection: file:SHA256
 UNSURE_ROW = -2  # label_array()'s value for an "unsure" answer (-1: no label)
@@ -138,7 +139,10 @@ class Store:
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[None]:
         """A read transaction: every read inside sees the same state of the database (WAL: writers carry
-        on meanwhile)."""
+        on meanwhile). Inside a transaction already, that one is the snapshot."""
+        if self.db.in_transaction:
+            yield
+            return
         self.db.execute("BEGIN")
         try:
             yield
@@ -214,6 +218,7 @@ class Store:
             with self.tx() as db:
                 db.execute("UPDATE images SET split = 'pool'")
                 db.executemany("UPDATE images SET split = 'test' WHERE id = ?", [(int(i),) for i in test])
+                _bump(db, GEN_SPLITS)  # cached splits drawn before this are void
         total = self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
         return AddReport(added=added, errors=errors, total=total)
 
@@ -399,21 +404,25 @@ class Store:
     def splits(self) -> np.ndarray:
         """Array over rows (id - 1) of split names ('pool' / 'test'), a ``<U4`` string array.
 
-        A photo's split never changes once drawn, so the test rows are cached (a boolean file in
-        ``learn/``, keyed on the number of rows and of test photos, which the triggers count): reading
-        and parsing 4 million test ids took 2.2 s of a round at 10^7 photos."""
-        n = self.n_rows()
-        n_test = self.db.execute("SELECT COALESCE(SUM(n), 0) FROM image_counts WHERE split = 'test'").fetchone()[0]
+        A photo's split changes only when the first registration draws the test split (which bumps
+        ``gen.splits``), so the test rows are cached (a boolean file in ``learn/``, keyed on that
+        counter, the number of rows and of test photos, which the triggers count): reading and parsing
+        4 million test ids took 2.2 s of a round at 10^7 photos."""
+        with self.snapshot():  # the key and the ids from one state of the database
+            n = self.n_rows()
+            n_test = self.db.execute("SELECT COALESCE(SUM(n), 0) FROM image_counts WHERE split = 'test'").fetchone()[0]
+            drawn = self.meta(GEN_SPLITS, "0")
 
-        def build() -> np.ndarray:
-            test = np.zeros(n, dtype=bool)
-            test[self._ids("split = 'test'", n) - 1] = True
-            return test
+            def build() -> np.ndarray:
+                test = np.zeros(n, dtype=bool)
+                test[self._ids("split = 'test'", n) - 1] = True
+                return test
 
-        try:
-            test = self.cache.array("splits", (n, int(n_test)), build) if n >= _SPLIT_CACHE_MIN else build()
-        except OSError:  # a project that cannot be written to: read them every time
-            test = build()
+            try:
+                test = self.cache.array("splits", (n, int(n_test), drawn), build) if n >= _SPLIT_CACHE_MIN \
+                    else build()
+            except OSError:  # a project that cannot be written to: read them every time
+                test = build()
         out = np.full(n, "pool", dtype="<U4")
         out[test] = "test"
         return out
