@@ -63,7 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="where a round's full scan of the collection runs: local (this process) or ray (a Ray Data "
                    "job over shards of the vector file, on the cluster at --ray-address or a local Ray; the project "
-                   "folder must be at the same path on every node; same picks; needs pip install 'raresift[ray]')")
+                   "folder must be at the same path on every node; same picks; rounds that score a knn pool or have no model "
+                   "yet need no full scan and run here; needs pip install 'raresift[ray]')")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="with --engine ray: address of a running Ray cluster (default: start a local Ray)")
     p.add_argument("--review", action="store_true",
