@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from raresift import Project
 from raresift.export import LABEL_STUDIO_CONFIG
@@ -77,23 +77,11 @@ class CheckFailed(Exception):
 
 # ---------------------------------------------------------------------------------------------- raresift side
 def _photo(rng: np.random.Generator, beetle: bool, size=(320, 240)) -> Image.Image:
-    """A textured background with a few blobs; with ``beetle``, a striped yellow ellipse in one quadrant."""
-    w, h = size
-    arr = rng.uniform(60, 180, size=3) + rng.normal(0, 14, size=(h, w, 3))
-    im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
-    d = ImageDraw.Draw(im)
-    for _ in range(4):
-        x, y, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(8, 24))
-        d.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-    if beetle:
-        corner = int(rng.integers(0, 4))
-        cx = w // 4 if corner in (0, 2) else 3 * w // 4
-        cy = h // 4 if corner in (0, 1) else 3 * h // 4
-        rx, ry = 34, 22
-        d.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=(235, 200, 20))
-        for k in range(-rx, rx, 9):
-            d.line((cx + k, cy - ry, cx + k, cy + ry), fill=(10, 10, 10), width=4)
-    return im
+    """The tests' beetle photo (tests/conftest.py), its beetle in a random quadrant."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import beetle_photo
+
+    return beetle_photo(rng, "random" if beetle else None, size)
 
 
 def make_project(root: Path, *, plain_names: bool) -> Path:

@@ -44,6 +44,28 @@ def make_photo(rng: np.random.Generator, *, rare: bool, size: tuple[int, int] = 
     return im
 
 
+def beetle_photo(rng: np.random.Generator, corner: int | str | None, size: tuple[int, int] = (320, 240)) -> Image.Image:
+    """A textured background with a few blobs; with ``corner`` (0-3, or ``"random"``: drawn after the
+    background), a striped yellow beetle in that quadrant: a small object whose place is known."""
+    w, h = size
+    arr = rng.uniform(60, 180, size=3) + rng.normal(0, 14, size=(h, w, 3))
+    im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    d = ImageDraw.Draw(im)
+    for _ in range(4):
+        x, y, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(8, 24))
+        d.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    if corner == "random":
+        corner = int(rng.integers(0, 4))
+    if corner is not None:
+        cx = w // 4 if corner in (0, 2) else 3 * w // 4
+        cy = h // 4 if corner in (0, 1) else 3 * h // 4
+        rx, ry = 34, 22
+        d.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=(235, 200, 20))
+        for k in range(-rx, rx, 9):
+            d.line((cx + k, cy - ry, cx + k, cy + ry), fill=(10, 10, 10), width=4)
+    return im
+
+
 def make_collection(folder: Path, *, n: int = 40, n_rare: int = 6, seed: int = 0, fmt: str = "jpg") -> dict[str, int]:
     """Write ``n`` photos (``n_rare`` of the rare class) under ``folder`` in two subfolders.
 

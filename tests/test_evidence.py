@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from conftest import beetle_photo
 
 from raresift import Project
 from raresift.learn.evidence import contributions, tile_boxes
@@ -46,25 +46,6 @@ def test_tile_boxes_follow_the_overlapping_grid():
     assert tile_boxes(400, 300, 0).shape == (0, 4)
 
 
-def _beetle_photo(rng: np.random.Generator, corner: int | None, size=(320, 240)) -> Image.Image:
-    """A textured background; with ``corner`` (0-3), a striped yellow beetle in that quadrant."""
-    w, h = size
-    arr = rng.uniform(60, 180, size=3) + rng.normal(0, 14, size=(h, w, 3))
-    im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
-    d = ImageDraw.Draw(im)
-    for _ in range(4):
-        x, y, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(8, 24))
-        d.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-    if corner is not None:
-        cx = w // 4 if corner in (0, 2) else 3 * w // 4
-        cy = h // 4 if corner in (0, 1) else 3 * h // 4
-        rx, ry = 34, 22
-        d.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=(235, 200, 20))
-        for k in range(-rx, rx, 9):
-            d.line((cx + k, cy - ry, cx + k, cy + ry), fill=(10, 10, 10), width=4)
-    return im
-
-
 @pytest.mark.slow
 def test_the_region_points_at_the_small_object(tmp_path):
     """Rare photos hold a beetle in one corner; the region of each must hold the beetle's centre, and a
@@ -75,7 +56,7 @@ def test_the_region_points_at_the_small_object(tmp_path):
     where = {}
     for i in range(36):
         corner = i % 4 if i % 3 == 0 else None
-        _beetle_photo(rng, corner).save(images / f"p{i:02d}.jpg")
+        beetle_photo(rng, corner).save(images / f"p{i:02d}.jpg")
         where[f"p{i:02d}.jpg"] = corner
     with Project.create(tmp_path / "proj", images=images, test_fraction=0.0) as p:
         p.add_images()
