@@ -36,9 +36,6 @@ import numpy as np
 VIEWS, TILES = 10, 3
 CLUSTERS = 400
 _BLOCK = 20_000
-_WRAP = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-         "sys.stderr.write('\\nmaxrss %d\\n' % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
-         "sys.exit(r.returncode)")
 
 
 def make_project(path: Path, n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -80,14 +77,11 @@ def make_project(path: Path, n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 
 def timed(*args: str) -> tuple[float, int, str]:
-    t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", _WRAP, sys.executable, "-m", "raresift", *args],
-                          capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise RuntimeError(f"raresift {' '.join(args)}: {done.stderr[-800:]}")
-    rss = int(done.stderr.strip().splitlines()[-1].split()[1]) // 1024
-    return seconds, rss, done.stdout
+    """``raresift ARGS`` in a fresh process: (seconds, its peak resident MB, stdout), as scale_shards measures."""
+    from scale_shards import timed as timed_command  # beside this script
+
+    seconds, peak_mb, out = timed_command([sys.executable, "-m", "raresift", *args])
+    return seconds, int(peak_mb), out
 
 
 def labels_csv(path: Path, rows: np.ndarray, rare: set[int]) -> Path:

@@ -453,14 +453,12 @@ def _exact_pair_sims(vectors: np.ndarray, queries: np.ndarray, found: np.ndarray
 
 def _rerank(vectors: np.ndarray, queries: np.ndarray, found: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best of each query's ``found`` rows (-1 = none) by exact cosine: ``(sims, rows)``, -1 padded."""
-    q = _unit(queries)
-    uniq = np.unique(found[found >= 0])
-    cand = _unit(_gather(vectors, uniq)) if len(uniq) else np.zeros((0, q.shape[1]), dtype=np.float32)
+    exact = _exact_pair_sims(vectors, queries, found)
     sims = np.full((len(found), k), -1.0, dtype=np.float32)
     rows = np.full((len(found), k), -1, dtype=np.int64)
-    for i, hits in enumerate(found):
-        hits = hits[hits >= 0]
-        s = cand[np.searchsorted(uniq, hits)] @ q[i]
+    for i, (hits, s) in enumerate(zip(found, exact)):
+        ok = hits >= 0
+        hits, s = hits[ok], s[ok]
         best = np.argsort(-s, kind="stable")[:k]
         sims[i, : len(best)], rows[i, : len(best)] = s[best], hits[best]
     return sims, rows

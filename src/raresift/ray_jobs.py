@@ -51,11 +51,9 @@ def shard_bounds(n: int, shard_rows: int | None = None) -> list[tuple[int, int]]
 def ray_cluster(address: str | None) -> Iterator[Any]:
     """The ``ray`` module, connected: to the cluster at ``address``, to the Ray this process already
     started, or to a local Ray started here (and shut down on exit)."""
-    try:
-        import ray
-        import ray.data  # noqa: F401  the jobs below are Ray Data jobs
-    except ImportError:
-        raise MissingExtraError("--engine ray", "ray") from None
+    require_ray()
+    import ray
+
     started_here = False
     if not ray.is_initialized():
         try:

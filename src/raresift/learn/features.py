@@ -192,11 +192,7 @@ class VectorFeatures:
                                           source=getattr(self.pooled, "filename", None))
             return self.remote.linear(coef, intercept, pooling=self.pooling, rows=len(self))
         if self.pooled is not None:
-            out = np.empty(len(self), dtype=np.float32)
-            for start in range(0, len(out), SCORE_BLOCK):
-                block = np.asarray(self.pooled[start : start + SCORE_BLOCK], dtype=np.float32)
-                np.matmul(block, coef, out=out[start : start + len(block)])
-            return out + np.float32(intercept)
+            return _block_products(self.pooled, coef) + np.float32(intercept)
         if self.cache is not None and self.vectors.ndim == 3 and self.vectors.shape[1] == 1:
             try:
                 feats, norms = sqrt_features(self.vectors, self.cache), sqrt_norms(self.vectors, self.cache)
@@ -249,13 +245,21 @@ def sqrt_features(vectors: np.ndarray, cache) -> np.ndarray:
     return cache.writer("sqrtfeat", (vectors.shape,), write)
 
 
-def linear_scores(feats: np.ndarray, coef: np.ndarray, intercept: float, norms: np.ndarray) -> np.ndarray:
-    """``(feats / norms) . coef + intercept`` for every row, one matrix-vector product per block; rows of
-    norm 0 score ``intercept``."""
+def _block_products(feats: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    """``feats . coef`` (float32) for every row, one matrix-vector product per :data:`SCORE_BLOCK` rows of the
+    memory map (float16 rows are cast block by block)."""
     coef = np.ascontiguousarray(coef, dtype=np.float32)
     out = np.empty(feats.shape[0], dtype=np.float32)
     for start in range(0, len(out), SCORE_BLOCK):
-        np.matmul(np.asarray(feats[start : start + SCORE_BLOCK]), coef, out=out[start : start + SCORE_BLOCK])
+        block = np.asarray(feats[start : start + SCORE_BLOCK], dtype=np.float32)
+        np.matmul(block, coef, out=out[start : start + len(block)])
+    return out
+
+
+def linear_scores(feats: np.ndarray, coef: np.ndarray, intercept: float, norms: np.ndarray) -> np.ndarray:
+    """``(feats / norms) . coef + intercept`` for every row, one matrix-vector product per block; rows of
+    norm 0 score ``intercept``."""
+    out = _block_products(feats, coef)
     out /= np.where(np.asarray(norms) > 0, norms, 1.0).astype(np.float32, copy=False)
     out += np.float32(intercept)
     return out
@@ -271,11 +275,7 @@ def pooled_features(vectors: np.ndarray, cache, pooling: str = DEFAULT_POOLING, 
     shape = (vectors.shape[0], feature_dim(views, vectors.shape[-1], pooling))
     parts = (vectors.shape, pooling, tuple(sorted(PART_WEIGHTS.items())))
     if not build:
-        target = cache.path("pooled", parts, ".npy")
-        try:
-            return np.load(target, mmap_mode="r") if target.is_file() else None
-        except (OSError, ValueError):  # damaged or half-visible: featurise on the fly
-            return None
+        return cache.existing("pooled", parts)
 
     def write(tmp) -> None:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)

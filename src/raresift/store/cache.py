@@ -67,6 +67,15 @@ class Cache:
     def path(self, name: str, parts: tuple, suffix: str) -> Path:
         return self.folder / f"{name}-{cache_key(self.generation(), *parts)}{suffix}"
 
+    def existing(self, name: str, parts: tuple, *, mmap: bool = True) -> np.ndarray | None:
+        """The cached ``.npy`` array ``name`` for ``parts`` if it has been written (and reads), else None:
+        for callers that use a cache only when someone else paid for it."""
+        target = self.path(name, parts, ".npy")
+        try:
+            return np.load(target, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (OSError, ValueError, EOFError):  # missing or damaged: the caller does without
+            return None
+
     def array(self, name: str, parts: tuple, build: Callable[[], np.ndarray], *, mmap: bool = False) -> np.ndarray:
         """The cached array ``name`` for ``parts``, built by ``build()`` when missing (memory-mapped with ``mmap``)."""
         target = self.path(name, parts, ".npy")
