@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, NotReadyError
+from .ray_jobs import check_engine
 from .settings import default
 from .store.store import Store
 from .store.vectors import ADD_BLOCK
@@ -64,7 +65,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 KINDS = ("auto", "flat", "ivf-sq8", "ivf-pq")
-ENGINES = ("local", "ray")
 FLAT_MAX = 50_000  # above this, "auto" builds an inverted file (exact search gets slow and big)
 _BLOCK = ADD_BLOCK  # rows read from the memory map at a time while adding
 
@@ -221,8 +221,7 @@ def build_index(
 
     if kind not in KINDS:
         raise InputError(f"unknown index kind {kind!r}; expected one of {', '.join(KINDS)}")
-    if engine not in ENGINES:
-        raise InputError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+    check_engine(engine)
     if threads:
         faiss.omp_set_num_threads(int(threads))
     dim = int(vectors.shape[-1])

@@ -30,12 +30,19 @@ import numpy as np
 
 from .errors import InputError, MissingExtraError
 
-__all__ = ["SHARD_ROWS", "RayScoring", "index_on_ray", "quiet_ray_data", "ray_cluster", "require_ray", "score_on_ray",
+__all__ = ["ENGINES", "SHARD_ROWS", "RayScoring", "check_engine", "index_on_ray", "quiet_ray_data", "ray_cluster", "require_ray", "score_on_ray",
            "shard_bounds"]
 
 log = logging.getLogger(__name__)
 
 SHARD_ROWS = 262_144  # rows per task: 0.25 GB of 512-d float16, big enough to amortise a task's start
+ENGINES = ("local", "ray")  # where `embed`, `next` and `index` run their heavy part
+
+
+def check_engine(engine: str) -> None:
+    """One line for an engine that is not one of :data:`ENGINES`."""
+    if engine not in ENGINES:
+        raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
 
 
 def shard_bounds(n: int, shard_rows: int | None = None) -> list[tuple[int, int]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..project import Project
+from ..ray_jobs import ENGINES
 from ..settings import default
 from .learn import add_concept
 
@@ -82,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retry-errors", action="store_true",
                    help="try again the files recorded as unreadable (after you fixed or replaced them)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="embed at most N photos in this run")
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
+    p.add_argument("--engine", choices=ENGINES, default="local",
                    help="local (default: this machine) or ray (Ray Data with a pool of model actors, for "
                    "collections that outgrow one machine; needs pip install 'raresift[ray]')")
     p.add_argument("--ray-address", default=None, metavar="ADDR",

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..ray_jobs import ENGINES
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -29,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", choices=("auto", "flat", "ivf-sq8", "ivf-pq"), default="auto",
                    help="kind of index (default auto: by the number of photos, see above)")
     p.add_argument("--rebuild", action="store_true", help="build it again even when the saved one is current")
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
+    p.add_argument("--engine", choices=ENGINES, default="local",
                    help="where the vectors are added: local (this process) or ray (inverted files only: a flat "
                    "index, up to 50,000 photos, is built here; needs pip install 'raresift[ray]')")
     p.add_argument("--ray-address", default=None, metavar="ADDR",

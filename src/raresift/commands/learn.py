@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
+from ..ray_jobs import ENGINES
 from ..settings import default
 QUERY_HELP = (
     "describe the rare class in words for the cold start, e.g. 'insect or spider'. There is no text model "
@@ -60,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    f"collection (SEALS); auto = knn from {default('pool_auto_min'):,} embedded photos on "
                    f"({default('pool_auto_min') // 10:,} with 3 x 3 tiles: a photo counts as its views) "
                    f"(default {default('pool')})")
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
+    p.add_argument("--engine", choices=ENGINES, default="local",
                    help="where a round's full scan of the collection runs: local (this process) or ray (a Ray Data "
                    "job over shards of the vector file, on the cluster at --ray-address or a local Ray; the project "
                    "folder must be at the same path on every node; same picks; rounds that score a knn pool or have no model "

@@ -38,6 +38,7 @@ class _Shard:
     rows: int
     dim: int
     dtype: np.dtype
+    ids: list[str] | None = None  # an .npy shard's ids, read once (counted when the shard is checked)
 
 
 def import_embeddings(store: Store, embeddings: str | os.PathLike, ids: str | os.PathLike | None = None) -> int:
@@ -93,6 +94,7 @@ def import_embeddings(store: Store, embeddings: str | os.PathLike, ids: str | os
                                      + (f"{unit} {at}" if other == file else f"{other} {unit} {at}"))
                 seen[ident] = (file, k)
             id_list.extend(shard_ids)
+            shard.ids = None  # id_list holds them now
             for offset, block in _blocks(shard):
                 block = np.asarray(block, dtype=dtype)
                 if not np.isfinite(block).all():
@@ -144,11 +146,11 @@ def _npy_shard(path: Path, ids_path: Path) -> _Shard:
         raise InputError(f"{path} is not a readable .npy matrix ({exc})") from exc
     if matrix.ndim != 2 or matrix.dtype.kind != "f" or matrix.shape[1] < 1:
         raise InputError(f"{path} must hold a 2-D float matrix (rows = images), got shape {matrix.shape} {matrix.dtype}")
-    n_ids = len(_read_ids(ids_path))
-    if n_ids != matrix.shape[0]:
-        raise InputError(f"{path} has {matrix.shape[0]} rows but {ids_path} has {n_ids} ids; "
+    ids = _read_ids(ids_path)
+    if len(ids) != matrix.shape[0]:
+        raise InputError(f"{path} has {matrix.shape[0]} rows but {ids_path} has {len(ids)} ids; "
                          "row i of the matrix must belong to line i of the ids file")
-    return _Shard(path, ids_path, int(matrix.shape[0]), int(matrix.shape[1]), matrix.dtype)
+    return _Shard(path, ids_path, int(matrix.shape[0]), int(matrix.shape[1]), matrix.dtype, ids)
 
 
 def _parquet():
@@ -205,8 +207,8 @@ def _read_ids(path: Path) -> list[str]:
 
 
 def _shard_ids(shard: _Shard) -> list[str]:
-    if shard.ids_path is not None:
-        return _read_ids(shard.ids_path)
+    if shard.ids is not None:
+        return shard.ids
     pq = _parquet()
     out: list[str] = []
     for batch in pq.ParquetFile(shard.path).iter_batches(batch_size=BLOCK, columns=["id"]):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import EmbeddingError, InputError, NotReadyError
+from ..ray_jobs import check_engine
 from ..settings import default
 from ..store.store import Store
 from .batches import decode_item, model_chunk, run_model
@@ -33,7 +34,6 @@ DEFAULT_TILES = default("tiles")  # measured: see README, "Tiles and resizing"
 DEFAULT_RESIZE = default("resize")
 DEFAULT_BATCH_SIZE = default("embed_batch")
 MAX_TILES = 4
-ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -149,8 +149,7 @@ def embed_project(
         raise InputError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    if engine not in ENGINES:
-        raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    check_engine(engine)
     asked_threads, asked_workers = threads, workers  # the Ray engine sizes its actors by the cluster's cores
     threads = threads or default_threads()
     workers = workers or threads

@@ -29,6 +29,7 @@ import numpy as np
 from ..embed.models import has_text_tower, text_embedding
 from ..errors import InputError, NotReadyError
 from ..settings import default
+from ..ray_jobs import check_engine, require_ray
 from ..store.cache import exclusive
 from ..store.labels import DEFAULT_CONCEPT
 from ..store.store import EXAMPLE_PREFIX, Store
@@ -453,11 +454,8 @@ def next_batch(
         raise InputError("strategy similar needs example photos: --examples ID|FILE ...")
     if pool not in POOLS:
         raise InputError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
-    if engine not in ("local", "ray"):
-        raise InputError(f"--engine must be local or ray, got {engine!r}")
+    check_engine(engine)
     if engine == "ray":
-        from ..ray_jobs import require_ray
-
         require_ray()
     if query is not None:
         set_query(store, query)
