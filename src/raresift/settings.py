@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SETTINGS", "Setting", "default", "help_text"]
+from .errors import InputError
+
+__all__ = ["POOLS", "SETTINGS", "Setting", "check_pool", "default", "help_text"]
 
 
 @dataclass(frozen=True)
@@ -69,3 +71,12 @@ def help_text(name: str) -> str:
     """The help of setting ``name`` with its default, for ``--help``."""
     s = SETTINGS[name]
     return f"{s.help} (default {s.default})".replace("%", "%%")
+
+
+POOLS = ("auto", "full", "knn")  # the values of the setting "pool" (`next --pool`, `simulate --pool`)
+
+
+def check_pool(pool: str) -> None:
+    """One line for a pool that is not one of :data:`POOLS`."""
+    if pool not in POOLS:
+        raise InputError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")

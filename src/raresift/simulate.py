@@ -29,7 +29,7 @@ from .errors import InputError, NotReadyError
 from .learn.features import MatrixFeatures
 from .learn.session import Session, knn_by_default, standardise
 from .learn.strategies import get_strategy
-from .settings import default
+from .settings import check_pool, default
 
 __all__ = ["PROTOCOLS", "SimulationData", "curve_points", "load_truth", "replay", "simulate"]
 
@@ -104,8 +104,7 @@ def replay(
     features, plus a random sample; ``auto``: where ``next`` would, from ``pool_auto_min`` view vectors on).
     """
     n = len(data.y)
-    if pool not in ("auto", "full", "knn"):
-        raise InputError(f"pool must be auto, full or knn, got {pool!r}")
+    check_pool(pool)
     neighbours = None
     if pool == "knn" or (pool == "auto" and knn_by_default(n, data.views)):
         from .index import build_index, candidate_pool
@@ -323,8 +322,7 @@ def simulate(
     ``sessions``: per repeat, the rounds (seed, image ids, strategies) in the order they were asked:
     ``raresift next --seed SEED`` on a project with the same labels picks the same photos.
     """
-    if pool not in ("auto", "full", "knn"):
-        raise InputError(f"--pool must be one of auto, full, knn, got {pool!r}")
+    check_pool(pool)
     from .learn.coldstart import concepts_for, text_scores
     from .learn.features import featurize, iter_blocks
     from .learn.loop import clusters as project_clusters

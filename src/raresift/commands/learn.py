@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..ray_jobs import ENGINES
-from ..settings import default
+from ..settings import POOLS, default
 QUERY_HELP = (
     "describe the rare class in words for the cold start, e.g. 'insect or spider'. There is no text model "
     "offline: the words are matched to the embedding model's 1,000 ImageNet classes (bee, ant, ladybug, "
@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--evaluate", action="store_true", help="choose test photos to measure the ranking (see above)")
     p.add_argument("--seed", type=int, default=None, help="seed of the random choices (default: fresh, recorded)")
     p.add_argument("--who", default=None, help="name recorded with the round")
-    p.add_argument("--pool", choices=("auto", "full", "knn"), default=default("pool"),
+    p.add_argument("--pool", choices=POOLS, default=default("pool"),
                    help="photos a round scores once there is a model: full = every photo; knn = the "
                    f"{default('knn_k')} nearest neighbours of each labelled photo (FAISS index, built on first use) "
                    f"plus {default('knn_random')} random ones, so the round's time follows the labels, not the "
@@ -141,7 +141,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=default("k"), help=f"K of precision@K (default {default('k')})")
     p.add_argument("--batch", type=int, default=default("batch"), metavar="N",
                    help=f"photos per round in the default protocol (default {default('batch')})")
-    p.add_argument("--pool", choices=("auto", "full", "knn"), default=default("pool"),
+    p.add_argument("--pool", choices=POOLS, default=default("pool"),
                    help="photos a round scores, as `next --pool` (knn: an exact index of the simulated photos)")
     p.add_argument("--concept", default=None, metavar="NAME",
                    help="with --project: start the sessions from that concept's query and examples, as `next "

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..embed.models import has_text_tower, text_embedding
 from ..errors import InputError, NotReadyError
-from ..settings import default
+from ..settings import check_pool, default
 from ..ray_jobs import check_engine, require_ray
 from ..store.cache import exclusive
 from ..store.labels import DEFAULT_CONCEPT
@@ -62,7 +62,6 @@ _META_QUERY = "learn.query"
 _META_EXAMPLES = "learn.examples"  # JSON list: photo ids (paths) of the project, or file:HASH keys
 _META_NOT_LIKE = "learn.not_like"  # JSON list of file:HASH keys: photos the class does not look like
 _HEAD_FILE = "head.npz"
-POOLS = ("auto", "full", "knn")
 
 
 @dataclass
@@ -452,8 +451,7 @@ def next_batch(
     get_strategy(strategy)
     if strategy == "similar" and not evaluate and not examples:
         raise InputError("strategy similar needs example photos: --examples ID|FILE ...")
-    if pool not in POOLS:
-        raise InputError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    check_pool(pool)
     check_engine(engine)
     if engine == "ray":
         require_ray()

@@ -248,12 +248,19 @@ def _migrate(conn: sqlite3.Connection, version: int) -> None:
             raise sqlite3.IntegrityError(f"migration left {len(bad)} rows with a dangling reference, e.g. {tuple(bad[0])}")
         conn.execute("COMMIT")
     except BaseException:
-        if conn.in_transaction:  # keep the first error (SQLite may have rolled back already: a full disk)
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
+        rollback(conn)
         raise
     finally:
         conn.execute("PRAGMA foreign_keys = ON")
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if one is still open, keeping the error that led here: SQLite rolls
+    some failures back by itself (a full disk: SQLITE_FULL), and a second ROLLBACK would fail with "no
+    transaction is active" and hide the error worth reporting."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 def _split_sql(script: str) -> list[str]:

@@ -7,7 +7,6 @@ class of the project); a project made before concepts existed holds one, :data:`
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import getpass
 import io
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, LabelImportError
+from .db import rollback
 
 UNSURE = 2  # the stored value of an "unsure" answer
 DEFAULT_CONCEPT = "default"
@@ -151,11 +151,7 @@ def append(
             )
         conn.execute("COMMIT")
     except BaseException:
-        # SQLite rolls some failures back by itself (a full disk at COMMIT: SQLITE_FULL); a second ROLLBACK
-        # would fail with "no transaction is active" and hide the error worth reporting.
-        if conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
+        rollback(conn)
         raise
     return events
 

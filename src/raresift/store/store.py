@@ -63,16 +63,9 @@ class Transaction:
                 self.conn.execute("COMMIT")
                 return
             except BaseException:
-                self._rollback()
+                _db.rollback(self.conn)
                 raise
-        self._rollback()
-
-    def _rollback(self) -> None:
-        # SQLite rolls some failures back by itself (a full disk: SQLITE_FULL), and a second ROLLBACK then
-        # fails with "no transaction is active", hiding the error worth reporting: keep the first one.
-        if self.conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                self.conn.execute("ROLLBACK")
+        _db.rollback(self.conn)
 
 
 class Store:
@@ -147,9 +140,7 @@ class Store:
         try:
             yield
         except BaseException:
-            if self.db.in_transaction:
-                with contextlib.suppress(sqlite3.Error):  # keep the first error, the one worth reporting
-                    self.db.execute("ROLLBACK")
+            _db.rollback(self.db)
             raise
         self.db.execute("COMMIT")  # read only: this only ends the snapshot
 
