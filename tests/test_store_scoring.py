@@ -202,6 +202,42 @@ def test_splits_are_cached_and_follow_new_photos(tmp_path, monkeypatch):
         grown = p.store.splits()
         assert len(grown) == 501 and grown[-1] == "test"
         assert np.array_equal(grown, np.array([r[0] for r in p.db.execute("SELECT split FROM images ORDER BY id")]))
+        assert np.array_equal(p.store.test_mask(), grown == "test")
+
+
+@pytest.mark.parametrize("shape", [(3000, 16), (3000, 3, 8)])
+def test_scattered_rows_are_read_as_the_memory_map_holds_them(tmp_path, shape):
+    """A few scattered rows of a whole vector file come by pread (no pages mapped into the process); a
+    slice of a map, an array in memory, or many rows go through plain indexing. The same values either way."""
+    from raresift.store import vectors as vec
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "v.npy", rng.normal(size=shape).astype(np.float16))
+    m = np.load(tmp_path / "v.npy", mmap_mode="r")
+    reads = []
+    real = vec.os.preadv
+
+    def counted(*args):
+        reads.append(args[2])
+        return real(*args)
+
+    rows = np.array([2999, 5, 5, 17, 1200, 0], dtype=np.int64)  # any order, repeats
+    view = 2 if len(shape) == 3 else None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vec.os, "preadv", counted)
+        assert np.array_equal(vec.read_rows(m, rows), m[rows])
+        assert len(reads) == len(rows)
+        if view is not None:
+            assert np.array_equal(vec.read_rows(m, rows, view=view), m[rows, view])
+            assert np.array_equal(vec.whole_rows(m, rows), m[rows, 0].astype(np.float32))
+        reads.clear()
+        tail = m[1000:]  # a map of part of the file: its offset is not the file's, so plain indexing
+        assert np.array_equal(vec.read_rows(tail, rows[rows < 2000]), tail[rows[rows < 2000]])
+        assert np.array_equal(vec.read_rows(np.asarray(m), rows), m[rows])
+        many = np.arange(0, 3000, 2)
+        assert np.array_equal(vec.read_rows(m, many), m[many])
+        assert not reads
+        assert vec.read_rows(m, np.array([], dtype=np.int64)).shape == (0, *shape[1:])
 
 
 def test_tiled_features_cached_at_knn_scale_score_as_featurised(embedded_project, monkeypatch):

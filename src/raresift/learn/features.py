@@ -23,6 +23,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..store.vectors import read_rows
+
 __all__ = [
     "BLOCK_ROWS", "DEFAULT_POOLING", "PART_WEIGHTS", "POOLINGS", "MatrixFeatures", "RowSubset", "VectorFeatures", "feature_dim",
     "featurize", "gather", "iter_blocks", "linear_scores", "pooled_features", "signed_sqrt", "sqrt_features",
@@ -92,7 +94,7 @@ def iter_blocks(vectors: np.ndarray, *, rows: np.ndarray | None = None, block: i
     rows = np.asarray(rows, dtype=np.int64)
     for start in range(0, len(rows), block):
         idx = rows[start : start + block]
-        yield idx, vectors[idx]
+        yield idx, read_rows(vectors, idx)
 
 
 def gather(vectors: np.ndarray, rows: np.ndarray, pooling: str = DEFAULT_POOLING) -> np.ndarray:
@@ -177,10 +179,10 @@ class VectorFeatures:
         rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
         if self.pooled is not None:
             if len(rows) < 2 or np.all(rows[1:] >= rows[:-1]):  # already sorted (pools are): one read, one cast
-                return self.pooled[rows].astype(np.float32)
+                return read_rows(self.pooled, rows).astype(np.float32)
             order = np.argsort(rows, kind="stable")  # sorted reads of the memory map
             out = np.empty((len(rows), self.pooled.shape[1]), dtype=np.float32)
-            out[order] = self.pooled[rows[order]]
+            out[order] = read_rows(self.pooled, rows[order])
             return out
         return gather(self.vectors, rows, self.pooling)
 

@@ -268,18 +268,18 @@ def load_session(store: Store, *, warm: bool = True, engine: str = "local", ray_
     """The project's session: features, labels, pool, prior, clusters and the previous head.
 
     ``engine="ray"``: full scans of the vectors run as Ray Data jobs (:mod:`raresift.ray_jobs`; the
-    cluster at ``ray_address``, or a local Ray). Returns ``(session, state, fingerprint)`` with ``state`` = labels, splits and the embedded mask
-    as read (each read scans the image rows once).
+    cluster at ``ray_address``, or a local Ray). Returns ``(session, state, fingerprint)`` with ``state`` = labels, the
+    test split and the embedded mask (booleans) as read (each read scans the image rows once).
     """
     vectors = store.vectors()
     labels = store.label_array()
     if (labels == 1).any():  # a head will be fitted: import its solver while SQLite reads the splits
         _import_in_background("scipy.optimize")
-    splits = store.splits()
+    test = store.test_mask()
     mask = store.embedded_mask()
     n = min(len(labels), vectors.shape[0])
-    labels, splits, mask = labels[:n], splits[:n], mask[:n]
-    pool = (splits == "pool") & mask
+    labels, test, mask = labels[:n], test[:n], mask[:n]
+    pool = ~test & mask
     prior, prior_kind = _prior(store, np.flatnonzero(pool))
     head, _ = _load_head(store) if warm else (None, None)
     level = None
@@ -300,7 +300,7 @@ def load_session(store: Store, *, warm: bool = True, engine: str = "local", ray_
     features = VectorFeatures(vectors, DEFAULT_POOLING, cache=cache, remote=remote, pooled=pooled)
     session = Session(features, labels, pool, prior=None if prior is None else prior[:n], prior_kind=prior_kind,
                       clusters=level, head=head, extra=extra)
-    return session, {"labels": labels, "splits": splits, "mask": mask}, _fingerprint(labels, pool, store)
+    return session, {"labels": labels, "test": test, "mask": mask}, _fingerprint(labels, pool, store)
 
 
 def _import_in_background(name: str) -> threading.Thread | None:
@@ -346,7 +346,7 @@ def current_model(store: Store) -> Model:
     z = session.logits(rng)
     z = np.asarray(z, dtype=np.float32).copy()
     z[~state["mask"]] = -np.inf
-    return Model(session, z, state["labels"], state["splits"], state["mask"])
+    return Model(session, z, state["labels"], np.where(state["test"], "test", "pool"), state["mask"])
 
 
 def scores(store: Store) -> np.ndarray:
@@ -400,9 +400,9 @@ def set_examples(store: Store, examples: list[str | int], *, who: str | None,
     if not_like is not None:
         values[store.concept_key(_META_NOT_LIKE)] = json.dumps(list(not_like))
     store.set_meta(**values)
-    splits, labels = store.splits(), store.label_array()
+    test, labels = store.test_mask(), store.label_array()
     new = [store.image_id(p) for p in resolved if not p.startswith(EXAMPLE_PREFIX)]
-    new = [i for i in new if splits[i - 1] == "pool" and labels[i - 1] < 0]
+    new = [i for i in new if not test[i - 1] and labels[i - 1] < 0]
     if new:  # an example is a positive the person already gave: keep it as a label
         from ..store.labels import default_who
 
@@ -465,12 +465,12 @@ def next_batch(
     rng = np.random.default_rng(seed)
     with round_lock(store):
         session, state, fingerprint = load_session(store, engine=engine, ray_address=ray_address)
-        labels, splits, mask = state["labels"], state["splits"], state["mask"]
+        labels, test, mask = state["labels"], state["test"], state["mask"]
         if evaluate:
             session.fit(rng)
             z = np.asarray(session.logits(rng), dtype=np.float32).copy()
             z[~mask] = -np.inf
-            rows, sources = _evaluation_picks(store, z, labels, splits, n, strategy, rng)
+            rows, sources = _evaluation_picks(store, z, labels, test, n, strategy, rng)
             proba = sigmoid(z[rows]) if session.scorer.fitted or session.prior is not None \
                 else np.full(len(rows), np.nan)
         else:
@@ -528,9 +528,9 @@ def _neighbours(store: Store):
     return near
 
 
-def _evaluation_picks(store: Store, z: np.ndarray, labels: np.ndarray, splits: np.ndarray, n: int, strategy: str,
+def _evaluation_picks(store: Store, z: np.ndarray, labels: np.ndarray, test: np.ndarray, n: int, strategy: str,
                       rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
-    test = np.flatnonzero((splits == "test") & np.isfinite(z))
+    test = np.flatnonzero(test & np.isfinite(z))
     if strategy == "random":
         # Draw from *all* test photos not drawn before, labelled or not: a sample that skipped the
         # labelled top K would underestimate the prevalence. Already labelled ones are recorded

@@ -216,8 +216,10 @@ class Session:
                 z = self.features.linear(scorer.head.coef_, scorer.head.intercept_)
             else:
                 z = np.full(len(self.labels), -np.inf, dtype=np.float32)
-                if len(rows):
-                    z[rows] = scorer.head.decision_function(self.features[np.asarray(rows, dtype=np.int64)])
+                rows = np.asarray(rows, dtype=np.int64)
+                for start in range(0, len(rows), BLOCK_ROWS):  # a block's features at a time: bounded memory
+                    part = rows[start : start + BLOCK_ROWS]
+                    z[part] = scorer.head.decision_function(self.features[part])
             if self.prior is not None and scorer.prior_weight:
                 z = z + np.float32(scorer.prior_weight) * np.nan_to_num(self.prior[: len(z)], nan=0.0)
             return z

@@ -278,7 +278,8 @@ class Store:
         return self.db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0]
 
     def count_images(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        """The number of images, from the counts the triggers keep (``COUNT(*)`` read 10^7 rows: 0.2 s)."""
+        return self.db.execute("SELECT COALESCE(SUM(n), 0) FROM image_counts").fetchone()[0]
 
     def image_ids(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT path FROM images ORDER BY id")]
@@ -379,21 +380,31 @@ class Store:
         """Boolean array over rows (id - 1): True where the image is embedded.
 
         The ``images_status`` index answers which images are *not* embedded (usually none or few);
-        ``MAX(id)`` is one look-up and a bare ``COUNT(*)`` counts b-tree pages, not rows.
+        ``MAX(id)`` is one look-up and the counts come from ``image_counts``.
         """
-        n = self.n_rows()
-        rows = self.count_images()
-        waiting = self.db.execute("SELECT COUNT(*) FROM images WHERE status IN ('new', 'error')").fetchone()[0]
-        if (rows - waiting) * 2 >= rows and rows == n:  # ids are 1..n without gaps (nothing deletes images)
-            mask = np.ones(n, dtype=bool)
-            mask[self._ids("status IN ('new', 'error')", n) - 1] = False
+        with self.snapshot():  # the counts and the ids from one state of the database
+            n = self.n_rows()
+            rows = self.count_images()
+            waiting = self.db.execute(
+                "SELECT COALESCE(SUM(n), 0) FROM image_counts WHERE status IN ('new', 'error')").fetchone()[0]
+            if (rows - waiting) * 2 >= rows and rows == n:  # ids are 1..n without gaps (nothing deletes images)
+                mask = np.ones(n, dtype=bool)
+                mask[self._ids("status IN ('new', 'error')", n) - 1] = False
+                return mask
+            mask = np.zeros(n, dtype=bool)
+            mask[self._ids("status = 'embedded'", n) - 1] = True
             return mask
-        mask = np.zeros(n, dtype=bool)
-        mask[self._ids("status = 'embedded'", n) - 1] = True
-        return mask
 
     def splits(self) -> np.ndarray:
-        """Array over rows (id - 1) of split names ('pool' / 'test'), a ``<U4`` string array.
+        """Array over rows (id - 1) of split names ('pool' / 'test'), a ``<U4`` string array
+        (:meth:`test_mask` is the same as booleans: 16x less memory)."""
+        test = self.test_mask()
+        out = np.full(len(test), "pool", dtype="<U4")
+        out[test] = "test"
+        return out
+
+    def test_mask(self) -> np.ndarray:
+        """Boolean array over rows (id - 1): True where the photo is in the test split.
 
         A photo's split changes only when the first registration draws the test split (which bumps
         ``gen.splits``), so the test rows are cached (a boolean file in ``learn/``, keyed on that
@@ -414,9 +425,7 @@ class Store:
                     else build()
             except OSError:  # a project that cannot be written to: read them every time
                 test = build()
-        out = np.full(n, "pool", dtype="<U4")
-        out[test] = "test"
-        return out
+        return np.array(test, dtype=bool)
 
     # ------------------------------------------------------------------ vectors
     def embedding_info(self) -> dict[str, Any] | None:

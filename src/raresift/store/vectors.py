@@ -7,6 +7,7 @@ by copy-and-rename, so a reader holding the old file never sees a half-written o
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from pathlib import Path
 
@@ -21,17 +22,49 @@ def whole_rows(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Whole-photo vectors (view 0) of ``rows`` as float32 (reads only those rows of a memory map)."""
     rows = np.asarray(rows, dtype=np.int64)
     contiguous = len(rows) and rows[-1] - rows[0] + 1 == len(rows) and np.all(np.diff(rows) == 1)
-    if vectors.ndim == 3:
-        part = vectors[rows[0] : rows[-1] + 1, 0, :] if contiguous else vectors[rows, 0, :]
+    if contiguous:
+        part = vectors[rows[0] : rows[-1] + 1, 0, :] if vectors.ndim == 3 else vectors[rows[0] : rows[-1] + 1]
     else:
-        part = vectors[rows[0] : rows[-1] + 1] if contiguous else vectors[rows]
+        part = read_rows(vectors, rows, view=0 if vectors.ndim == 3 else None)
     return np.ascontiguousarray(part, dtype=np.float32)
+
+
+def read_rows(array: np.ndarray, rows: np.ndarray, *, view: int | None = None) -> np.ndarray:
+    """``array[rows]`` (or ``array[rows, view]``) as an array in memory.
+
+    From a whole memory-mapped file and a few scattered rows (a knn pool, re-ranked neighbours), the
+    rows are read with ``pread``, not through the map: a page fault maps the 16 pages around each row
+    into the process, so gathering 40,000 rows of a 10^7-row file made its resident set grow by 2.2 GB
+    of file pages (what `ru_maxrss` counts) for 40 MB of data, and took no less time.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    whole_file = (isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap)
+                  and array.flags.c_contiguous and array.filename is not None)
+    if not whole_file or len(rows) == 0 or len(rows) * 8 > array.shape[0]:
+        return np.asarray(array[rows] if view is None else array[rows, view])
+    row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
+    shape = array.shape[1:] if view is None else array.shape[2:]
+    out = np.empty((len(rows), *shape), dtype=array.dtype)
+    size = out.dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    skip = 0 if view is None else view * size
+    buf = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
+    fd = os.open(array.filename, os.O_RDONLY)
+    try:
+        for i, r in enumerate(rows.tolist()):
+            at = array.offset + r * row_bytes + skip
+            got = os.preadv(fd, [buf[i * size : (i + 1) * size]], at)
+            if got != size:
+                raise ProjectError(f"{array.filename} is cut short (row {r} of {array.shape[0]}); run "
+                                   "`raresift embed --reembed` to compute the vectors again")
+    finally:
+        os.close(fd)
+    return out
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (float32; rows of zeros stay zeros)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]  # a third of np.linalg.norm's time
     np.maximum(norms, 1e-12, out=norms)
     return x / norms
 
