@@ -180,6 +180,21 @@ def test_pq_neighbours_are_reranked_by_the_exact_vectors(tmp_path):
     assert back.kind == "ivf-pq" and np.array_equal(back.neighbours(x, queries[:5], 10), got[:5])
 
 
+def test_pq_codes_are_64_bytes_of_4_bit_fast_scan_where_the_dimension_splits_evenly():
+    import faiss
+
+    rng = np.random.default_rng(5)
+    pq = build_index(rng.normal(size=(4000, 256)).astype(np.float32), kind="ivf-pq", nlist=16)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(pq._faiss()))
+    assert isinstance(ivf, faiss.IndexIVFPQFastScan) and (ivf.pq.M, ivf.pq.nbits) == (128, 4)
+    x = rng.normal(size=(4000, 7)).astype(np.float32)
+    odd = build_index(x, kind="ivf-pq", nlist=16)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(odd._faiss()))
+    assert not isinstance(ivf, faiss.IndexIVFPQFastScan) and ivf.pq.nbits == 8  # 7 parts of 1: 8-bit codes
+    found = odd.neighbours(x, np.array([0, 9]), 3)
+    assert found.shape == (2, 3) and found.min() >= 0
+
+
 def test_neighbours_cached_by_one_index_are_not_served_by_its_replacement(tmp_path):
     from raresift.index import project_index
 

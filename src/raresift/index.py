@@ -13,7 +13,8 @@ Kinds of index, chosen by ``kind="auto"`` from the number of vectors:
     photo, a search visits ``nprobe`` cells. Above 50,000 photos, while the codes take at most
     ``index_sq8_max_gb`` (:mod:`raresift.settings`, 2 GB: 4 million 512-d or 1.6 million 1280-d photos).
 ``ivf-pq``
-    Inverted file with product quantisation (64 bytes per photo: 0.64 GB at 10^7) above that. Its
+    Inverted file with product quantisation (64 bytes per photo: 0.64 GB at 10^7) above that: 4-bit
+    codes scanned with SIMD (FAISS fast-scan), six times faster than 8-bit codes of the same size. Its
     similarities are approximate, so :meth:`VectorIndex.neighbours` and :func:`more_like_this` fetch
     ``pq_refine`` times the neighbours asked for and rank them by the exact vectors (read from the
     memory map: a few rows per query).
@@ -242,9 +243,8 @@ def build_index(
                 quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
             )
         else:
-            m = _pq_subquantizers(dim)
-            index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
-            index.pq.cp.min_points_per_centroid = 1  # small collections: no warning per sub-quantizer (64 of them)
+            index = _ivf_pq(faiss, quantizer, dim, nlist)
+            index.pq.cp.min_points_per_centroid = 1  # small collections: no warning per sub-quantizer
         index.cp.seed = int(random_state)
         # k-means needs ~30-256 points per cell; more only costs time.
         rng = np.random.default_rng(random_state)
@@ -461,6 +461,19 @@ def _rerank(vectors: np.ndarray, queries: np.ndarray, found: np.ndarray, k: int)
         best = np.argsort(-s, kind="stable")[:k]
         sims[i, : len(best)], rows[i, : len(best)] = s[best], hits[best]
     return sims, rows
+
+
+def _ivf_pq(faiss, quantizer, dim: int, nlist: int):
+    """An empty ``ivf-pq`` index of 64 bytes a vector: 128 sub-quantisers of 4 bits scanned with SIMD
+    (FAISS fast-scan) where ``dim`` splits into an even number of parts, else 8-bit product quantisation.
+
+    At 10^6 x 512-d, 100 queries for 404 neighbours: 0.017 s fast-scan against 0.106 s with 64 8-bit
+    sub-quantisers, the same bytes; on Caltech-101 (1,280-d Lite2 vectors) recall@101 after re-ranking
+    0.938 against 0.940 (`benchmarks/pq_kinds.py`)."""
+    for m in (128, 96, 64, 32, 16, 8, 4, 2):
+        if dim % m == 0:
+            return faiss.IndexIVFPQFastScan(quantizer, dim, nlist, m, 4, faiss.METRIC_INNER_PRODUCT)
+    return faiss.IndexIVFPQ(quantizer, dim, nlist, _pq_subquantizers(dim), 8, faiss.METRIC_INNER_PRODUCT)
 
 
 def _pq_subquantizers(dim: int) -> int:
