@@ -17,6 +17,7 @@ the vector file and everything else the project keeps beside it (index, caches),
 Usage:
     python benchmarks/scale_shards.py --work /work/devdata/scale --sizes 100000 1000000 10000000
     python benchmarks/scale_shards.py --work /work/devdata/scale --sizes 10000000 --reuse   # same project again
+    python benchmarks/scale_shards.py --work /work/devdata/scale --sizes 10000000 --reuse --concept c2  # 200 labels again
 """
 
 from __future__ import annotations
@@ -91,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the shards and projects")
     ap.add_argument("--reuse", action="store_true",
                     help="use the project WORK/p-N made by an earlier run (skip writing the shards and init)")
+    ap.add_argument("--concept", default=None,
+                    help="label under this concept (a fresh one: 200 labels, as in a new project); with --reuse "
+                         "the cached neighbour lists of earlier labels are removed first, so the first round "
+                         "searches the neighbours of its 200 labels as a new project's would")
     args = ap.parse_args(argv)
+    concept = ["--concept", args.concept] if args.concept else []
     raresift = [sys.executable, "-m", "raresift"]
     print(f"load average {os.getloadavg()[0]:.1f}; {args.dim}-d float16 vectors in {args.shards} .npy shards\n", flush=True)
     rows = []
@@ -101,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.reuse and (project / "raresift.sqlite").is_file():
             rare = planted(n, args.dim)[2]
             gen = init_s = init_mb = float("nan")
+            if args.concept:
+                (project / "embeddings" / "index-knn.npz").unlink(missing_ok=True)
         else:
             shutil.rmtree(project, ignore_errors=True)
             t0 = time.perf_counter()
@@ -112,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         labels = project.parent / f"labels-{n}.csv"
         labels.write_text("path,label\n" + "".join(f"s3://bucket/img/{i:09d}.jpg,1\n" for i in rare[:20])
                           + "".join(f"s3://bucket/img/{i:09d}.jpg,0\n" for i in others))
-        lab_s, lab_mb, _ = timed([*raresift, "import-labels", str(project), str(labels)])
-        first, first_mb, out = timed([*raresift, "next", str(project), "--n", "100", "--json"])
+        lab_s, lab_mb, _ = timed([*raresift, "import-labels", str(project), str(labels), *concept])
+        first, first_mb, out = timed([*raresift, "next", str(project), "--n", "100", "--json", *concept])
         assert out.count('"path"') == 100, out[:300]
         rare_set = set(rare.tolist())
         walls, mbs = [], []
@@ -123,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             answers = project.parent / f"answers-{n}-{r}.csv"
             answers.write_text("path,label\n" + "".join(f"{item['path']},{int(item['image_id'] - 1 in rare_set)}\n"
                                                         for item in json.loads(out)))
-            timed([*raresift, "import-labels", str(project), str(answers)])
-            w, mb, out = timed([*raresift, "next", str(project), "--n", "100", "--json"])
+            timed([*raresift, "import-labels", str(project), str(answers), *concept])
+            w, mb, out = timed([*raresift, "next", str(project), "--n", "100", "--json", *concept])
             walls.append(w)
             mbs.append(mb)
             print(f"    round after 100 new labels: {w:.2f} s, peak {mb:,.0f} MB", flush=True)
