@@ -22,6 +22,7 @@ import numpy as np
 
 from ..embed.decode import DecodeError, image_size
 from ..store.store import Store
+from ..store.vectors import read_rows
 from .features import DEFAULT_POOLING, PART_WEIGHTS, feature_dim, signed_sqrt
 from .head import RareHead
 
@@ -116,7 +117,7 @@ def evidence(store: Store, head: RareHead | None, image_ids: list[int]) -> dict[
         return {int(i): dict(empty) for i in image_ids}  # a head of other vectors (the project was re-embedded)
     ids = np.asarray(image_ids, dtype=np.int64)
     order = np.argsort(ids, kind="stable")
-    block = np.asarray(vectors[ids[order] - 1])
+    block = read_rows(vectors, ids[order] - 1)
     _, per_tile = contributions(head, block)
     sizes = photo_sizes(store, [int(i) for i in ids])
     out: dict[int, dict[str, Any]] = {}
