@@ -20,8 +20,13 @@ passed over with a miss are listed; part 1 gives the rate); the overlay must be 
 screen. Screenshots: the label page with the overlay, the zoom, and the grid with zoomed regions
 (``--screenshots DIR``, default ``docs/screenshots``).
 
+``--from-pooled`` computes the regions from each photo's feature and the tile each value of its max
+part comes from (``learn.evidence.contributions_from_pooled``), what compact storage would keep
+instead of every view.
+
 Usage:
     python benchmarks/evidence_flowers.py --project /work/devdata/flowers --browser
+    python benchmarks/evidence_flowers.py --project /work/devdata/flowers --from-pooled
 """
 
 from __future__ import annotations
@@ -172,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", type=int, default=200, help="labels from the key per repeat (default 200)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--browser", action="store_true", help="also check the page in headless Chromium")
+    ap.add_argument("--from-pooled", action="store_true",
+                    help="place the score from each photo's feature and the tile of each max value only (what "
+                         "compact storage would keep), not from every view (learn.evidence.contributions_from_pooled)")
     ap.add_argument("--screenshots", type=Path, default=HERE.parent / "docs" / "screenshots")
     args = ap.parse_args(argv)
     key, boxes = read_key(), read_boxes()
@@ -184,14 +192,22 @@ def main(argv: list[str] | None = None) -> int:
         first = first or dst
         with Project(dst) as p:
             ids = {path: p.image_id(path) for path in boxes}
-            found = p.evidence(list(ids.values()))
+            if args.from_pooled:
+                from raresift.learn.evidence import evidence
+                from raresift.learn.loop import current_model
+
+                found = evidence(p.store, current_model(p.store).head, list(ids.values()), from_pooled=True)
+            else:
+                found = p.evidence(list(ids.values()))
         rows.append(score_regions(found, ids, boxes))
         print(f"repeat {r}: " + json.dumps(rows[-1]), file=sys.stderr)
     areas = [b["box_width"] * b["box_height"] / (b["width"] * b["height"]) for b in boxes.values()]
     print(f"# Evidence on the flower photos: {len(boxes)} insect photos with a box drawn by eye "
           f"(median {100 * statistics.median(areas):.1f}% of the photo)\n")
+    how = ("`learn.evidence.evidence(from_pooled=True)` (each photo's feature and the tile of each max value "
+           "only)") if args.from_pooled else "`Project.evidence`"
     print(f"{args.labels} labels from the key per repeat (random pool photos, never a boxed one), one round, then "
-          f"`Project.evidence`; {args.repeats} repeats. Region = the photo's strongest tile (3 x 3 grid, a quarter of "
+          f"{how}; {args.repeats} repeats. Region = the photo's strongest tile (3 x 3 grid, a quarter of "
           "the photo).\n")
     print("| repeat | photos | region holds the insect's centre | chance (a random tile) | insect box inside the region "
           "| chance |\n|---|---:|---:|---:|---:|---:|")

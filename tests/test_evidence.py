@@ -11,8 +11,8 @@ import pytest
 from conftest import beetle_photo
 
 from raresift import Project
-from raresift.learn.evidence import contributions, tile_boxes
-from raresift.learn.features import featurize
+from raresift.learn.evidence import contributions, contributions_from_pooled, tile_boxes
+from raresift.learn.features import featurize, tile_argmax
 from raresift.learn.head import RareHead
 
 
@@ -35,6 +35,31 @@ def test_tile_contributions_add_up_to_the_heads_logit():
     rest1, none = contributions(whole_head, block[:, :1, :])  # no tiles: nothing to split
     assert none.shape == (7, 0)
     np.testing.assert_allclose(rest1, whole_head.decision_function(featurize(block[:, :1, :])), rtol=1e-3, atol=1e-3)
+
+
+def test_a_photos_feature_and_its_max_tiles_place_the_score_as_every_view_does():
+    """What compact storage would keep (the feature and one byte a value of the max part) splits the logit
+    too: the max part's terms go to the same tiles, the mean part's share is spread evenly."""
+    rng = np.random.default_rng(1)
+    block = np.abs(rng.normal(size=(6, 10, 32))).astype(np.float16)
+    X, which = featurize(block), tile_argmax(block)
+    assert which.shape == (6, 32) and which.dtype == np.uint8 and which.max() <= 8
+    head = RareHead.from_coefficients(rng.normal(size=X.shape[1]).astype(np.float32), -0.2)
+    rest, per_tile = contributions_from_pooled(head, X, which, 9)
+    np.testing.assert_allclose(rest + per_tile.sum(axis=1), head.decision_function(X), rtol=1e-4, atol=1e-4)
+    coef = head.coef_.copy()
+    coef[32:64] = 0.0  # no mean part: both splits are the same
+    no_mean = RareHead.from_coefficients(coef, -0.2)
+    exact = contributions(no_mean, block)[1]
+    np.testing.assert_allclose(contributions_from_pooled(no_mean, X, which, 9)[1], exact, rtol=1e-3, atol=1e-3)
+    assert tile_argmax(block[:, :1, :]).shape == (6, 0)
+    whole_head = RareHead.from_coefficients(rng.normal(size=32).astype(np.float32), 0.1)
+    whole = featurize(block[:, :1, :])
+    plain, none = contributions_from_pooled(whole_head, whole, tile_argmax(block[:, :1, :]), 0)
+    assert none.shape == (6, 0)
+    np.testing.assert_allclose(plain, whole_head.decision_function(whole), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="do not match"):
+        contributions_from_pooled(head, X[:, :64], which, 9)
 
 
 def test_tile_boxes_follow_the_overlapping_grid():
