@@ -152,6 +152,28 @@ def test_index_built_on_ray_equals_the_local_build(tmp_path, cluster, small_shar
     assert np.array_equal(r1, r2) and np.array_equal(s1, s2)
 
 
+def test_ray_built_fast_scan_index_with_whole_blocks_per_shard(tmp_path, cluster, monkeypatch):
+    """4-bit codes (128 sub-quantisers) in one cell, shards of 2,048 rows: FAISS's fast-scan merge_from
+    corrupted memory at such list lengths, so the parts are merged as plain IVF-PQ and converted after."""
+    import faiss
+
+    import raresift.ray_jobs as jobs
+
+    monkeypatch.setattr(jobs, "SHARD_ROWS", 2048)
+    local, _ = _imported(tmp_path, n=3 * 2048 + 100, dim=128)
+    with Project.open(local) as p:
+        vectors = p.vectors()
+        here = build_index(vectors, kind="ivf-pq", nlist=1, nprobe=1)
+        there = build_index(vectors, kind="ivf-pq", nlist=1, nprobe=1, engine="ray")
+    for built in (here, there):
+        assert isinstance(faiss.downcast_index(built._faiss()), faiss.IndexIVFPQFastScan)
+    assert there.size == here.size == 3 * 2048 + 100
+    queries = np.asarray(vectors[::97, 0, :], dtype=np.float32)
+    s1, r1 = here.search(queries, 20)
+    s2, r2 = there.search(queries, 20)
+    assert np.array_equal(r1, r2) and np.array_equal(s1, s2)
+
+
 def test_index_command_on_a_ray_cluster_by_address(tmp_path, cluster, small_shards):
     _, remote = _imported(tmp_path)
     done = subprocess.run([sys.executable, "-m", "raresift", "index", str(remote), "--engine", "ray",

@@ -207,13 +207,14 @@ def test_splits_are_cached_and_follow_new_photos(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("shape", [(3000, 16), (3000, 3, 8)])
 def test_scattered_rows_are_read_as_the_memory_map_holds_them(tmp_path, shape):
-    """A few scattered rows of a whole vector file come by pread (no pages mapped into the process); a
-    slice of a map, an array in memory, or many rows go through plain indexing. The same values either way."""
+    """A few scattered rows of a map opened by map_file come by pread (no pages mapped into the process);
+    a slice of a map, an array in memory, many or dense rows, negative rows go through plain indexing.
+    The same values either way, and a file replaced or removed since it was mapped is never read."""
     from raresift.store import vectors as vec
 
     rng = np.random.default_rng(0)
     np.save(tmp_path / "v.npy", rng.normal(size=shape).astype(np.float16))
-    m = np.load(tmp_path / "v.npy", mmap_mode="r")
+    m = vec.map_file(tmp_path / "v.npy")
     reads = []
     real = vec.os.preadv
 
@@ -230,14 +231,28 @@ def test_scattered_rows_are_read_as_the_memory_map_holds_them(tmp_path, shape):
         if view is not None:
             assert np.array_equal(vec.read_rows(m, rows, view=view), m[rows, view])
             assert np.array_equal(vec.whole_rows(m, rows), m[rows, 0].astype(np.float32))
+            with pytest.raises(IndexError):
+                vec.read_rows(m, rows, view=3)
         reads.clear()
         tail = m[1000:]  # a map of part of the file: its offset is not the file's, so plain indexing
         assert np.array_equal(vec.read_rows(tail, rows[rows < 2000]), tail[rows[rows < 2000]])
         assert np.array_equal(vec.read_rows(np.asarray(m), rows), m[rows])
-        many = np.arange(0, 3000, 2)
-        assert np.array_equal(vec.read_rows(m, many), m[many])
+        assert np.array_equal(vec.read_rows(np.load(tmp_path / "v.npy", mmap_mode="r"), rows), m[rows])
+        for dense in (np.arange(0, 3000, 2), np.arange(100, 400, 3)):  # many rows; rows filling their span
+            assert np.array_equal(vec.read_rows(m, dense), m[dense])
+        assert np.array_equal(vec.read_rows(m, np.array([-1, 3])), m[[-1, 3]])
+        with pytest.raises(IndexError):
+            vec.read_rows(m, np.array([3000, 0]))
         assert not reads
         assert vec.read_rows(m, np.array([], dtype=np.int64)).shape == (0, *shape[1:])
+        # The file replaced (another shape) or removed after it was mapped: the map's rows, never the new file's.
+        held = np.asarray(m[rows])
+        np.save(tmp_path / "new.npy", np.ones((10, *shape[1:]), dtype=np.float32))
+        (tmp_path / "new.npy").replace(tmp_path / "v.npy")
+        assert np.array_equal(vec.read_rows(m, rows), held)
+        (tmp_path / "v.npy").unlink()
+        assert np.array_equal(vec.read_rows(m, rows), held)
+        assert not reads
 
 
 def test_tiled_features_cached_at_knn_scale_score_as_featurised(embedded_project, monkeypatch):

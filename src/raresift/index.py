@@ -88,7 +88,8 @@ class VectorIndex:
         if self.index is None:
             import faiss
 
-            # Inverted lists memory-mapped: opening is free and a search pages in only the cells it visits.
+            # ivf-sq8 lists are memory-mapped (opening is free, a search pages in only the cells it
+            # visits); FAISS reads fast-scan lists (ivf-pq) whole.
             flags = faiss.IO_FLAG_MMAP if self.kind != "flat" else 0
             self.index = faiss.read_index(str(self.path), flags)
         return self.index
@@ -261,7 +262,7 @@ def build_index(
         from .ray_jobs import index_on_ray
 
         index, added = index_on_ray(source, np.sort(rows), index, address=ray_address, progress=progress)
-        return VectorIndex(index, kind, dim, added, used_nprobe)
+        return VectorIndex(_fast_scan(faiss, index, used_nprobe), kind, dim, added, used_nprobe)
     added = 0
     for start in range(0, n, _BLOCK):
         chunk = rows[start : start + _BLOCK]
@@ -274,7 +275,7 @@ def build_index(
             added += len(chunk)
         if progress is not None:
             progress(len(rows[start : start + _BLOCK]))
-    return VectorIndex(index, kind, dim, added, used_nprobe)
+    return VectorIndex(_fast_scan(faiss, index, used_nprobe), kind, dim, added, used_nprobe)
 
 
 def project_index(
@@ -465,16 +466,31 @@ def _rerank(vectors: np.ndarray, queries: np.ndarray, found: np.ndarray, k: int)
 
 
 def _ivf_pq(faiss, quantizer, dim: int, nlist: int):
-    """An empty ``ivf-pq`` index of 64 bytes a vector: 128 sub-quantisers of 4 bits scanned with SIMD
-    (FAISS fast-scan) where ``dim`` splits into an even number of parts, else 8-bit product quantisation.
+    """An empty ``ivf-pq`` index: ``m`` bytes a vector (64 for 512-d or 1280-d, :func:`_pq_subquantizers`),
+    as ``2m`` sub-quantisers of 4 bits where ``dim`` splits into that many parts (searched as FAISS
+    fast-scan codes once filled, :func:`_fast_scan`), else ``m`` sub-quantisers of 8 bits.
 
-    At 10^6 x 512-d, 100 queries for 404 neighbours: 0.017 s fast-scan against 0.106 s with 64 8-bit
-    sub-quantisers, the same bytes; on Caltech-101 (1,280-d Lite2 vectors) recall@101 after re-ranking
-    0.938 against 0.940 (`benchmarks/pq_kinds.py`)."""
-    for m in (128, 96, 64, 32, 16, 8, 4, 2):
-        if dim % m == 0:
-            return faiss.IndexIVFPQFastScan(quantizer, dim, nlist, m, 4, faiss.METRIC_INNER_PRODUCT)
-    return faiss.IndexIVFPQ(quantizer, dim, nlist, _pq_subquantizers(dim), 8, faiss.METRIC_INNER_PRODUCT)
+    At 10^6 x 512-d, 100 queries for 404 neighbours: 0.016 s with 4-bit fast-scan codes against
+    0.097 s with 8-bit codes of the same size; on Caltech-101 (1,280-d Lite2 vectors) recall@101 after
+    re-ranking 0.938 against 0.940 (`benchmarks/pq_kinds.py`)."""
+    m = _pq_subquantizers(dim)
+    if dim % (2 * m) == 0:
+        return faiss.IndexIVFPQ(quantizer, dim, nlist, 2 * m, 4, faiss.METRIC_INNER_PRODUCT)
+    return faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+
+
+def _fast_scan(faiss, index, nprobe: int | None):
+    """A filled index with 4-bit product codes as a fast-scan index (the same codes, laid out in blocks
+    for SIMD); any other index as it is. The codes are filled as a plain IndexIVFPQ and converted at
+    the end because FAISS 1.15's fast-scan ``merge_from`` (the Ray build merges parts) corrupts memory
+    once a cell's list holds a whole number of blocks."""
+    if isinstance(index, faiss.IndexIVFPQ) and index.pq.nbits == 4:
+        # The wrapper keeps a reference to `index` (the proxy that owns it and its quantiser, which the
+        # fast-scan index shares): not a downcast copy of the proxy, which owns nothing.
+        fast = faiss.IndexIVFPQFastScan(index)
+        fast.nprobe = int(nprobe or index.nprobe)
+        return fast
+    return index
 
 
 def _pq_subquantizers(dim: int) -> int:

@@ -71,8 +71,13 @@ class Model:
     session: Session
     logits: np.ndarray  # every row; -inf where not embedded
     labels: np.ndarray
-    splits: np.ndarray
+    test: np.ndarray  # rows of the test split (booleans)
     mask: np.ndarray  # embedded rows
+
+    @property
+    def splits(self) -> np.ndarray:
+        """Split names per row ('pool' / 'test'), a ``<U4`` array built on demand from :attr:`test`."""
+        return np.where(self.test, "test", "pool")
 
     @property
     def head(self) -> RareHead | None:
@@ -346,7 +351,7 @@ def current_model(store: Store) -> Model:
     z = session.logits(rng)
     z = np.asarray(z, dtype=np.float32).copy()
     z[~state["mask"]] = -np.inf
-    return Model(session, z, state["labels"], np.where(state["test"], "test", "pool"), state["mask"])
+    return Model(session, z, state["labels"], state["test"], state["mask"])
 
 
 def scores(store: Store) -> np.ndarray:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .vectors import map_file
+
 __all__ = ["Cache", "cache_key", "exclusive"]
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ class Cache:
         for callers that use a cache only when someone else paid for it."""
         target = self.path(name, parts, ".npy")
         try:
-            return np.load(target, mmap_mode="r" if mmap else None, allow_pickle=False)
+            return map_file(target) if mmap else np.load(target, allow_pickle=False)
         except (OSError, ValueError, EOFError):  # missing or damaged: the caller does without
             return None
 
@@ -81,7 +83,7 @@ class Cache:
         target = self.path(name, parts, ".npy")
 
         def load() -> np.ndarray:
-            return np.load(target, mmap_mode="r" if mmap else None, allow_pickle=False)
+            return map_file(target) if mmap else np.load(target, allow_pickle=False)
 
         return self._get(name, target, load, lambda tmp: np.save(tmp, build()))
 
@@ -102,7 +104,7 @@ class Cache:
     def writer(self, name: str, parts: tuple, write: Callable[[Path], None], *, mmap: bool = True) -> np.ndarray:
         """Like :meth:`array`, for a cache too big to build in memory: ``write(tmp_path)`` writes the ``.npy``."""
         target = self.path(name, parts, ".npy")
-        return self._get(name, target, lambda: np.load(target, mmap_mode="r" if mmap else None), write)
+        return self._get(name, target, lambda: map_file(target) if mmap else np.load(target), write)
 
     def _get(self, name: str, target: Path, load: Callable, write: Callable[[Path], None]):
         try:

@@ -32,33 +32,69 @@ def whole_rows(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
 def read_rows(array: np.ndarray, rows: np.ndarray, *, view: int | None = None) -> np.ndarray:
     """``array[rows]`` (or ``array[rows, view]``) as an array in memory.
 
-    From a whole memory-mapped file and a few scattered rows (a knn pool, re-ranked neighbours), the
-    rows are read with ``pread``, not through the map: a page fault maps the 16 pages around each row
-    into the process, so gathering 40,000 rows of a 10^7-row file made its resident set grow by 2.2 GB
-    of file pages (what `ru_maxrss` counts) for 40 MB of data, and took no less time.
+    From a memory map opened by :func:`map_file` and a few scattered rows (a knn pool, re-ranked
+    neighbours), the rows are read from the mapped file with ``pread``, not through the map: a page fault
+    maps the 16 pages around each row into the process, so gathering 40,000 rows of a 10^7-row file
+    made its resident set grow by 2.2 GB of file pages (what `ru_maxrss` counts) for 40 MB of data.
+    Dense rows (filling a quarter of the rows they span), many rows (an eighth of the file), rows out
+    of range, any other array, or a file replaced or removed since it was mapped: plain indexing
+    through the map.
     """
     rows = np.asarray(rows, dtype=np.int64)
-    whole_file = (isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap)
-                  and array.flags.c_contiguous and array.filename is not None)
-    if not whole_file or len(rows) == 0 or len(rows) * 8 > array.shape[0]:
+    fd = _mapped_file(array, rows, view)
+    if fd is None:
         return np.asarray(array[rows] if view is None else array[rows, view])
-    row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
-    shape = array.shape[1:] if view is None else array.shape[2:]
-    out = np.empty((len(rows), *shape), dtype=array.dtype)
-    size = out.dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-    skip = 0 if view is None else view * size
-    buf = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
-    fd = os.open(array.filename, os.O_RDONLY)
     try:
+        row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
+        shape = array.shape[1:] if view is None else array.shape[2:]
+        out = np.empty((len(rows), *shape), dtype=array.dtype)
+        size = out.dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        skip = 0 if view is None else view * size
+        buf = memoryview(out.reshape(-1).view(np.uint8))
         for i, r in enumerate(rows.tolist()):
-            at = array.offset + r * row_bytes + skip
-            got = os.preadv(fd, [buf[i * size : (i + 1) * size]], at)
-            if got != size:
-                raise ProjectError(f"{array.filename} is cut short (row {r} of {array.shape[0]}); run "
-                                   "`raresift embed --reembed` to compute the vectors again")
+            if os.preadv(fd, [buf[i * size : (i + 1) * size]], array.offset + r * row_bytes + skip) != size:
+                raise ProjectError(f"{array.filename} was cut short while it was read (row {r} of "
+                                   f"{array.shape[0]}); run the command again")
     finally:
         os.close(fd)
     return out
+
+
+_IDENTITY = "_raresift_file"  # (device, inode) of the file a map opened by map_file maps
+
+
+def map_file(path: str | os.PathLike, mode: str = "r") -> np.ndarray:
+    """``np.load(path, mmap_mode=mode)``, remembering which file it maps (device and inode), so that
+    :func:`read_rows` reads that file and never one that replaced it."""
+    before = os.stat(path)
+    arr = np.load(path, mmap_mode=mode, allow_pickle=False)
+    after = os.stat(path)
+    if isinstance(arr, np.memmap) and (before.st_dev, before.st_ino) == (after.st_dev, after.st_ino):
+        setattr(arr, _IDENTITY, (after.st_dev, after.st_ino))
+    return arr
+
+
+def _mapped_file(array: np.ndarray, rows: np.ndarray, view: int | None) -> int | None:
+    """A descriptor of the file ``array`` maps when :func:`read_rows` should read ``rows`` with pread."""
+    identity = getattr(array, _IDENTITY, None)
+    if (identity is None or not hasattr(os, "preadv") or not isinstance(array.base, mmap.mmap)
+            or array.mode == "c" or not array.flags.c_contiguous or not len(rows)):
+        return None  # only whole maps of map_file, not slices, copies on write or other arrays
+    n = array.shape[0]
+    lo, hi = int(rows.min()), int(rows.max())
+    if lo < 0 or hi >= n or (view is not None and not 0 <= view < array.shape[1]):
+        return None  # numpy's own meaning (negative rows) or its IndexError
+    if len(rows) * 8 > n or hi - lo + 1 <= 4 * len(rows):
+        return None  # many rows, or rows filling a quarter of their span: the map is faster, maps few extra pages
+    try:
+        fd = os.open(array.filename, os.O_RDONLY)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != identity:
+        os.close(fd)
+        return None
+    return fd
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -101,7 +137,7 @@ def ensure(path: Path, rows: int, tail: tuple[int, ...], dtype: str | np.dtype) 
         del grown, current
         _fsync(tmp)
         os.replace(tmp, path)
-        return np.load(path, mmap_mode="r+")
+        return map_file(path, "r+")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".new.npy")
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, *tail))
@@ -110,12 +146,12 @@ def ensure(path: Path, rows: int, tail: tuple[int, ...], dtype: str | np.dtype) 
     del arr
     _fsync(tmp)
     os.replace(tmp, path)
-    return np.load(path, mmap_mode="r+")
+    return map_file(path, "r+")
 
 
 def _load(path: Path, mode: str) -> np.memmap:
     try:
-        return np.load(path, mmap_mode=mode, allow_pickle=False)
+        return map_file(path, mode)
     except (ValueError, EOFError) as exc:  # truncated, or not an .npy array at all
         what = "cut short" if "length is greater" in str(exc) else "not a numeric .npy array"
         raise ProjectError(
