@@ -262,7 +262,7 @@ def build_index(
         from .ray_jobs import index_on_ray
 
         index, added = index_on_ray(source, np.sort(rows), index, address=ray_address, progress=progress)
-        return VectorIndex(_fast_scan(faiss, index, used_nprobe), kind, dim, added, used_nprobe)
+        return VectorIndex(_fast_scan(faiss, index), kind, dim, added, used_nprobe)
     added = 0
     for start in range(0, n, _BLOCK):
         chunk = rows[start : start + _BLOCK]
@@ -275,7 +275,7 @@ def build_index(
             added += len(chunk)
         if progress is not None:
             progress(len(rows[start : start + _BLOCK]))
-    return VectorIndex(_fast_scan(faiss, index, used_nprobe), kind, dim, added, used_nprobe)
+    return VectorIndex(_fast_scan(faiss, index), kind, dim, added, used_nprobe)
 
 
 def project_index(
@@ -479,7 +479,7 @@ def _ivf_pq(faiss, quantizer, dim: int, nlist: int):
     return faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
 
 
-def _fast_scan(faiss, index, nprobe: int | None):
+def _fast_scan(faiss, index):
     """A filled index with 4-bit product codes as a fast-scan index (the same codes, laid out in blocks
     for SIMD); any other index as it is. The codes are filled as a plain IndexIVFPQ and converted at
     the end because FAISS 1.15's fast-scan ``merge_from`` (the Ray build merges parts) corrupts memory
@@ -488,7 +488,7 @@ def _fast_scan(faiss, index, nprobe: int | None):
         # The wrapper keeps a reference to `index` (the proxy that owns it and its quantiser, which the
         # fast-scan index shares): not a downcast copy of the proxy, which owns nothing.
         fast = faiss.IndexIVFPQFastScan(index)
-        fast.nprobe = int(nprobe or index.nprobe)
+        fast.nprobe = index.nprobe
         return fast
     return index
 

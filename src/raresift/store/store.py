@@ -385,8 +385,7 @@ class Store:
         with self.snapshot():  # the counts and the ids from one state of the database
             n = self.n_rows()
             rows = self.count_images()
-            waiting = self.db.execute(
-                "SELECT COALESCE(SUM(n), 0) FROM image_counts WHERE status IN ('new', 'error')").fetchone()[0]
+            waiting = self.count_status("new") + self.count_status("error")
             if (rows - waiting) * 2 >= rows and rows == n:  # ids are 1..n without gaps (nothing deletes images)
                 mask = np.ones(n, dtype=bool)
                 mask[self._ids("status IN ('new', 'error')", n) - 1] = False
@@ -398,10 +397,7 @@ class Store:
     def splits(self) -> np.ndarray:
         """Array over rows (id - 1) of split names ('pool' / 'test'), a ``<U4`` string array
         (:meth:`test_mask` is the same as booleans: 16x less memory)."""
-        test = self.test_mask()
-        out = np.full(len(test), "pool", dtype="<U4")
-        out[test] = "test"
-        return out
+        return np.where(self.test_mask(), "test", "pool")
 
     def test_mask(self) -> np.ndarray:
         """Boolean array over rows (id - 1): True where the photo is in the test split.
