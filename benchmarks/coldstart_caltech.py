@@ -560,7 +560,7 @@ def class_data(project: Path, key: Path) -> tuple[np.ndarray, np.ndarray, list]:
         mask = p.embedded_mask()
         y_all, _ = load_truth(p.image_ids(), truth=key)
         rows = np.flatnonzero(mask[: len(y_all)] & (y_all >= 0))
-        X = np.concatenate([featurize(b) for _, b in iter_blocks(p.vectors(), rows=rows)])
+        X = np.concatenate([featurize(b, layout=p.store.layout) for _, b in iter_blocks(p.vectors(), rows=rows)])
         levels = [(ids[rows], dist[rows]) for ids, dist in project_clusters(p.store)]
     return X, y_all[rows].astype(np.int64), levels
 

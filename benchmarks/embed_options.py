@@ -89,6 +89,9 @@ def main() -> None:
     for spec in args.project:
         name, _, path = spec.partition("=")
         with Project.open(path) as project:
+            if project.store.layout != "views":
+                raise SystemExit(f"{path} keeps compact vectors; these options pool every view: embed it with "
+                                 "`raresift embed --layout views`")
             y = load_truth(project, args.truth, args.truth_folder)
             mask = project.embedded_mask()
             vec = np.asarray(project.vectors())[mask]

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         mask = project.embedded_mask()
         rows = np.flatnonzero(mask)
         ids = [project.image_ids()[r] for r in rows]
-        X = np.concatenate([featurize(b) for _, b in iter_blocks(project.vectors(), rows=rows)])
+        layout = project.store.layout
+        X = np.concatenate([featurize(b, layout=layout) for _, b in iter_blocks(project.vectors(), rows=rows)])
         logits = np.asarray(project.imagenet_logits()[rows])
         # the project's own clusterings, the ones `raresift next` explores
         clusters = [(ids_[rows], dist[rows]) for ids_, dist in project_clusters(project.store)]

@@ -43,7 +43,7 @@ def ceiling(project: Path, truth: Path, repeats: int, k: int = 50) -> tuple[floa
     with Project(project) as p:
         y, _ = load_truth(p.image_ids(), truth=truth)
         rows = np.flatnonzero(p.embedded_mask()[: len(y)] & (y >= 0))
-        X = VectorFeatures(p.vectors())[rows]
+        X = VectorFeatures(p.vectors(), layout=p.store.layout)[rows]
     y = y[rows].astype(np.int64)
     out = []
     for seed in range(repeats):

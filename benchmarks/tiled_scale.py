@@ -13,11 +13,16 @@ FAISS index), imports 200 labels (20 rare) and times, as whole commands in fresh
 From ``pool_auto_min`` view vectors on, ``prepare_scoring`` also writes every photo's feature once
 (float16, ``pooled_features``), which the rounds read instead of featurising 10 views a photo.
 
+``--layout compact`` (what ``embed`` now writes by default) keeps, per photo, the three parts of its
+feature and a byte per value for the evidence (``raresift.learn.features.compact_views``): a new project is
+written that way, and with ``--reuse`` a project kept as views is converted by ``raresift compact`` (timed)
+first. ``--layout views`` is the layout before.
+
 Prints bytes per photo, the disk beside the vectors, each command's time and peak memory (the largest
 resident set, which counts the pages of memory-mapped files).
 
 Usage:
-    python benchmarks/tiled_scale.py --work /work/devdata/tiled --photos 1000000
+    python benchmarks/tiled_scale.py --work /work/devdata/tiled --photos 1000000 [--layout views]
 """
 
 from __future__ import annotations
@@ -38,9 +43,10 @@ CLUSTERS = 400
 _BLOCK = 20_000
 
 
-def make_project(path: Path, n: int, dim: int, seed: int = 0) -> np.ndarray:
+def make_project(path: Path, n: int, dim: int, seed: int = 0, layout: str = "compact") -> np.ndarray:
     """The project and its vectors; returns the rows of the rare class."""
     from raresift import Project
+    from raresift.learn.features import compact_views
     from raresift.learn.loop import prepare_scoring
 
     rng = np.random.default_rng(seed)
@@ -50,7 +56,8 @@ def make_project(path: Path, n: int, dim: int, seed: int = 0) -> np.ndarray:
     rare = np.sort(rng.choice(n, size=n // 100, replace=False))
     with Project.create(path) as project:
         store = project.store
-        vec, _ = store.open_vectors_for_writing(n, VIEWS, dim, np.float16, logits=False)
+        vec, _ = store.open_vectors_for_writing(n, VIEWS, dim, np.float16, logits=False, layout=layout)
+        tiles = store.open_tiles_for_writing(n, dim) if layout == "compact" else None
         for start in range(0, n, _BLOCK):
             stop = min(n, start + _BLOCK)
             m = stop - start
@@ -63,13 +70,18 @@ def make_project(path: Path, n: int, dim: int, seed: int = 0) -> np.ndarray:
             block[hit, 1 + rng.integers(0, VIEWS - 1, len(hit))] += signal  # the rare thing is in one tile
             block[hit, 0] += 0.2 * signal  # and barely in the squeezed whole photo
             np.maximum(block, 0, out=block)
-            vec[start:stop] = block.astype(np.float16)
+            if tiles is not None:
+                vec[start:stop], tiles[start:stop] = compact_views(block)
+            else:
+                vec[start:stop] = block.astype(np.float16)
         vec.flush()
-        del vec
+        if tiles is not None:
+            tiles.flush()
+        del vec, tiles
         store.register_external([f"img/{i:08d}.jpg" for i in range(n)])
         store.set_meta(**{"embed.model": "external:synthetic-tiles", "embed.dim": str(dim),
                           "embed.views": str(VIEWS), "embed.tiles": str(TILES), "embed.logits": "0",
-                          "embed.dtype": "float16"})
+                          "embed.dtype": "float16", "embed.layout": layout})
         t0 = time.perf_counter()
         prepare_scoring(store)
         print(f"prepare_scoring (the index): {time.perf_counter() - t0:.1f} s", flush=True)
@@ -96,6 +108,8 @@ def main() -> int:
     ap.add_argument("--dim", type=int, default=1280)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--reuse", action="store_true", help="use the project an earlier run wrote (prepare_scoring again)")
+    ap.add_argument("--layout", choices=("compact", "views"), default="compact",
+                    help="how the vectors are kept (with --reuse: a views project is converted by `raresift compact`)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     project = args.work / f"tiled-{args.photos}"
@@ -110,10 +124,17 @@ def main() -> int:
         np.abs(rng.normal(size=args.dim))
         rare = np.sort(rng.choice(args.photos, size=args.photos // 100, replace=False))
         with Project.open(project) as p:
+            have = p.store.layout
+        if args.layout == "compact" and have == "views":
+            seconds, rss, out = timed("compact", str(project), "--json", "--no-progress")
+            print(f"raresift compact: {seconds:.1f} s, peak {rss:,} MB: {out.strip()}", flush=True)
+        elif args.layout != have:
+            raise SystemExit(f"{project} is kept as {have}; only views -> compact converts (or write a new project)")
+        with Project.open(project) as p:
             prepare_scoring(p.store)
         print(f"prepare_scoring on the existing project: {time.perf_counter() - t0:.1f} s", flush=True)
     else:
-        rare = make_project(project, args.photos, args.dim)
+        rare = make_project(project, args.photos, args.dim, layout=args.layout)
         print(f"project written in {time.perf_counter() - t0:.1f} s", flush=True)
     rare_set = set(rare.tolist())
     rng = np.random.default_rng(1)
@@ -135,13 +156,15 @@ def main() -> int:
     full_s, full_rss, out = timed("next", str(project), "--n", "100", "--pool", "full", "--json")
     full_hits = sum(int(item["image_id"] - 1 in rare_set) for item in json.loads(out))
     emb = project / "embeddings"
-    vectors = (emb / "vectors.npy").stat().st_size
-    beside = sum(f.stat().st_size for f in emb.iterdir() if f.is_file() and f.name != "vectors.npy")
+    kept = {"vectors.npy"} if args.layout == "views" else {"parts.npy", "tilemax.npy"}
+    vectors = sum((emb / name).stat().st_size for name in kept)
+    beside = sum(f.stat().st_size for f in emb.iterdir() if f.is_file() and f.name not in kept)
     params = json.loads(subprocess.run(
         [sys.executable, "-c", "import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute("
          "'SELECT params FROM rounds ORDER BY id DESC LIMIT 1 OFFSET 1').fetchone()[0])",
          str(project / "raresift.sqlite")], capture_output=True, text=True, check=True).stdout)
-    print(f"\n{args.photos:,} photos x {VIEWS} views x {args.dim}-d float16: {vectors / args.photos:,.0f} bytes a photo "
+    print(f"\n{args.photos:,} photos x {VIEWS} views x {args.dim}-d float16, layout {args.layout} ({', '.join(sorted(kept))}): "
+          f"{vectors / args.photos:,.0f} bytes a photo "
           f"({vectors / 1e9:.1f} GB), beside them {beside / 1e9:.2f} GB ({beside / vectors:.2f}x: the index and the features)")
     print(f"pool of the knn rounds: {params['pool']}")
     print(f"first next (knn): {rounds[0][0]:.2f} s, peak {rounds[0][1]:,} MB")

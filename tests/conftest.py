@@ -115,6 +115,28 @@ def embedded_project(embedded_template, tmp_path) -> tuple[Path, Path, dict[str,
     return dst, images, truth
 
 
+@pytest.fixture(scope="session")
+def embedded_views_template(embedded_template, tmp_path_factory) -> tuple[Path, Path, dict[str, int]]:
+    """The photos of :func:`embedded_template` embedded with ``layout="views"`` (every view kept)."""
+    from raresift import Project
+
+    _, images, truth = embedded_template
+    root = tmp_path_factory.mktemp("embedded-views")
+    with Project.create(root / "project", images=images) as project:
+        project.add_images()
+        project.embed(batch_size=16, layout="views")
+    return root / "project", images, truth
+
+
+@pytest.fixture
+def embedded_views_project(embedded_views_template, tmp_path) -> tuple[Path, Path, dict[str, int]]:
+    """A private copy of :func:`embedded_views_template`."""
+    src, images, truth = embedded_views_template
+    dst = tmp_path / "project"
+    shutil.copytree(src, dst)
+    return dst, images, truth
+
+
 @pytest.fixture
 def flowers() -> Path:
     if not FLOWERS.is_dir():

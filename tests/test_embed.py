@@ -25,7 +25,12 @@ def test_embeddings_and_logits_of_the_real_model(embedded_project):
         assert matrix.shape == (40, 1280) and matrix.dtype == np.float16
         assert np.isfinite(matrix).all() and (np.abs(matrix).sum(axis=1) > 0).all()
         logits = project.logits()
-        assert logits.shape == (40, 10, 1000)  # default: whole photo + 3 x 3 tiles
+        # Default: whole photo + 3 x 3 tiles, kept compact: each view's 32 most likely ImageNet classes.
+        assert project.embedding_info()["views"] == 10 and project.embedding_info()["layout"] == "compact"
+        assert logits.shape == (40, 10, 32) and float(np.max(logits["lp"])) <= 0.0
+        assert project.vectors().shape == (40, 3, 1280)
+        p = np.exp(np.asarray(logits["lp"], np.float64)).sum(axis=2)  # the mass of the top classes of a view
+        assert (p <= 1.01).all() and np.median(p) > 0.5
         # Rare photos look alike: their mean cosine is higher than rare-vs-common.
         rare = [i for i, p in enumerate(ids) if truth[p]]
         common = [i for i, p in enumerate(ids) if not truth[p]]
@@ -46,7 +51,8 @@ def test_known_photo_is_classified_by_the_imagenet_head(tmp_path):
     with Project.create(tmp_path / "p", images=images) as project:
         project.add_images()
         project.embed()
-        top5 = np.argsort(np.asarray(project.logits()[0, 0], np.float32))[-5:]
+        top = project.logits()[0, 0]  # compact layout: the whole photo's 32 most likely classes
+        top5 = top["c"][np.argsort(np.asarray(top["lp"], np.float32))[-5:]]
     assert set(top5.tolist()) & {281, 282, 283, 284, 285, 287}  # tabby, tiger cat, Persian, ..., lynx
 
 
@@ -75,7 +81,7 @@ def test_tiles_store_one_view_per_tile_and_settings_cannot_be_mixed(tmp_path):
     make_collection(images, n=4, n_rare=1)
     with Project.create(tmp_path / "p", images=images) as project:
         project.add_images()
-        project.embed(tiles=2)
+        project.embed(tiles=2, layout="views")
         assert project.vectors().shape == (4, 5, 1280)
         assert project.logits().shape == (4, 5, 1000)
         assert project.embedding_info()["tiles"] == 2
@@ -181,7 +187,8 @@ def test_user_onnx_model_reads_its_input_size(tmp_path):
         project.add_images()
         report = project.embed(model=str(model_path))
         assert report.embedded == 3
-        assert project.vectors().shape == (3, 10, 8)
+        assert project.vectors().shape == (3, 3, 8)  # 10 views (3 x 3 tiles) kept compact: whole, mean, max
+        assert project.embedding_info()["views"] == 10
         assert project.logits() is None
 
 

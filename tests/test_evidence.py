@@ -72,9 +72,10 @@ def test_tile_boxes_follow_the_overlapping_grid():
 
 
 @pytest.mark.slow
-def test_the_region_points_at_the_small_object(tmp_path):
-    """Rare photos hold a beetle in one corner; the region of each must hold the beetle's centre, and a
-    rotated file's region is in its shown (EXIF-upright) pixels."""
+@pytest.mark.parametrize("layout", ["compact", "views"])
+def test_the_region_points_at_the_small_object(tmp_path, layout):
+    """Rare photos hold a beetle in one corner; the region of each must hold the beetle's centre, whether the
+    project keeps every view or the compact parts."""
     rng = np.random.default_rng(3)
     images = tmp_path / "images"
     images.mkdir()
@@ -85,7 +86,8 @@ def test_the_region_points_at_the_small_object(tmp_path):
         where[f"p{i:02d}.jpg"] = corner
     with Project.create(tmp_path / "proj", images=images, test_fraction=0.0) as p:
         p.add_images()
-        p.embed(batch_size=16)
+        p.embed(batch_size=16, layout=layout)
+        assert p.embedding_info()["layout"] == layout
         assert p.evidence([1])[1] == {"region": None, "tiles": []}  # no head yet
         p.label([(path, int(c is not None)) for path, c in list(where.items())[:30]])  # 6 left for `next`
         ids = {path: p.image_id(path) for path in where}

@@ -465,7 +465,7 @@ def test_damaged_vector_file_is_reported_not_padded(embedded_project, damage):
     """numpy opens a cut-short .npy in r+ mode by padding it with zeros: images marked embedded would
     silently get empty vectors. Every command must refuse in one line instead, and --reembed recovers."""
     proj, _, _ = embedded_project
-    vec = proj / "embeddings" / "vectors.npy"
+    vec = proj / "embeddings" / "parts.npy"  # tiled photos, kept compact (the default)
     if damage == "truncated":
         with open(vec, "r+b") as fh:
             fh.truncate(vec.stat().st_size // 2)

@@ -255,14 +255,15 @@ def test_scattered_rows_are_read_as_the_memory_map_holds_them(tmp_path, shape):
         assert not reads
 
 
-def test_tiled_features_cached_at_knn_scale_score_as_featurised(embedded_project, monkeypatch):
-    """Tiled photos where rounds score knn pools: their features are written once (float16) and a round reads
-    them instead of featurising 10 views a photo; rows and full scans match the featurised values."""
+def test_tiled_features_cached_at_knn_scale_score_as_featurised(embedded_views_project, monkeypatch):
+    """Tiled photos kept as every view, where rounds score knn pools: their features are written once (float16)
+    and a round reads them instead of featurising 10 views a photo; rows and full scans match the featurised
+    values."""
     from raresift import settings
     from raresift.learn.features import VectorFeatures, pooled_features
     from raresift.learn.loop import load_session, prepare_scoring
 
-    project, _, truth = embedded_project
+    project, _, truth = embedded_views_project
     monkeypatch.setitem(settings.SETTINGS, "pool_auto_min", settings.Setting("pool_auto_min", 300, "test"))
     with Project.open(project) as p:
         prepare_scoring(p.store)

@@ -169,14 +169,17 @@ class Project:
         return self.store.embedding_info()
 
     def vectors(self) -> np.ndarray:
-        """All feature vectors as a read-only memory map of shape (images, views, dim), row = id - 1.
+        """All feature vectors as a read-only memory map of shape (images, views, dim), row = id - 1; in the
+        compact layout (``embedding_info()["layout"]``) ``(images, 3, dim)``: whole photo, tile mean, tile max
+        (:func:`raresift.learn.features.compact_views`).
 
         Rows of images that are not embedded hold zeros; see :meth:`embedded_mask`.
         """
         return self.store.vectors()
 
     def imagenet_logits(self) -> np.ndarray | None:
-        """ImageNet logits, (images, views, 1000) memory map, or None where the model has none."""
+        """ImageNet logits, (images, views, 1000) memory map, or None where the model has none; in the compact
+        layout each class's best log-probability over the views, (images, 1, 1000)."""
         return self.store.logits()
 
     logits = imagenet_logits  # the name before 0.2

@@ -108,7 +108,7 @@ def _shards_dataset(ray, bounds: list[tuple[int, int]]):
 
 # ---------------------------------------------------------------- scoring
 def _score_shards(batch: dict[str, np.ndarray], *, path: str, coef: np.ndarray, intercept: float,
-                  pooling: str) -> dict[str, np.ndarray]:
+                  pooling: str, layout: str = "views") -> dict[str, np.ndarray]:
     """Ray Data task: the linear scores of the rows of each shard in ``batch``."""
     from .learn.features import BLOCK_ROWS, featurize
 
@@ -122,7 +122,7 @@ def _score_shards(batch: dict[str, np.ndarray], *, path: str, coef: np.ndarray, 
             if pooling is None:  # rows that are features already (the tiled-feature cache)
                 feats = np.asarray(block, dtype=np.float32)
             else:
-                feats = featurize(block if block.ndim == 3 else block[:, None, :], pooling)
+                feats = featurize(block if block.ndim == 3 else block[:, None, :], pooling, layout=layout)
             scores.append(feats @ coef + np.float32(intercept))
     if not rows:
         return {"row": np.zeros(0, dtype=np.int64), "score": np.zeros(0, dtype=np.float32)}
@@ -130,10 +130,11 @@ def _score_shards(batch: dict[str, np.ndarray], *, path: str, coef: np.ndarray, 
 
 
 def score_on_ray(path: str | Path, coef: np.ndarray, intercept: float, *, pooling: str | None, rows: int,
-                 address: str | None = None, shard_rows: int | None = None) -> np.ndarray:
+                 address: str | None = None, shard_rows: int | None = None, layout: str = "views") -> np.ndarray:
     """``featurize(vectors[r]) . coef + intercept`` for every row ``r < rows`` of the ``.npy`` file
-    ``path`` (with ``pooling=None`` the file's rows are features already), one Ray Data task per shard
-    of ``shard_rows`` rows; float32, in row order."""
+    ``path`` (with ``pooling=None`` the file's rows are features already; ``layout`` as in
+    :func:`~raresift.learn.features.featurize`), one Ray Data task per shard of ``shard_rows`` rows;
+    float32, in row order."""
     coef = np.ascontiguousarray(coef, dtype=np.float32)
     path = Path(path).resolve()  # workers start elsewhere: a relative path would name another file
     out = np.full(rows, np.nan, dtype=np.float32)
@@ -144,7 +145,7 @@ def score_on_ray(path: str | Path, coef: np.ndarray, intercept: float, *, poolin
         log.info("Ray: scoring %d rows in %d shards", rows, shards)
         scored = ds.map_batches(_score_shards, batch_size=1, batch_format="numpy",
                                 fn_kwargs={"path": str(path), "coef": coef, "intercept": float(intercept),
-                                           "pooling": pooling})
+                                           "pooling": pooling, "layout": layout})
         for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
             out[np.asarray(batch["row"], dtype=np.int64)] = batch["score"]
     if np.isnan(out).any():
@@ -159,10 +160,10 @@ class RayScoring:
         self.path, self.address, self.shard_rows = Path(path), address, shard_rows
 
     def linear(self, coef: np.ndarray, intercept: float, *, pooling: str | None, rows: int,
-               source: str | Path | None = None) -> np.ndarray:
+               source: str | Path | None = None, layout: str = "views") -> np.ndarray:
         """Scores of every row of the vector file (or of ``source``, a file of features: ``pooling=None``)."""
         return score_on_ray(source or self.path, coef, intercept, pooling=pooling, rows=rows, address=self.address,
-                            shard_rows=self.shard_rows)
+                            shard_rows=self.shard_rows, layout=layout)
 
 
 def require_ray() -> None:

@@ -367,7 +367,8 @@ def simulate(
         if len(rows) < 10:
             raise NotReadyError(f"only {len(rows)} embedded photos have an answer; a simulation needs more")
         vectors = proj.vectors()
-        X = np.concatenate([featurize(b) for _, b in iter_blocks(vectors, rows=rows)])
+        layout = proj.store.layout
+        X = np.concatenate([featurize(b, layout=layout) for _, b in iter_blocks(vectors, rows=rows)])
         prior = text_scores(proj.store.logits(), mask, query)[rows] if query is not None else None
         extra = None
         if examples or stored_examples:
@@ -377,13 +378,13 @@ def simulate(
             keys = [proj.add_example(e) for e in examples] if examples else stored_examples
             feats = example_features(proj.store, keys)
             extra = (feats, np.ones(len(keys), dtype=np.int64))
-            sim = example_scores(vectors, mask, feats)[rows]
+            sim = example_scores(vectors, mask, feats, layout=layout)[rows]
             prior = sim if prior is None else np.fmax(standardise(prior), standardise(sim))
         clusters = None
         if protocol == "default" and prior is None:  # the project's own clusterings, as `next` explores them
             clusters = [(ids[rows], prio[rows]) for ids, prio in project_clusters(proj.store)]
         pool_mask = (proj.splits()[rows] == "pool") if split == "project" else None
-        views = int(vectors.shape[1]) if vectors.ndim == 3 else 1
+        views = int(proj.store.embedding_info()["views"])  # views embedded, as `next` counts them (compact: 3 parts)
         project_path = str(proj.path) if tmpdir is None else None
     finally:
         proj.close()

@@ -17,15 +17,24 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+
 import numpy as np
 
 from ..errors import EmbeddingError, InputError, NotReadyError
+from ..learn.features import check_layout, compact_logits, compact_views
 from ..ray_jobs import check_engine
 from ..settings import default
 from ..store.store import Store
+from ..store.vectors import LOGIT_TOP, TOP_LOGITS
 from .batches import decode_item, model_chunk, run_model
 from .decode import DEFAULT_MAX_PIXELS, RESIZE_MODES, Views
-from .models import canonical_model_name, default_threads, load_model, model_weights
+from .models import (
+    canonical_model_name,
+    default_threads,
+    has_text_tower,
+    load_model,
+    model_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +43,15 @@ DEFAULT_TILES = default("tiles")  # measured: see README, "Tiles and resizing"
 DEFAULT_RESIZE = default("resize")
 DEFAULT_BATCH_SIZE = default("embed_batch")
 MAX_TILES = 4
+
+
+def default_layout(model: str, tiles: int) -> str:
+    """The vector layout a new embedding gets: ``compact`` for tiled photos (the setting ``layout``),
+    ``views`` without tiles (nothing to pool) and for models with a text tower (an open_clip text
+    query scores every view)."""
+    if tiles <= 0 or has_text_tower(model):
+        return "views"
+    return check_layout(default("layout"))
 
 
 @dataclass(frozen=True)
@@ -107,6 +125,7 @@ def embed_project(
     on_start: Callable[[int], None] | None = None,
     engine: str = "local",
     ray_address: str | None = None,
+    layout: str | None = None,
 ) -> EmbedReport:
     """Embed the project's registered images that are not embedded yet.
 
@@ -137,6 +156,11 @@ def embed_project(
         :mod:`raresift.scale.ray_engine`); both write the same vectors into the same files.
     ray_address:
         With ``engine="ray"``: the address of a running Ray cluster (default: start a local Ray).
+    layout:
+        How the vectors are kept: ``compact`` (tiled photos: the three parts of each photo's feature and
+        a byte per value for the evidence, 0.35x the bytes of every view) or ``views`` (every view).
+        Default: the project's layout, else :func:`default_layout`. ``raresift compact`` converts a
+        project kept as views.
     """
     if store.images_root is None:
         raise InputError(f"{store.root} was made from an embeddings file; its vectors cannot be recomputed here")
@@ -156,8 +180,15 @@ def embed_project(
 
     model = canonical_model_name(model)  # a weights file by its absolute path
     weights = model_weights(model)  # before anything changes: no weights on this machine stops here, in one line
+    if layout is not None:
+        check_layout(layout)
+        if layout == "compact" and tiles <= 0:
+            raise InputError("--layout compact is for tiled photos (--tiles N with N > 0)")
+        if layout == "compact" and has_text_tower(model):
+            raise InputError(f"{model} scores a text query on every view of a photo, which --layout compact does not "
+                             "keep; use --layout views")
     wanted = {"embed.model": model, "embed.tiles": str(tiles), "embed.resize": resize}
-    if store.embedding_info() is None or not store.paths.vectors.exists():
+    if store.embedding_info() is None or not store.vectors_path.exists():
         # Vectors without saved settings (killed before they were saved), or settings without vectors
         # (killed while discarding them, or a deleted file): neither can be trusted, start over.
         store.reset_embeddings()
@@ -175,8 +206,16 @@ def embed_project(
                 f"{store.root} is embedded with model={info['model']} weights={had}, and these weights are {weights}; "
                 "pass the same weights to continue, or --reembed to start over with new ones"
             )
+        if layout is not None and layout != info["layout"]:
+            how = f"`raresift compact {store.root}` converts it" if layout == "compact" else "--reembed starts over"
+            raise InputError(f"{store.root} keeps its vectors in the {info['layout']} layout; {how}")
     if reembed:
         store.reset_embeddings()
+        info = None
+    if info is not None:
+        layout = info["layout"]
+    elif layout is None:
+        layout = default_layout(model, tiles)
 
     embedder = load_model(model, backend=backend, threads=threads)
     views = Views(size=embedder.size, tiles=tiles, resize=resize)
@@ -184,10 +223,12 @@ def embed_project(
     if n_rows == 0:
         raise NotReadyError(f"{store.root} has no images; add some with `raresift add`")
     vec, logit_arr = store.open_vectors_for_writing(n_rows, views.count, embedder.dim, np.float16,
-                                                    logits=embedder.has_logits)
+                                                    logits=embedder.has_logits, layout=layout)
+    tiles_arr = store.open_tiles_for_writing(n_rows, embedder.dim) if layout == "compact" else None
     store.set_meta(
         **wanted,
         **{
+            "embed.layout": layout,
             "embed.dim": str(embedder.dim),
             "embed.views": str(views.count),
             "embed.logits": "1" if embedder.has_logits else "0",
@@ -210,7 +251,7 @@ def embed_project(
 
     def save(ids: list[int], feats: np.ndarray | None, logits: np.ndarray | None, bad: list[tuple[int, str]]) -> None:
         nonlocal done, failed
-        store_batch(store, vec, logit_arr, views, embedder.dim, ids, feats, logits, bad)
+        store_batch(store, vec, logit_arr, views, embedder.dim, ids, feats, logits, bad, tiles=tiles_arr)
         done += len(ids)
         failed += len(bad)
         if progress is not None:
@@ -264,6 +305,85 @@ def embed_project(
     )
 
 
+@dataclass(frozen=True)
+class CompactReport:
+    """What one `compact` run did: the bytes of the vector files before and after."""
+
+    photos: int
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    already: bool = False
+
+
+COMPACT_BLOCK = 4096  # photos converted at a time (10 views x 1280 float32: 200 MB)
+
+
+@_one_run_at_a_time
+def compact_project(store: Store, *, progress: Callable[[int], None] | None = None) -> CompactReport:
+    """Convert a tiled project kept as every view to the compact layout (see :func:`embed_project`'s
+    ``layout``): ``parts.npy``, ``tilemax.npy`` (and ``logittop.npy``) are written beside the old files
+    block by block and renamed into place, the layout is switched in one transaction, then
+    ``vectors.npy`` and ``logits.npy`` are removed. The whole-photo vectors do not change, so the
+    index, its cached neighbours and the clusters stay valid; the features change only by float16
+    rounding. Killed at any point, the project is in one layout or the other; run it again to finish.
+    Holds the embed lock: no `embed` runs meanwhile. ``progress(n)`` after each block of ``n`` photos."""
+    t0 = time.perf_counter()
+    info = store.embedding_info()
+    if info is None:
+        raise NotReadyError(f"{store.root} has no embeddings yet; run `raresift embed {store.root}`")
+    old = [p for p in store.paths.vector_files("views") if p is not None]
+    new = [p for p in store.paths.vector_files("compact") if p is not None]
+    if info["layout"] == "compact":
+        for path in old:  # left by a run killed after the switch
+            path.unlink(missing_ok=True)
+        size = sum(p.stat().st_size for p in new if p.exists())
+        return CompactReport(store.n_rows(), size, size, time.perf_counter() - t0, already=True)
+    if info["views"] <= 1 or info["tiles"] <= 0:
+        raise InputError(f"{store.root} has one view a photo (no tiles): it is as compact as it gets")
+    if has_text_tower(info["model"]):
+        raise InputError(f"{info['model']} scores a text query on every view of a photo, which the compact layout "
+                         "does not keep; this project stays as it is")
+    vectors, logits = store.vectors(), store.logits()
+    n, _, dim = vectors.shape
+    before = sum(p.stat().st_size for p in old if p.exists())
+    tmp = {p: p.with_name(f".{p.stem}.compacting.npy") for p in new}
+    parts = np.lib.format.open_memmap(tmp[store.paths.parts], mode="w+", dtype=np.float16, shape=(n, 3, dim))
+    which = np.lib.format.open_memmap(tmp[store.paths.tilemax], mode="w+", dtype=np.uint8, shape=(n, dim))
+    best = None
+    if logits is not None:
+        best = np.lib.format.open_memmap(tmp[store.paths.logittop], mode="w+", dtype=TOP_LOGITS,
+                                         shape=(n, logits.shape[1], LOGIT_TOP))
+    try:
+        for start in range(0, n, COMPACT_BLOCK):
+            stop = min(n, start + COMPACT_BLOCK)
+            parts[start:stop], which[start:stop] = compact_views(vectors[start:stop])
+            if best is not None:
+                best[start:stop] = compact_logits(logits[start:stop])
+            if progress is not None:
+                progress(stop - start)
+        for arr in (parts, which, best):
+            if arr is not None:
+                arr.flush()
+        del parts, which, best
+        for final, path in tmp.items():
+            if path.exists():
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(path, final)
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+    store.set_meta(**{"embed.layout": "compact"})
+    for path in old:
+        path.unlink(missing_ok=True)
+    # Caches only the views layout used or whose values change: the tiled-feature cache, text priors.
+    for path in [*store.vector_cache.folder.glob("pooled-*.npy"), *store.cache.folder.glob("prior*-*.npy")]:
+        path.unlink(missing_ok=True)
+    after = sum(p.stat().st_size for p in new if p.exists())
+    return CompactReport(n, before, after, time.perf_counter() - t0)
+
+
 def store_batch(
     store: Store,
     vec: np.ndarray,
@@ -274,19 +394,29 @@ def store_batch(
     feats: np.ndarray | None,
     logits: np.ndarray | None,
     bad: list[tuple[int, str]],
+    *,
+    tiles: np.ndarray | None = None,
 ) -> None:
     """Write one batch's vectors (rows ``id - 1``), flush them, then mark the images in one transaction.
 
     ``feats`` is ``(len(ids) * views.count, dim)`` in the order of ``ids``; ``bad`` holds (id, reason).
+    With ``tiles`` (the compact layout's tile-index file) the batch is written compact
+    (:func:`~raresift.learn.features.compact_views`, :func:`~raresift.learn.features.compact_logits`).
     """
     if ids:
         if feats is None or feats.shape[1] != dim:
             got = None if feats is None else feats.shape[1]
             raise EmbeddingError(f"model returned {got} features, expected {dim}")
         rows = np.array([i - 1 for i in ids])
-        vec[rows] = feats.reshape(len(ids), views.count, -1).astype(np.float16)
+        block = feats.reshape(len(ids), views.count, -1)
+        if tiles is not None:
+            vec[rows], tiles[rows] = compact_views(block)
+            tiles.flush()
+        else:
+            vec[rows] = block.astype(np.float16)
         if logit_arr is not None and logits is not None:
-            logit_arr[rows] = logits.reshape(len(ids), views.count, -1).astype(np.float16)
+            z = logits.reshape(len(ids), views.count, -1)
+            logit_arr[rows] = compact_logits(z) if tiles is not None else z.astype(np.float16)
         vec.flush()
         if logit_arr is not None:
             logit_arr.flush()

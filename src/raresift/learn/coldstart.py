@@ -200,12 +200,20 @@ def concepts_for(query: str) -> list[tuple[int, str, float]]:
 
 def text_scores_from_logits(logits: np.ndarray, concepts: list[tuple[int, str, float]], *,
                             block: int = BLOCK_ROWS) -> np.ndarray:
-    """log of the weighted probability of the concepts, highest over views, for (rows, views, 1000) logits."""
+    """log of the weighted probability of the concepts, highest over views, for (rows, views, 1000) logits, or
+    for the compact layout's top classes of each view (:func:`raresift.learn.features.compact_logits`)."""
     idx = np.array([c[0] for c in concepts], dtype=np.int64)
     w = np.array([c[2] for c in concepts], dtype=np.float32)
     if logits.ndim == 2:
         logits = logits[:, None, :]
     out = np.empty(logits.shape[0], dtype=np.float32)
+    if logits.dtype.names:  # (class, log-probability) pairs: the weight of each class, 0 for the others
+        weight = np.zeros(int(max(65536, idx.max() + 1)), dtype=np.float32)
+        weight[idx] = w
+        for rows, b in iter_blocks(logits, block=block):
+            p = (weight[b["c"]] * np.exp(b["lp"].astype(np.float32))).sum(axis=2)  # (rows, views)
+            out[rows] = np.log(p.max(axis=1) + 1e-9)
+        return out
     for rows, b in iter_blocks(logits, block=block):
         z = np.asarray(b, dtype=np.float32)
         m = z.max(axis=2, keepdims=True)
@@ -216,8 +224,8 @@ def text_scores_from_logits(logits: np.ndarray, concepts: list[tuple[int, str, f
 
 
 def text_scores(logits: np.ndarray | None, mask: np.ndarray, query: str) -> np.ndarray:
-    """Cold-start scores of every row for a text query from the (rows, views, 1000) ImageNet logits
-    (nan where ``mask``, the embedded rows, is False)."""
+    """Cold-start scores of every row for a text query from the (rows, views, 1000) ImageNet logits, or the
+    compact layout's top classes (nan where ``mask``, the embedded rows, is False)."""
     concepts = concepts_for(query)
     if not concepts:
         raise InputError(
@@ -240,13 +248,14 @@ def example_scores_from_features(X: np.ndarray, examples: np.ndarray) -> np.ndar
     return (np.asarray(X, dtype=np.float32) @ E.T).max(axis=1)
 
 
-def example_scores(vectors: np.ndarray, mask: np.ndarray, examples: np.ndarray, *, pooling: str = DEFAULT_POOLING
-                   ) -> np.ndarray:
-    """Similarity of every row of the vectors to the example features ``examples`` (nan where not embedded)."""
+def example_scores(vectors: np.ndarray, mask: np.ndarray, examples: np.ndarray, *, pooling: str = DEFAULT_POOLING,
+                   layout: str = "views") -> np.ndarray:
+    """Similarity of every row of the vectors (kept in ``layout``) to the example features ``examples`` (nan where
+    not embedded)."""
     E = np.asarray(examples, dtype=np.float32)
     out = np.empty(vectors.shape[0], dtype=np.float32)
     for idx, b in iter_blocks(vectors):
-        out[idx] = example_scores_from_features(featurize(b, pooling), E)
+        out[idx] = example_scores_from_features(featurize(b, pooling, layout=layout), E)
     out[~mask[: len(out)]] = np.nan
     return out
 

@@ -138,8 +138,9 @@ def evidence(store: Store, head: RareHead | None, image_ids: list[int], *, from_
     None) and ``tiles`` (every tile's box and its contribution to the head's logit, ``score``).
 
     Empty regions and tile lists where there is no head yet, the project has no tiles, or the photo's
-    size is unknown. ``from_pooled`` places the score as compact storage could (each photo's feature and
-    :func:`~raresift.learn.features.tile_argmax` only: :func:`contributions_from_pooled`)."""
+    size is unknown. In the compact layout (and with ``from_pooled`` in the views layout) the split comes from
+    each photo's feature and :func:`~raresift.learn.features.tile_argmax` only (:func:`contributions_from_pooled`):
+    measured the same regions as the exact split from every view."""
     info = store.embedding_info()
     n_tiles = int(info["tiles"]) if info else 0
     empty = {"region": None, "tiles": []}
@@ -151,7 +152,13 @@ def evidence(store: Store, head: RareHead | None, image_ids: list[int], *, from_
     ids = np.asarray(image_ids, dtype=np.int64)
     order = np.argsort(ids, kind="stable")
     block = read_rows(vectors, ids[order] - 1)
-    if from_pooled:
+    if store.layout == "compact":  # the photo's parts and the tile of each max value: all the split needs
+        which = store.tile_argmax()
+        if which is None:
+            return {int(i): dict(empty) for i in image_ids}
+        _, per_tile = contributions_from_pooled(head, featurize(block, layout="compact"),
+                                                read_rows(which, ids[order] - 1), n_tiles * n_tiles)
+    elif from_pooled:
         _, per_tile = contributions_from_pooled(head, featurize(block), tile_argmax(block), block.shape[1] - 1)
     else:
         _, per_tile = contributions(head, block)

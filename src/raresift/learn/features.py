@@ -15,6 +15,14 @@ dandelions) level (``benchmarks/RESULTS.md``). Photos without tiles are not affe
 
 Everything here works on blocks of rows, so scoring a million photos never copies the whole
 memory map (see :func:`iter_blocks`).
+
+**Compact layout** (:data:`LAYOUTS`): a tiled project can keep, instead of its ``views`` vectors per
+photo, the three parts its feature is made of (:func:`compact_views`): the whole-photo vector, the
+mean of its tiles' signed square roots (stored squared, sign kept, so the signed square root of the
+stored value gives it back) and the max over its tiles, plus one byte per value saying which tile
+the max came from (:func:`tile_argmax`, for the evidence). :func:`featurize` with
+``layout="compact"`` reads such blocks: the same features (up to the float16 rounding of the mean
+part) from 3 x dim values a photo instead of ``views`` x dim.
 """
 
 from __future__ import annotations
@@ -23,12 +31,32 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..store.vectors import read_rows
+from ..store.vectors import LOGIT_TOP, TOP_LOGITS, read_rows
 
 __all__ = [
-    "BLOCK_ROWS", "DEFAULT_POOLING", "PART_WEIGHTS", "POOLINGS", "MatrixFeatures", "RowSubset", "VectorFeatures", "feature_dim",
-    "featurize", "gather", "iter_blocks", "linear_scores", "pooled_features", "signed_sqrt", "sqrt_features",
-    "sqrt_norms", "tile_argmax",
+    "BLOCK_ROWS",
+    "DEFAULT_POOLING",
+    "LAYOUTS",
+    "LOGIT_TOP",
+    "PART_WEIGHTS",
+    "POOLINGS",
+    "TOP_LOGITS",
+    "MatrixFeatures",
+    "RowSubset",
+    "VectorFeatures",
+    "check_layout",
+    "compact_logits",
+    "compact_views",
+    "feature_dim",
+    "featurize",
+    "gather",
+    "iter_blocks",
+    "linear_scores",
+    "pooled_features",
+    "signed_sqrt",
+    "sqrt_features",
+    "sqrt_norms",
+    "tile_argmax",
 ]
 
 # Rows per block when streaming over the memory map: ~20 MB of float16 at 1280-d, 1 view.
@@ -38,6 +66,18 @@ POOLINGS = ("whole", "whole+max", "whole+mean+max")
 DEFAULT_POOLING = "whole+mean+max"
 # Relative weight of each part of a tiled photo's feature (the feature is rescaled to unit length).
 PART_WEIGHTS = {"whole": 0.5, "mean": 1.0, "max": 1.0}
+# How a project keeps its vectors: every view (whole photo + tiles), or the parts of the feature.
+LAYOUTS = ("views", "compact")
+COMPACT_PARTS = 3  # whole, mean, max
+
+
+def check_layout(layout: str) -> str:
+    """``layout`` if it is one of :data:`LAYOUTS`, else an ``InputError`` that lists them."""
+    if layout not in LAYOUTS:
+        from ..errors import InputError
+
+        raise InputError(f"unknown vector layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+    return layout
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -65,17 +105,25 @@ def signed_sqrt(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def featurize(block: np.ndarray, pooling: str = DEFAULT_POOLING) -> np.ndarray:
-    """Features (float32, unit length) of a block of view vectors of shape (rows, views, dim)."""
+def featurize(block: np.ndarray, pooling: str = DEFAULT_POOLING, *, layout: str = "views") -> np.ndarray:
+    """Features (float32, unit length) of a block of view vectors of shape (rows, views, dim), or with
+    ``layout="compact"`` of a block of :func:`compact_views` parts (rows, 3, dim)."""
     if block.ndim == 2:
         block = block[:, None, :]
     if block.shape[1] <= 1 or pooling == "whole":
         return _unit(signed_sqrt(np.array(block[:, 0, :], dtype=np.float32)))
-    block = signed_sqrt(np.array(block, dtype=np.float32))
-    tiles = block[:, 1:, :]
     names = ("whole", "mean", "max") if pooling == "whole+mean+max" else ("whole", "max")
-    parts = {"whole": lambda: block[:, 0, :].copy(), "mean": lambda: tiles.mean(axis=1),
-             "max": lambda: tiles.max(axis=1)}
+    if layout == "compact":
+        if block.shape[1] != COMPACT_PARTS:
+            raise ValueError(f"compact vectors hold {COMPACT_PARTS} parts a photo, got {block.shape[1]}")
+        index = {"whole": 0, "mean": 1, "max": 2}
+        block = signed_sqrt(np.array(block[:, [index[name] for name in names], :], dtype=np.float32))
+        parts = {name: (lambda i=i: block[:, i, :]) for i, name in enumerate(names)}
+    else:
+        block = signed_sqrt(np.array(block, dtype=np.float32))
+        tiles = block[:, 1:, :]
+        parts = {"whole": lambda: block[:, 0, :].copy(), "mean": lambda: tiles.mean(axis=1),
+                 "max": lambda: tiles.max(axis=1)}
     weights = np.array([PART_WEIGHTS[name] for name in names], dtype=np.float64)
     weights /= np.sqrt((weights**2).sum())  # unit length overall
     out = np.concatenate([_unit(parts[name]()) * np.float32(w) for name, w in zip(names, weights)], axis=1)
@@ -97,14 +145,15 @@ def iter_blocks(vectors: np.ndarray, *, rows: np.ndarray | None = None, block: i
         yield idx, read_rows(vectors, idx)
 
 
-def gather(vectors: np.ndarray, rows: np.ndarray, pooling: str = DEFAULT_POOLING) -> np.ndarray:
+def gather(vectors: np.ndarray, rows: np.ndarray, pooling: str = DEFAULT_POOLING, *, layout: str = "views"
+           ) -> np.ndarray:
     """Features of the given rows (any order), as one float32 matrix."""
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) == 0:
         views = vectors.shape[1] if vectors.ndim == 3 else 1
         return np.zeros((0, feature_dim(views, vectors.shape[-1], pooling)), dtype=np.float32)
     order = np.argsort(rows, kind="stable")
-    out = np.concatenate([featurize(b, pooling) for _, b in iter_blocks(vectors, rows=rows[order])])
+    out = np.concatenate([featurize(b, pooling, layout=layout) for _, b in iter_blocks(vectors, rows=rows[order])])
     result = np.empty_like(out)
     result[order] = out
     return result
@@ -156,13 +205,15 @@ class VectorFeatures:
     the same values as featurising each block. Without a cache (or where it cannot be written, a
     read-only project), every block is featurised. With ``remote`` (a
     :class:`raresift.ray_jobs.RayScoring`), :meth:`linear` runs as a Ray Data job over shards of the
-    vector file instead (``next --engine ray``), featurising each block with the same code.
+    vector file instead (``next --engine ray``), featurising each block with the same code. ``layout``
+    says what the vector file holds (:data:`LAYOUTS`: every view, or the compact parts).
     """
 
     def __init__(self, vectors: np.ndarray, pooling: str = DEFAULT_POOLING, *, cache=None, remote=None,
-                 pooled: np.ndarray | None = None):
+                 pooled: np.ndarray | None = None, layout: str = "views"):
         self.vectors = vectors
         self.pooling = pooling
+        self.layout = layout
         self.cache = cache
         self.remote = remote
         # Tiled photos at scale: every photo's feature, featurised once (float16, :func:`pooled_features`).
@@ -175,7 +226,7 @@ class VectorFeatures:
         if isinstance(rows, slice):
             if self.pooled is not None:
                 return np.asarray(self.pooled[rows], dtype=np.float32)
-            return featurize(self.vectors[rows], self.pooling)
+            return featurize(self.vectors[rows], self.pooling, layout=self.layout)
         rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
         if self.pooled is not None:
             if len(rows) < 2 or np.all(rows[1:] >= rows[:-1]):  # already sorted (pools are): one read, one cast
@@ -184,7 +235,7 @@ class VectorFeatures:
             out = np.empty((len(rows), self.pooled.shape[1]), dtype=np.float32)
             out[order] = read_rows(self.pooled, rows[order])
             return out
-        return gather(self.vectors, rows, self.pooling)
+        return gather(self.vectors, rows, self.pooling, layout=self.layout)
 
     def linear(self, coef: np.ndarray, intercept: float) -> np.ndarray:
         coef = np.asarray(coef, dtype=np.float32)
@@ -192,7 +243,7 @@ class VectorFeatures:
             if self.pooled is not None:  # score what the head was trained on: the cached features
                 return self.remote.linear(coef, intercept, pooling=None, rows=len(self),
                                           source=getattr(self.pooled, "filename", None))
-            return self.remote.linear(coef, intercept, pooling=self.pooling, rows=len(self))
+            return self.remote.linear(coef, intercept, pooling=self.pooling, rows=len(self), layout=self.layout)
         if self.pooled is not None:
             return _block_products(self.pooled, coef) + np.float32(intercept)
         if self.cache is not None and self.vectors.ndim == 3 and self.vectors.shape[1] == 1:
@@ -204,7 +255,7 @@ class VectorFeatures:
                 return linear_scores(feats, coef, intercept, norms)
         out = np.empty(len(self), dtype=np.float32)
         for rows, block in iter_blocks(self.vectors):
-            out[rows] = featurize(block, self.pooling) @ coef + np.float32(intercept)
+            out[rows] = featurize(block, self.pooling, layout=self.layout) @ coef + np.float32(intercept)
         return out
 
 
@@ -279,6 +330,43 @@ def tile_argmax(block: np.ndarray) -> np.ndarray:
     if block.shape[1] - 1 > 256:
         raise ValueError(f"at most 256 tiles fit a uint8 index, got {block.shape[1] - 1}")
     return np.argmax(block[:, 1:, :], axis=1).astype(np.uint8)  # the signed square root keeps the order
+
+
+def compact_views(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A block of view vectors ``(rows, views, dim)`` of tiled photos in the compact layout:
+    ``(parts, tiles)`` with ``parts`` float16 ``(rows, 3, dim)`` (whole photo, the mean of the tiles'
+    signed square roots stored as its signed square, the max over the tiles) and ``tiles`` uint8
+    ``(rows, dim)`` (:func:`tile_argmax`). ``featurize(parts, layout="compact")`` equals
+    ``featurize(block)`` up to float16 rounding."""
+    block = np.asarray(block, dtype=np.float16)  # as the views layout keeps them: the same ties, the same argmax
+    if block.ndim != 3 or block.shape[1] < 2:
+        raise ValueError(f"the compact layout is for tiled photos (rows, views > 1, dim), got {block.shape}")
+    tiles = np.asarray(block[:, 1:, :], dtype=np.float32)
+    parts = np.empty((block.shape[0], COMPACT_PARTS, block.shape[2]), dtype=np.float16)
+    parts[:, 0] = block[:, 0]
+    mean = signed_sqrt(tiles.copy()).mean(axis=1)
+    parts[:, 1] = np.sign(mean) * mean * mean
+    parts[:, 2] = tiles.max(axis=1)
+    return parts, tile_argmax(block)
+
+
+def compact_logits(block: np.ndarray, top: int = LOGIT_TOP) -> np.ndarray:
+    """``(rows, views, classes)`` logits as the compact layout keeps them: each view's ``top`` most likely
+    classes, ``(rows, views, top)`` of :data:`TOP_LOGITS` (class index, float16 log-probability; 128
+    bytes a view instead of 2,000). A text query's score (the weighted probability of its concepts,
+    highest over the views: :func:`raresift.learn.coldstart.text_scores_from_logits`) is exact
+    wherever its concepts are among a view's top classes; a view where none is counts 0."""
+    z = np.asarray(block, dtype=np.float32)
+    if z.ndim == 2:
+        z = z[:, None, :]
+    top = min(top, z.shape[2])
+    m = z.max(axis=2, keepdims=True)
+    logp = z - (m + np.log(np.exp(z - m).sum(axis=2, keepdims=True)))
+    idx = np.argpartition(-logp, top - 1, axis=2)[..., :top]
+    out = np.empty(idx.shape, dtype=TOP_LOGITS)
+    out["c"] = idx
+    out["lp"] = np.take_along_axis(logp, idx, axis=2)
+    return out
 
 
 def pooled_features(vectors: np.ndarray, cache, pooling: str = DEFAULT_POOLING, *, build: bool = True

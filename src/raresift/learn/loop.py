@@ -110,12 +110,13 @@ def prepare_scoring(store: Store) -> None:
         # Rounds score knn pools (`--pool auto`): build their FAISS index now, not in the first round
         # (measured: ~85 s at 10^6 photos on 2 cores). No scoring caches for one view a photo: a knn
         # round featurises its few rows on the fly, and float32 square roots would take twice the
-        # vector file on disk. Tiled photos: their features once, float16 (0.3x the vector file).
+        # vector file on disk. Tiled photos: their features once, float16 (0.3x the vector file), unless
+        # the vectors are compact (3 parts a photo: as few bytes as those features, featurised on the fly).
         from ..index import project_index
 
         try:
             project_index(store)
-            if info["views"] > 1:
+            if info["views"] > 1 and info["layout"] == "views":
                 pooled_features(store.vectors(), store.vector_cache)
         except OSError as exc:
             log.warning("the vector index or features were not written (%s); the first knn round will build them",
@@ -151,8 +152,8 @@ def _prior(store: Store, pool_rows: np.ndarray) -> tuple[np.ndarray | None, str 
         if query:
             parts.append(standardise(query_scores(store, mask, query), pool_rows))
         if examples:
-            parts.append(standardise(example_scores(store.vectors(), mask, example_features(store, examples)),
-                                     pool_rows))
+            parts.append(standardise(example_scores(store.vectors(), mask, example_features(store, examples),
+                                                    layout=store.layout), pool_rows))
         return parts[0] if len(parts) == 1 else np.nanmax(np.stack(parts), axis=0)
 
     name = "prior" if store.concept == DEFAULT_CONCEPT else f"prior-{store.concept}"  # one slot per concept
@@ -178,7 +179,7 @@ def example_features(store: Store, examples: list[str]) -> np.ndarray:
     """Features of example photos: photos of the project (ids) and photos from outside (``file:HASH``)."""
     vectors = store.vectors()
     rows = [store.image_id(e) - 1 for e in examples if not e.startswith(EXAMPLE_PREFIX)]
-    parts = [gather(vectors, np.array(rows, dtype=np.int64))] if rows else []
+    parts = [gather(vectors, np.array(rows, dtype=np.int64), layout=store.layout)] if rows else []
     outside = [store.example_vectors(e) for e in examples if e.startswith(EXAMPLE_PREFIX)]
     if outside:
         parts.append(featurize(np.stack(outside)))
@@ -206,7 +207,7 @@ def clusters(store: Store) -> list[tuple[np.ndarray, np.ndarray]]:
     def build() -> dict[str, np.ndarray]:
         mask = store.embedded_mask()
         rows = np.flatnonzero(mask)
-        feats = VectorFeatures(store.vectors())
+        feats = VectorFeatures(store.vectors(), layout=store.layout)
         levels = explore_levels(RowSubset(feats, rows), seed=0)
         out: dict[str, np.ndarray] = {"levels": np.array(len(levels))}
         for i, (ids, prio) in enumerate(levels):
@@ -294,15 +295,15 @@ def load_session(store: Store, *, warm: bool = True, engine: str = "local", ray_
     knn_sized = _knn_sized(store)
     cache = None if knn_sized else store.vector_cache  # see prepare_scoring
     pooled = None
-    if knn_sized and vectors.ndim == 3 and vectors.shape[1] > 1:
+    if knn_sized and vectors.ndim == 3 and vectors.shape[1] > 1 and store.layout == "views":
         # Written by prepare_scoring (after embed / init): a round only uses it, never pays for it.
         pooled = pooled_features(vectors, store.vector_cache, build=False)
     remote = None
     if engine == "ray":
         from ..ray_jobs import RayScoring
 
-        remote = RayScoring(store.paths.vectors, address=ray_address)
-    features = VectorFeatures(vectors, DEFAULT_POOLING, cache=cache, remote=remote, pooled=pooled)
+        remote = RayScoring(store.vectors_path, address=ray_address)
+    features = VectorFeatures(vectors, DEFAULT_POOLING, cache=cache, remote=remote, pooled=pooled, layout=store.layout)
     session = Session(features, labels, pool, prior=None if prior is None else prior[:n], prior_kind=prior_kind,
                       clusters=level, head=head, extra=extra)
     return session, {"labels": labels, "test": test, "mask": mask}, _fingerprint(labels, pool, store)
@@ -484,7 +485,7 @@ def next_batch(
             if strategy == "similar":
                 unlike = [int(i) for i in counter_examples or ()]
                 like = (example_features(store, json.loads(store.meta(store.concept_key(_META_EXAMPLES)) or "[]")),
-                        gather(store.vectors(), np.array(unlike, dtype=np.int64) - 1) if unlike
+                        gather(store.vectors(), np.array(unlike, dtype=np.int64) - 1, layout=store.layout) if unlike
                         else np.zeros((0, 1), dtype=np.float32))
             picks = session.query(n, strategy, rng=rng, candidates=mask, neighbours=_neighbours(store) if knn else None,
                                   similar_to=like)

@@ -7,6 +7,9 @@
       embeddings/
         vectors.npy          (images, views, dim) features; view 0 = whole photo, 1.. = tiles
         logits.npy           (images, views, 1000) ImageNet logits (built-in models only)
+        parts.npy            compact layout, instead of vectors.npy: (images, 3, dim) whole photo, tile mean, tile max
+        tilemax.npy          compact layout: (images, dim) uint8, the tile each value of the max comes from
+        logittop.npy         compact layout, instead of logits.npy: (images, views, 32) each view's top classes
         index.faiss, ...     FAISS index and the caches derived from the vectors
       learn/                 caches of the learning loop (priors, clusters, heads); safe to delete
       examples/              example photos from outside the collection (copies, by content hash)
@@ -45,6 +48,24 @@ class ProjectPaths:
     @property
     def logits(self) -> Path:
         return self.embed_dir / "logits.npy"
+
+    @property
+    def parts(self) -> Path:
+        return self.embed_dir / "parts.npy"
+
+    @property
+    def tilemax(self) -> Path:
+        return self.embed_dir / "tilemax.npy"
+
+    @property
+    def logittop(self) -> Path:
+        return self.embed_dir / "logittop.npy"
+
+    def vector_files(self, layout: str) -> tuple[Path, Path, Path | None]:
+        """The vector file, the logits file and the tile-index file (None) of a vector layout."""
+        if layout == "compact":
+            return self.parts, self.logittop, self.tilemax
+        return self.vectors, self.logits, None
 
     @property
     def index(self) -> Path:

@@ -436,19 +436,40 @@ class Store:
             "resize": self.meta("embed.resize"),
             "logits": self.meta("embed.logits") == "1",
             "dtype": self.meta("embed.dtype", "float16"),
+            "layout": self.layout,
         }
 
+    @property
+    def layout(self) -> str:
+        """How the vectors are kept: ``views`` (every view of every photo) or ``compact`` (the parts of each
+        photo's feature, :func:`raresift.learn.features.compact_views`)."""
+        return self.meta("embed.layout") or "views"
+
+    @property
+    def vectors_path(self) -> Path:
+        """The vector file of the project's layout (``vectors.npy``, or ``parts.npy`` when compact)."""
+        return self.paths.vector_files(self.layout)[0]
+
     def vectors(self) -> np.ndarray:
-        """All feature vectors as a read-only memory map of shape (images, views, dim), row = id - 1."""
-        arr = _vectors.open_read(self.paths.vectors)
+        """All feature vectors as a read-only memory map, row = id - 1: ``(images, views, dim)``, or in the
+        compact layout ``(images, 3, dim)`` (whole photo, tile mean, tile max; see :attr:`layout`)."""
+        arr = _vectors.open_read(self.vectors_path)
         if arr is None or self.embedding_info() is None:
             raise NotReadyError(f"{self.root} has no embeddings yet; run `raresift embed {self.root}`")
         return arr
 
     def logits(self) -> np.ndarray | None:
+        """The ImageNet logits ``(images, views, 1000)``, or in the compact layout each view's top classes
+        ``(images, views, 32)`` of ``(class, log-probability)`` pairs; None for models without them."""
         if self.meta("embed.logits") != "1":
             return None
-        return _vectors.open_read(self.paths.logits)
+        return _vectors.open_read(self.paths.vector_files(self.layout)[1])
+
+    def tile_argmax(self) -> np.ndarray | None:
+        """Compact layout: ``(images, dim)`` uint8, the tile each value of a photo's max part comes from
+        (:func:`raresift.learn.features.tile_argmax`); None in the views layout."""
+        path = self.paths.vector_files(self.layout)[2]
+        return None if path is None else _vectors.open_read(path)
 
     def reset_embeddings(self) -> None:
         """Discard the vectors. Database first: a kill between the two steps must never leave images marked
@@ -457,14 +478,28 @@ class Store:
             db.execute("UPDATE images SET status = 'new' WHERE status = 'embedded'")
             db.execute("DELETE FROM meta WHERE key LIKE 'embed.%'")
             _bump(db, GEN_VECTORS)
-        for path in (self.paths.vectors, self.paths.logits):
-            path.unlink(missing_ok=True)
+        for layout in ("views", "compact"):
+            for path in self.paths.vector_files(layout):
+                if path is not None:
+                    path.unlink(missing_ok=True)
 
-    def open_vectors_for_writing(self, rows: int, views: int, dim: int, dtype, *, logits: bool
-                                 ) -> tuple[np.ndarray, np.ndarray | None]:
-        vec = _vectors.ensure(self.paths.vectors, rows, (views, dim), dtype)
-        lg = _vectors.ensure(self.paths.logits, rows, (views, 1000), np.float16) if logits else None
+    def open_vectors_for_writing(self, rows: int, views: int, dim: int, dtype, *, logits: bool,
+                                 layout: str = "views") -> tuple[np.ndarray, np.ndarray | None]:
+        """The vector file (and logits file) of ``layout`` for writing, with at least ``rows`` rows: ``(rows,
+        views, dim)`` and ``(rows, views, 1000)``, or in the compact layout ``(rows, 3, dim)`` and ``(rows,
+        views, 32)`` top classes (the tile indices: :meth:`open_tiles_for_writing`)."""
+        vec_path, logit_path, _ = self.paths.vector_files(layout)
+        vec = _vectors.ensure(vec_path, rows, (views if layout == "views" else 3, dim), dtype)
+        lg = None
+        if logits and layout == "views":
+            lg = _vectors.ensure(logit_path, rows, (views, 1000), np.float16)
+        elif logits:
+            lg = _vectors.ensure(logit_path, rows, (views, _vectors.LOGIT_TOP), _vectors.TOP_LOGITS)
         return vec, lg
+
+    def open_tiles_for_writing(self, rows: int, dim: int) -> np.ndarray:
+        """The compact layout's tile-index file ``(rows, dim)`` uint8 for writing."""
+        return _vectors.ensure(self.paths.tilemax, rows, (dim,), np.uint8)
 
     # ------------------------------------------------------------------ example photos from outside
     def example_vectors(self, key: str) -> np.ndarray:

@@ -16,6 +16,9 @@ import numpy as np
 from ..errors import ProjectError
 
 ADD_BLOCK = 16384  # rows read from a vector file at a time while an index is filled
+# The compact layout's logits: each view's LOGIT_TOP most likely classes (raresift.learn.features.compact_logits).
+LOGIT_TOP = 32
+TOP_LOGITS = np.dtype([("c", "<u2"), ("lp", "<f2")])  # class index, log-probability
 
 
 def whole_rows(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
