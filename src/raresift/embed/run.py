@@ -188,7 +188,8 @@ def embed_project(
             raise InputError(f"{model} scores a text query on every view of a photo, which --layout compact does not "
                              "keep; use --layout views")
     wanted = {"embed.model": model, "embed.tiles": str(tiles), "embed.resize": resize}
-    if store.embedding_info() is None or not store.vectors_path.exists():
+    vec_path, _, tiles_path = store.paths.vector_files(store.layout)
+    if store.embedding_info() is None or not vec_path.exists() or (tiles_path is not None and not tiles_path.exists()):
         # Vectors without saved settings (killed before they were saved), or settings without vectors
         # (killed while discarding them, or a deleted file): neither can be trusted, start over.
         store.reset_embeddings()

@@ -706,6 +706,7 @@ class Store:
             "conflicts": q("SELECT COUNT(*) FROM labels WHERE concept = ? AND conflict = 1", (self.concept,)).fetchone()[0],
             "model": info["model"] if info else None,
             "tiles": info["tiles"] if info else None,
+            "layout": info["layout"] if info else None,
         }
 
     def errors(self) -> list[dict[str, Any]]:
