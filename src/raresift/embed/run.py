@@ -26,6 +26,7 @@ from ..ray_jobs import check_engine
 from ..settings import default
 from ..store.store import Store
 from ..store.vectors import LOGIT_TOP, TOP_LOGITS
+from ..store.vectors import create as create_array
 from .batches import decode_item, model_chunk, run_model
 from .decode import DEFAULT_MAX_PIXELS, RESIZE_MODES, Views
 from .models import (
@@ -349,13 +350,12 @@ def compact_project(store: Store, *, progress: Callable[[int], None] | None = No
     n, _, dim = vectors.shape
     before = sum(p.stat().st_size for p in old if p.exists())
     tmp = {p: p.with_name(f".{p.stem}.compacting.npy") for p in new}
-    parts = np.lib.format.open_memmap(tmp[store.paths.parts], mode="w+", dtype=np.float16, shape=(n, 3, dim))
-    which = np.lib.format.open_memmap(tmp[store.paths.tilemax], mode="w+", dtype=np.uint8, shape=(n, dim))
     best = None
-    if logits is not None:
-        best = np.lib.format.open_memmap(tmp[store.paths.logittop], mode="w+", dtype=TOP_LOGITS,
-                                         shape=(n, logits.shape[1], LOGIT_TOP))
     try:
+        parts = create_array(tmp[store.paths.parts], (n, 3, dim), np.float16)
+        which = create_array(tmp[store.paths.tilemax], (n, dim), np.uint8)
+        if logits is not None:
+            best = create_array(tmp[store.paths.logittop], (n, logits.shape[1], LOGIT_TOP), TOP_LOGITS)
         for start in range(0, n, COMPACT_BLOCK):
             stop = min(n, start + COMPACT_BLOCK)
             parts[start:stop], which[start:stop] = compact_views(vectors[start:stop])

@@ -152,6 +152,14 @@ def ensure(path: Path, rows: int, tail: tuple[int, ...], dtype: str | np.dtype) 
     return map_file(path, "r+")
 
 
+def create(path: Path, shape: tuple[int, ...], dtype: str | np.dtype) -> np.memmap:
+    """A new ``.npy`` memory map of zeros at ``path`` (replaced if there), its disk blocks reserved up front
+    (see :func:`_preallocate`: a full disk is an ``OSError`` here, never a SIGBUS later)."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=shape)
+    _preallocate(Path(path))
+    return arr
+
+
 def _load(path: Path, mode: str) -> np.memmap:
     try:
         return map_file(path, mode)
