@@ -164,6 +164,16 @@ class Project:
             prepare_scoring(self.store)
         return report
 
+    def compact(self, **options: Any):
+        """Keep the tiled photos' vectors compact; see :func:`raresift.embed.run.compact_project`. Then writes
+        what rounds at scale read (as after `embed`)."""
+        from .embed.run import compact_project
+        from .learn.loop import prepare_scoring
+
+        report = compact_project(self.store, **options)
+        prepare_scoring(self.store)
+        return report
+
     def embedding_info(self) -> dict[str, Any] | None:
         """The embedding settings of the project (model, dim, views, tiles, ...), or None before `embed`."""
         return self.store.embedding_info()

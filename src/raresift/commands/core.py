@@ -268,12 +268,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
-    from ..embed.run import compact_project
-
     with Project.open(args.project) as project:
         bar = _bar(project.store.n_rows(), "compacting", disable=args.no_progress)
         try:
-            report = compact_project(project.store, progress=bar.update)
+            report = project.compact(progress=bar.update)
         finally:
             bar.close()
     if args.json:

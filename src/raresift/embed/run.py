@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -25,8 +26,7 @@ from ..learn.features import check_layout, compact_logits, compact_views
 from ..ray_jobs import check_engine
 from ..settings import default
 from ..store.store import Store
-from ..store.vectors import LOGIT_TOP, TOP_LOGITS
-from ..store.vectors import create as create_array
+from ..store.vectors import LOGIT_TOP, TOP_LOGITS, BlockWriter, read_block
 from .batches import decode_item, model_chunk, run_model
 from .decode import DEFAULT_MAX_PIXELS, RESIZE_MODES, Views
 from .models import (
@@ -350,29 +350,29 @@ def compact_project(store: Store, *, progress: Callable[[int], None] | None = No
     n, _, dim = vectors.shape
     before = sum(p.stat().st_size for p in old if p.exists())
     tmp = {p: p.with_name(f".{p.stem}.compacting.npy") for p in new}
-    best = None
+    writers: dict[Path, BlockWriter] = {}  # final path -> the writer of its temporary file
     try:
-        parts = create_array(tmp[store.paths.parts], (n, 3, dim), np.float16)
-        which = create_array(tmp[store.paths.tilemax], (n, dim), np.uint8)
+        # Plain reads and writes a block at a time: the resident set stays a block, whatever the file size.
+        writers[store.paths.parts] = BlockWriter(tmp[store.paths.parts], (n, 3, dim), np.float16)
+        writers[store.paths.tilemax] = BlockWriter(tmp[store.paths.tilemax], (n, dim), np.uint8)
         if logits is not None:
-            best = create_array(tmp[store.paths.logittop], (n, logits.shape[1], LOGIT_TOP), TOP_LOGITS)
+            writers[store.paths.logittop] = BlockWriter(tmp[store.paths.logittop], (n, logits.shape[1], LOGIT_TOP),
+                                                        TOP_LOGITS)
         for start in range(0, n, COMPACT_BLOCK):
             stop = min(n, start + COMPACT_BLOCK)
-            parts[start:stop], which[start:stop] = compact_views(vectors[start:stop])
-            if best is not None:
-                best[start:stop] = compact_logits(logits[start:stop])
+            parts, which = compact_views(read_block(vectors, start, stop))
+            writers[store.paths.parts].write(parts)
+            writers[store.paths.tilemax].write(which)
+            if logits is not None:
+                writers[store.paths.logittop].write(compact_logits(read_block(logits, start, stop)))
             if progress is not None:
                 progress(stop - start)
-        for arr in (parts, which, best):
-            if arr is not None:
-                arr.flush()
-        del parts, which, best
-        for final, path in tmp.items():
-            if path.exists():
-                with open(path, "rb") as fh:
-                    os.fsync(fh.fileno())
-                os.replace(path, final)
+        for final, writer in writers.items():
+            writer.close()
+            os.replace(writer.path, final)
     finally:
+        for writer in writers.values():
+            writer.fh.close()
         for path in tmp.values():
             path.unlink(missing_ok=True)
     store.set_meta(**{"embed.layout": "compact"})

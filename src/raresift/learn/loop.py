@@ -110,14 +110,14 @@ def prepare_scoring(store: Store) -> None:
         # Rounds score knn pools (`--pool auto`): build their FAISS index now, not in the first round
         # (measured: ~85 s at 10^6 photos on 2 cores). No scoring caches for one view a photo: a knn
         # round featurises its few rows on the fly, and float32 square roots would take twice the
-        # vector file on disk. Tiled photos: their features once, float16 (0.3x the vector file), unless
-        # the vectors are compact (3 parts a photo: as few bytes as those features, featurised on the fly).
+        # vector file on disk. Tiled photos: their features once, float16 (0.3x the vector file kept as views,
+        # 0.86x kept compact): a round casts them instead of featurising its pool.
         from ..index import project_index
 
         try:
             project_index(store)
-            if info["views"] > 1 and info["layout"] == "views":
-                pooled_features(store.vectors(), store.vector_cache)
+            if info["views"] > 1:
+                pooled_features(store.vectors(), store.vector_cache, layout=info["layout"])
         except OSError as exc:
             log.warning("the vector index or features were not written (%s); the first knn round will build them",
                         exc)
@@ -295,9 +295,9 @@ def load_session(store: Store, *, warm: bool = True, engine: str = "local", ray_
     knn_sized = _knn_sized(store)
     cache = None if knn_sized else store.vector_cache  # see prepare_scoring
     pooled = None
-    if knn_sized and vectors.ndim == 3 and vectors.shape[1] > 1 and store.layout == "views":
+    if knn_sized and vectors.ndim == 3 and vectors.shape[1] > 1:
         # Written by prepare_scoring (after embed / init): a round only uses it, never pays for it.
-        pooled = pooled_features(vectors, store.vector_cache, build=False)
+        pooled = pooled_features(vectors, store.vector_cache, build=False, layout=store.layout)
     remote = None
     if engine == "ray":
         from ..ray_jobs import RayScoring

@@ -77,7 +77,7 @@ def map_file(path: str | os.PathLike, mode: str = "r") -> np.ndarray:
     return arr
 
 
-def _mapped_file(array: np.ndarray, rows: np.ndarray, view: int | None) -> int | None:
+def _mapped_file(array: np.ndarray, rows: np.ndarray, view: int | None, *, dense: bool = False) -> int | None:
     """A descriptor of the file ``array`` maps when :func:`read_rows` should read ``rows`` with pread."""
     identity = getattr(array, _IDENTITY, None)
     if (identity is None or not hasattr(os, "preadv") or not isinstance(array.base, mmap.mmap)
@@ -87,7 +87,7 @@ def _mapped_file(array: np.ndarray, rows: np.ndarray, view: int | None) -> int |
     lo, hi = int(rows.min()), int(rows.max())
     if lo < 0 or hi >= n or (view is not None and not 0 <= view < array.shape[1]):
         return None  # numpy's own meaning (negative rows) or its IndexError
-    if len(rows) * 8 > n or hi - lo + 1 <= 4 * len(rows):
+    if not dense and (len(rows) * 8 > n or hi - lo + 1 <= 4 * len(rows)):
         return None  # many rows, or rows filling a quarter of their span: the map is faster, maps few extra pages
     try:
         fd = os.open(array.filename, os.O_RDONLY)
@@ -158,6 +158,51 @@ def create(path: Path, shape: tuple[int, ...], dtype: str | np.dtype) -> np.memm
     arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=shape)
     _preallocate(Path(path))
     return arr
+
+
+def read_block(array: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """``array[start:stop]`` in memory; from a map of :func:`map_file`, read with one ``pread``, so a pass over a
+    whole file (a conversion) does not map its pages into the process (its resident set stays one block)."""
+    stop = min(int(stop), array.shape[0])
+    fd = _mapped_file(array, np.array([start, stop - 1], dtype=np.int64), None, dense=True) if stop > start else None
+    if fd is None:
+        return np.array(array[start:stop])
+    try:
+        row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
+        want = (stop - start) * row_bytes
+        out = np.empty((stop - start, *array.shape[1:]), dtype=array.dtype)
+        got = os.preadv(fd, [memoryview(out.reshape(-1).view(np.uint8))], array.offset + start * row_bytes)
+        if got != want:
+            raise ProjectError(f"{array.filename} was cut short while it was read (rows {start}-{stop} of "
+                               f"{array.shape[0]}); run the command again")
+    finally:
+        os.close(fd)
+    return out
+
+
+class BlockWriter:
+    """A new ``.npy`` file of ``shape`` written front to back, a block of rows at a time, with plain writes (no
+    memory map: a conversion of a big file keeps one block in memory). Disk blocks are reserved up front."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: str | np.dtype):
+        arr = create(path, shape, dtype)
+        self.path, self.offset, self.dtype, self.tail = Path(path), arr.offset, arr.dtype, tuple(shape[1:])
+        del arr
+        self.fh = open(path, "r+b")  # noqa: SIM115  closed by close()
+        self.fh.seek(self.offset)
+
+    def write(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=self.dtype)
+        if block.shape[1:] != self.tail:
+            raise ValueError(f"rows of {block.shape[1:]} written to a file of {self.tail}")
+        self.fh.write(memoryview(block.reshape(-1).view(np.uint8)))
+
+    def close(self) -> None:
+        """Flush and fsync the file."""
+        if not self.fh.closed:
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()
 
 
 def _load(path: Path, mode: str) -> np.memmap:
