@@ -21,15 +21,25 @@ LOGIT_TOP = 32
 TOP_LOGITS = np.dtype([("c", "<u2"), ("lp", "<f2")])  # class index, log-probability
 
 
+READ_BYTES = 64 << 20  # bytes read at a time by whole_rows from a run of consecutive rows
+
+
 def whole_rows(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Whole-photo vectors (view 0) of ``rows`` as float32 (reads only those rows of a memory map)."""
+    """Whole-photo vectors (view 0) of ``rows`` as float32 (reads only those rows of a memory map; a run of
+    consecutive rows with :func:`read_block`, so a pass over the file does not map it into the process)."""
     rows = np.asarray(rows, dtype=np.int64)
     contiguous = len(rows) and rows[-1] - rows[0] + 1 == len(rows) and np.all(np.diff(rows) == 1)
-    if contiguous:
-        part = vectors[rows[0] : rows[-1] + 1, 0, :] if vectors.ndim == 3 else vectors[rows[0] : rows[-1] + 1]
-    else:
+    if not contiguous:
         part = read_rows(vectors, rows, view=0 if vectors.ndim == 3 else None)
-    return np.ascontiguousarray(part, dtype=np.float32)
+        return np.ascontiguousarray(part, dtype=np.float32)
+    out = np.empty((len(rows), vectors.shape[-1]), dtype=np.float32)
+    row_bytes = vectors.dtype.itemsize * int(np.prod(vectors.shape[1:], dtype=np.int64))
+    step = max(1, READ_BYTES // max(1, row_bytes))
+    first = int(rows[0])
+    for start in range(0, len(rows), step):
+        block = read_block(vectors, first + start, first + min(len(rows), start + step))
+        out[start : start + len(block)] = block[:, 0, :] if block.ndim == 3 else block
+    return out
 
 
 def read_rows(array: np.ndarray, rows: np.ndarray, *, view: int | None = None) -> np.ndarray:
