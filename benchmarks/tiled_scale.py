@@ -23,6 +23,7 @@ resident set, which counts the pages of memory-mapped files).
 
 Usage:
     python benchmarks/tiled_scale.py --work /work/devdata/tiled --photos 1000000 [--layout views]
+    python benchmarks/tiled_scale.py --work /work/devdata/tiled --photos 1000000 --reuse --concept c2  # 200 labels again
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ def main() -> int:
     ap.add_argument("--dim", type=int, default=1280)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--reuse", action="store_true", help="use the project an earlier run wrote (prepare_scoring again)")
+    ap.add_argument("--concept", default=None,
+                    help="label under this concept (a fresh one: 200 labels, as in a new project); with --reuse the "
+                         "cached neighbour lists of earlier labels are removed first, so the first round searches "
+                         "the neighbours of its 200 labels as a new project's would")
     ap.add_argument("--layout", choices=("compact", "views"), default="compact",
                     help="how the vectors are kept (with --reuse: a views project is converted by `raresift compact`)")
     args = ap.parse_args()
@@ -133,17 +138,20 @@ def main() -> int:
         with Project.open(project) as p:
             prepare_scoring(p.store)
         print(f"prepare_scoring on the existing project: {time.perf_counter() - t0:.1f} s", flush=True)
+        if args.concept:
+            (project / "embeddings" / "index-knn.npz").unlink(missing_ok=True)
     else:
         rare = make_project(project, args.photos, args.dim, layout=args.layout)
         print(f"project written in {time.perf_counter() - t0:.1f} s", flush=True)
     rare_set = set(rare.tolist())
+    concept = ["--concept", args.concept] if args.concept else []
     rng = np.random.default_rng(1)
     others = rng.choice(np.setdiff1d(np.arange(args.photos), rare), size=180 + 100 * (args.repeats + 1), replace=False)
     first = np.concatenate([rare[:20], others[:180]])
-    timed("import-labels", str(project), str(labels_csv(args.work / "labels-0.csv", first, rare_set)))
+    timed("import-labels", str(project), str(labels_csv(args.work / "labels-0.csv", first, rare_set)), *concept)
     rounds = []
     for r in range(args.repeats + 1):
-        seconds, rss, out = timed("next", str(project), "--n", "100", "--json")
+        seconds, rss, out = timed("next", str(project), "--n", "100", "--json", *concept)
         batch = json.loads(out)
         hits = sum(int(item["image_id"] - 1 in rare_set) for item in batch)
         rounds.append((seconds, rss, hits))
@@ -152,8 +160,8 @@ def main() -> int:
         answered = np.array([item["image_id"] - 1 for item in batch], dtype=np.int64)
         more = others[180 + 100 * r : 180 + 100 * (r + 1)]
         timed("import-labels", str(project), str(labels_csv(args.work / f"labels-{r + 1}.csv",
-                                                              np.concatenate([answered, more]), rare_set)))
-    full_s, full_rss, out = timed("next", str(project), "--n", "100", "--pool", "full", "--json")
+                                                              np.concatenate([answered, more]), rare_set)), *concept)
+    full_s, full_rss, out = timed("next", str(project), "--n", "100", "--pool", "full", "--json", *concept)
     full_hits = sum(int(item["image_id"] - 1 in rare_set) for item in json.loads(out))
     emb = project / "embeddings"
     kept = {"vectors.npy"} if args.layout == "views" else {"parts.npy", "tilemax.npy"}
