@@ -113,6 +113,8 @@ def main() -> int:
                     help="label under this concept (a fresh one: 200 labels, as in a new project); with --reuse the "
                          "cached neighbour lists of earlier labels are removed first, so the first round searches "
                          "the neighbours of its 200 labels as a new project's would")
+    ap.add_argument("--warm", action="store_true",
+                    help="read the project's vector and index files once before the rounds (a warm page cache)")
     ap.add_argument("--layout", choices=("compact", "views"), default="compact",
                     help="how the vectors are kept (with --reuse: a views project is converted by `raresift compact`)")
     args = ap.parse_args()
@@ -143,6 +145,15 @@ def main() -> int:
     else:
         rare = make_project(project, args.photos, args.dim, layout=args.layout)
         print(f"project written in {time.perf_counter() - t0:.1f} s", flush=True)
+    if args.warm:
+        t1 = time.perf_counter()
+        for path in sorted((project / "embeddings").glob("*.npy")) + [project / "embeddings" / "index.faiss"]:
+            if path.name.startswith("tilemax") or not path.is_file():
+                continue  # read by the evidence of 100 photos a round only
+            with open(path, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+        print(f"warmed the page cache in {time.perf_counter() - t1:.1f} s", flush=True)
     rare_set = set(rare.tolist())
     concept = ["--concept", args.concept] if args.concept else []
     rng = np.random.default_rng(1)

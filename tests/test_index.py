@@ -230,3 +230,11 @@ def test_near_duplicates_on_a_pq_index_use_exact_similarities():
     assert near_duplicates(index, x, threshold=0.95, nprobe=16) == exact
     index.kind = "rough"  # the same index with its own similarities: not the exact groups
     assert near_duplicates(index, x, threshold=0.95, nprobe=16) != exact
+
+
+def test_auto_kind_of_compact_tiled_photos_is_pq_above_flat():
+    from raresift.index import auto_kind
+
+    assert auto_kind(10_000, 1280, compact=True) == "flat"
+    assert auto_kind(1_000_000, 1280, compact=True) == "ivf-pq"
+    assert auto_kind(1_000_000, 1280) == "ivf-sq8"

@@ -168,10 +168,14 @@ class Project:
         """Keep the tiled photos' vectors compact; see :func:`raresift.embed.run.compact_project`. Then writes
         what rounds at scale read (as after `embed`)."""
         from .embed.run import compact_project
+        from .index import auto_kind
         from .learn.loop import prepare_scoring
 
         report = compact_project(self.store, **options)
-        prepare_scoring(self.store)
+        info = self.store.embedding_info()
+        # The index kind of a compact project (an index built for the views layout is replaced at knn scale).
+        prepare_scoring(self.store, index_kind=auto_kind(self.store.count_status("embedded"), info["dim"],
+                                                         compact=True))
         return report
 
     def embedding_info(self) -> dict[str, Any] | None:

@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "this one builds it ahead of time, and with --engine ray adds the vectors on a Ray cluster (Ray Data, one "
         "task per shard of the vector file; the project folder must be at the same path on every node). "
         "Kinds: flat (exact) up to 50,000 photos; ivf-sq8 (1 byte per value) while it takes at most "
-        "index_sq8_max_gb; ivf-pq (64 bytes per photo, neighbours re-ranked by the exact vectors) above.",
+        "index_sq8_max_gb; ivf-pq (64 bytes per photo, neighbours re-ranked by the exact vectors) above, and "
+        "for tiled photos kept compact above 50,000.",
     )
     p.add_argument("project", type=Path)
     p.add_argument("--kind", choices=("auto", "flat", "ivf-sq8", "ivf-pq"), default="auto",

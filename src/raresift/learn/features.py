@@ -374,10 +374,10 @@ def compact_logits(block: np.ndarray, top: int = LOGIT_TOP) -> np.ndarray:
 def pooled_features(vectors: np.ndarray, cache, pooling: str = DEFAULT_POOLING, *, build: bool = True,
                     layout: str = "views") -> np.ndarray | None:
     """Every photo's feature (:func:`featurize`) as a float16 ``(rows, feature_dim)`` memory map, written
-    once per vector generation: for tiled photos at scale, a round then reads 3 x dim values a photo
-    (7.7 KB at 1280-d) and only casts them, instead of featurising 10 views (25.6 KB) or the 3 compact
-    parts (7.7 KB, but a signed square root and three norms a photo: 1 s more for a 50,000-photo pool)
-    from the vector file. With ``build=False``, the file if it is there, else None."""
+    once per vector generation: for tiled photos kept as views at scale, a round then reads 3 x dim values
+    a photo (7.7 KB at 1280-d) instead of featurising 10 views (25.6 KB) from the vector file. (Kept
+    compact, the vector file holds as few bytes and a round featurises them: one file to keep in memory.)
+    With ``build=False``, the file if it is there, else None."""
     views = vectors.shape[1] if vectors.ndim == 3 else 1
     shape = (vectors.shape[0], feature_dim(views, vectors.shape[-1], pooling))
     parts = (vectors.shape, pooling, tuple(sorted(PART_WEIGHTS.items())))  # compact: other shape, other key

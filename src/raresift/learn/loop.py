@@ -97,7 +97,7 @@ class Model:
         return self.session.scorer is not None and (self.session.scorer.fitted or self.session.prior is not None)
 
 
-def prepare_scoring(store: Store) -> None:
+def prepare_scoring(store: Store, *, index_kind: str = "auto") -> None:
     """Write the caches that make a round fast at scale once the vectors are complete, so the first `next`
     does not pay for them: signed-square-root features and their norms beside the vectors (one view per
     photo, the case that fast path serves); where rounds score knn pools (``pool_auto_min`` view vectors,
@@ -110,14 +110,15 @@ def prepare_scoring(store: Store) -> None:
         # Rounds score knn pools (`--pool auto`): build their FAISS index now, not in the first round
         # (measured: ~85 s at 10^6 photos on 2 cores). No scoring caches for one view a photo: a knn
         # round featurises its few rows on the fly, and float32 square roots would take twice the
-        # vector file on disk. Tiled photos: their features once, float16 (0.3x the vector file kept as views,
-        # 0.86x kept compact): a round casts them instead of featurising its pool.
+        # vector file on disk. Tiled photos kept as views: their features once, float16 (0.3x the vector file),
+        # which a round casts instead of featurising 10 views a photo. Kept compact, a round featurises its
+        # pool's 3 parts a photo from the vector file itself: one file for the rounds to keep in memory.
         from ..index import project_index
 
         try:
-            project_index(store)
-            if info["views"] > 1:
-                pooled_features(store.vectors(), store.vector_cache, layout=info["layout"])
+            project_index(store, kind=index_kind)
+            if info["views"] > 1 and info["layout"] == "views":
+                pooled_features(store.vectors(), store.vector_cache)
         except OSError as exc:
             log.warning("the vector index or features were not written (%s); the first knn round will build them",
                         exc)
@@ -295,9 +296,9 @@ def load_session(store: Store, *, warm: bool = True, engine: str = "local", ray_
     knn_sized = _knn_sized(store)
     cache = None if knn_sized else store.vector_cache  # see prepare_scoring
     pooled = None
-    if knn_sized and vectors.ndim == 3 and vectors.shape[1] > 1:
+    if knn_sized and vectors.ndim == 3 and vectors.shape[1] > 1 and store.layout == "views":
         # Written by prepare_scoring (after embed / init): a round only uses it, never pays for it.
-        pooled = pooled_features(vectors, store.vector_cache, build=False, layout=store.layout)
+        pooled = pooled_features(vectors, store.vector_cache, build=False)
     remote = None
     if engine == "ray":
         from ..ray_jobs import RayScoring
