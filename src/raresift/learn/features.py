@@ -154,6 +154,9 @@ def gather(vectors: np.ndarray, rows: np.ndarray, pooling: str = DEFAULT_POOLING
     if len(rows) == 0:
         views = vectors.shape[1] if vectors.ndim == 3 else 1
         return np.zeros((0, feature_dim(views, vectors.shape[-1], pooling)), dtype=np.float32)
+    if len(rows) == 1 or np.all(rows[1:] >= rows[:-1]):  # sorted already (pools are): no reordering copies
+        parts = [featurize(b, pooling, layout=layout) for _, b in iter_blocks(vectors, rows=rows)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
     order = np.argsort(rows, kind="stable")
     out = np.concatenate([featurize(b, pooling, layout=layout) for _, b in iter_blocks(vectors, rows=rows[order])])
     result = np.empty_like(out)
