@@ -25,12 +25,16 @@ def test_embeddings_and_logits_of_the_real_model(embedded_project):
         assert matrix.shape == (40, 1280) and matrix.dtype == np.float16
         assert np.isfinite(matrix).all() and (np.abs(matrix).sum(axis=1) > 0).all()
         logits = project.logits()
-        # Default: whole photo + 3 x 3 tiles, kept compact: each view's 32 most likely ImageNet classes.
+        # Default: whole photo + 3 x 3 tiles, kept compact: each view's 32 most likely ImageNet classes and
+        # each class's best log-probability over the views.
         assert project.embedding_info()["views"] == 10 and project.embedding_info()["layout"] == "compact"
-        assert logits.shape == (40, 10, 32) and float(np.max(logits["lp"])) <= 0.0
+        assert logits.shape == (40,) and logits["lp"].shape == (40, 10, 32) and logits["best"].shape == (40, 1000)
+        assert float(np.max(logits["lp"])) <= 0.0
         assert project.vectors().shape == (40, 3, 1280)
         p = np.exp(np.asarray(logits["lp"], np.float64)).sum(axis=2)  # the mass of the top classes of a view
         assert (p <= 1.01).all() and np.median(p) > 0.5
+        top = np.asarray(logits["lp"], np.float32).max(axis=(1, 2))  # a photo's likeliest class, in any view
+        np.testing.assert_allclose(np.asarray(logits["best"], np.float32).max(axis=1), top, atol=1e-3)
         # Rare photos look alike: their mean cosine is higher than rare-vs-common.
         rare = [i for i, p in enumerate(ids) if truth[p]]
         common = [i for i, p in enumerate(ids) if not truth[p]]
@@ -51,8 +55,8 @@ def test_known_photo_is_classified_by_the_imagenet_head(tmp_path):
     with Project.create(tmp_path / "p", images=images) as project:
         project.add_images()
         project.embed()
-        top = project.logits()[0, 0]  # compact layout: the whole photo's 32 most likely classes
-        top5 = top["c"][np.argsort(np.asarray(top["lp"], np.float32))[-5:]]
+        kept = project.logits()[0]  # compact layout: the whole photo's (view 0) 32 most likely classes
+        top5 = kept["c"][0][np.argsort(np.asarray(kept["lp"][0], np.float32))[-5:]]
     assert set(top5.tolist()) & {281, 282, 283, 284, 285, 287}  # tabby, tiger cat, Persian, ..., lynx
 
 

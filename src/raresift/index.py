@@ -48,7 +48,7 @@ from .errors import InputError, NotReadyError
 from .ray_jobs import check_engine
 from .settings import default
 from .store.store import Store
-from .store.vectors import ADD_BLOCK
+from .store.vectors import ADD_BLOCK, layout_of
 from .store.vectors import unit_rows as _unit
 from .store.vectors import whole_rows as _gather
 
@@ -310,7 +310,7 @@ def project_index(
         raise NotReadyError(f"{store.root} has no embedded photos to index; run `raresift embed` first")
     t0 = time.perf_counter()
     if kind == "auto":
-        kind = auto_kind(len(rows), int(vectors.shape[-1]), compact=store.layout == "compact")
+        kind = auto_kind(len(rows), int(vectors.shape[-1]), compact=layout_of(vectors) == "compact")
     built = build_index(vectors, rows, kind=kind, **options)
     built.stamp = stamp
     log.info("built a %s index of %d vectors in %.1f s", built.kind, built.size, time.perf_counter() - t0)

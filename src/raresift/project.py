@@ -193,7 +193,9 @@ class Project:
 
     def imagenet_logits(self) -> np.ndarray | None:
         """ImageNet logits, (images, views, 1000) memory map, or None where the model has none; in the compact
-        layout each class's best log-probability over the views, (images, 1, 1000)."""
+        layout ``(images,)`` records of each view's 32 top classes (fields ``c``, ``lp``: views x 32) and each
+        class's best log-probability over the views (``best``: 1000), see
+        :func:`raresift.learn.features.compact_logits`."""
         return self.store.logits()
 
     logits = imagenet_logits  # the name before 0.2

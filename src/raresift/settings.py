@@ -32,8 +32,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("tiles", 3, "N x N grid of overlapping tiles besides the whole photo (measured best for small objects)"),
     Setting("resize", "crop", "whole-photo view: centre crop or squeeze"),
     Setting("layout", "compact", "how tiled photos' vectors are kept: compact (the whole photo, the tiles' mean "
-            "and max, and which tile each max value came from: 8,960 bytes a photo at 1280-d with 3 x 3 tiles, the same "
-            "features and evidence) or views (every view: 25,600 bytes)"),
+            "and max, which tile each max value came from, each view's top ImageNet classes: 12,240 bytes a photo at "
+            "1280-d with 3 x 3 tiles; the same features and evidence) or views (every view and logit: 45,600 bytes)"),
     Setting("embed_batch", 32, "photos per model call and per saved batch"),
     # learning loop
     Setting("batch", 25, "photos per labelling round (next, the label page, the notebook, simulate)"),

@@ -30,6 +30,7 @@ from .learn.features import MatrixFeatures
 from .learn.session import Session, knn_by_default, standardise
 from .learn.strategies import get_strategy
 from .settings import check_pool, default
+from .store.vectors import layout_of
 
 __all__ = ["PROTOCOLS", "SimulationData", "curve_points", "load_truth", "replay", "simulate"]
 
@@ -367,7 +368,7 @@ def simulate(
         if len(rows) < 10:
             raise NotReadyError(f"only {len(rows)} embedded photos have an answer; a simulation needs more")
         vectors = proj.vectors()
-        layout = proj.store.layout
+        layout = layout_of(vectors)
         X = np.concatenate([featurize(b, layout=layout) for _, b in iter_blocks(vectors, rows=rows)])
         prior = text_scores(proj.store.logits(), mask, query)[rows] if query is not None else None
         extra = None
@@ -384,7 +385,7 @@ def simulate(
         if protocol == "default" and prior is None:  # the project's own clusterings, as `next` explores them
             clusters = [(ids[rows], prio[rows]) for ids, prio in project_clusters(proj.store)]
         pool_mask = (proj.splits()[rows] == "pool") if split == "project" else None
-        views = int(proj.store.embedding_info()["views"])  # views embedded, as `next` counts them (compact: 3 parts)
+        views = int(proj.store.embedding_info()["views"])  # views embedded, as `next` counts them (not parts kept)
         project_path = str(proj.path) if tmpdir is None else None
     finally:
         proj.close()

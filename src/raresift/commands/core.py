@@ -84,9 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="discard the vectors and embed again (to change model, tiles, resize or layout)")
     p.add_argument("--layout", choices=LAYOUTS, default=None,
                    help="how a new embedding keeps tiled photos' vectors: compact (default: the whole photo, the "
-                   "tiles' mean and max, and which tile each max value came from, 8,960 bytes a photo at 1280-d "
-                   "with 3 x 3 tiles; the same scores and evidence) or views (every view, 25,600 bytes); "
-                   "photos without tiles and open_clip models keep views")
+                   "tiles' mean and max, which tile each max value came from and each view's top ImageNet "
+                   "classes, 12,240 bytes a photo at 1280-d with 3 x 3 tiles; the same features and evidence) or "
+                   "views (every view and logit, 45,600 bytes); photos without tiles and open_clip models keep views")
     p.add_argument("--retry-errors", action="store_true",
                    help="try again the files recorded as unreadable (after you fixed or replaced them)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="embed at most N photos in this run")
@@ -100,11 +100,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "compact",
-        help="keep a tiled project's vectors compact (0.35x the disk, the same scores and evidence)",
+        help="keep a tiled project's vectors compact (0.27x the disk, the same features and evidence)",
         description="Convert a project whose tiled photos are kept as every view (projects embedded before "
         "the compact layout, or with --layout views) to the compact layout: per photo the whole-photo vector, "
         "the mean and max over its tiles, and which tile each max value came from. The whole-photo vectors, "
-        "the index and the labels do not change. Safe to stop and run again; `embed` waits meanwhile.",
+        "the labels do not change; where rounds score knn pools the index is rebuilt as ivf-pq (it then "
+        "re-ranks from the file rounds read). Safe to stop and run again; an `embed` started meanwhile stops "
+        "with a message.",
     )
     p.add_argument("project", type=Path)
     p.add_argument("--json", action="store_true", help="print a JSON object: photos, bytes_before, bytes_after, seconds")

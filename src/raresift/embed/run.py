@@ -26,7 +26,7 @@ from ..learn.features import check_layout, compact_logits, compact_views
 from ..ray_jobs import check_engine
 from ..settings import default
 from ..store.store import Store
-from ..store.vectors import LOGIT_TOP, TOP_LOGITS, BlockWriter, read_block
+from ..store.vectors import BlockWriter, read_block, top_logits_dtype
 from .batches import decode_item, model_chunk, run_model
 from .decode import DEFAULT_MAX_PIXELS, RESIZE_MODES, Views
 from .models import (
@@ -159,7 +159,8 @@ def embed_project(
         With ``engine="ray"``: the address of a running Ray cluster (default: start a local Ray).
     layout:
         How the vectors are kept: ``compact`` (tiled photos: the three parts of each photo's feature and
-        a byte per value for the evidence, 0.35x the bytes of every view) or ``views`` (every view).
+        a byte per value for the evidence, each view's top ImageNet classes: 0.27x the bytes of every view
+        and logit) or ``views`` (every view).
         Default: the project's layout, else :func:`default_layout`. ``raresift compact`` converts a
         project kept as views.
     """
@@ -189,8 +190,10 @@ def embed_project(
             raise InputError(f"{model} scores a text query on every view of a photo, which --layout compact does not "
                              "keep; use --layout views")
     wanted = {"embed.model": model, "embed.tiles": str(tiles), "embed.resize": resize}
-    vec_path, _, tiles_path = store.paths.vector_files(store.layout)
-    if store.embedding_info() is None or not vec_path.exists() or (tiles_path is not None and not tiles_path.exists()):
+    kept = [p for p in store.paths.vector_files(store.layout) if p is not None]
+    if store.meta("embed.logits") != "1":
+        kept = [p for p in kept if p not in (store.paths.logits, store.paths.logittop)]
+    if store.embedding_info() is None or not all(p.exists() for p in kept):
         # Vectors without saved settings (killed before they were saved), or settings without vectors
         # (killed while discarding them, or a deleted file): neither can be trusted, start over.
         store.reset_embeddings()
@@ -325,11 +328,12 @@ COMPACT_BLOCK = 4096  # photos converted at a time (10 views x 1280 float32: 200
 def compact_project(store: Store, *, progress: Callable[[int], None] | None = None) -> CompactReport:
     """Convert a tiled project kept as every view to the compact layout (see :func:`embed_project`'s
     ``layout``): ``parts.npy``, ``tilemax.npy`` (and ``logittop.npy``) are written beside the old files
-    block by block and renamed into place, the layout is switched in one transaction, then
+    block by block, synced and renamed into place, the layout is switched in one transaction, then
     ``vectors.npy`` and ``logits.npy`` are removed. The whole-photo vectors do not change, so the
-    index, its cached neighbours and the clusters stay valid; the features change only by float16
-    rounding. Killed at any point, the project is in one layout or the other; run it again to finish.
-    Holds the embed lock: no `embed` runs meanwhile. ``progress(n)`` after each block of ``n`` photos."""
+    cached neighbours and the clusters stay valid; the features change only by float16 rounding.
+    Killed at any point, the project is in one layout or the other; run it again to finish. Holds the
+    embed lock (an `embed` started meanwhile stops with a message). ``progress(n)`` after each block of
+    ``n`` photos."""
     t0 = time.perf_counter()
     info = store.embedding_info()
     if info is None:
@@ -337,8 +341,11 @@ def compact_project(store: Store, *, progress: Callable[[int], None] | None = No
     old = [p for p in store.paths.vector_files("views") if p is not None]
     new = [p for p in store.paths.vector_files("compact") if p is not None]
     if info["layout"] == "compact":
-        for path in old:  # left by a run killed after the switch
-            path.unlink(missing_ok=True)
+        needed = [store.paths.parts, store.paths.tilemax] + ([store.paths.logittop] if info["logits"] else [])
+        if all(p.exists() for p in needed):  # finish a run killed after the switch; else keep what is left
+            for path in old:
+                path.unlink(missing_ok=True)
+            _drop_views_caches(store)
         size = sum(p.stat().st_size for p in new if p.exists())
         return CompactReport(store.n_rows(), size, size, time.perf_counter() - t0, already=True)
     if info["views"] <= 1 or info["tiles"] <= 0:
@@ -356,20 +363,24 @@ def compact_project(store: Store, *, progress: Callable[[int], None] | None = No
         writers[store.paths.parts] = BlockWriter(tmp[store.paths.parts], (n, 3, dim), np.float16)
         writers[store.paths.tilemax] = BlockWriter(tmp[store.paths.tilemax], (n, dim), np.uint8)
         if logits is not None:
-            writers[store.paths.logittop] = BlockWriter(tmp[store.paths.logittop], (n, logits.shape[1], LOGIT_TOP),
-                                                        TOP_LOGITS)
+            writers[store.paths.logittop] = BlockWriter(tmp[store.paths.logittop], (n,),
+                                                        top_logits_dtype(logits.shape[1], logits.shape[2]))
         for start in range(0, n, COMPACT_BLOCK):
             stop = min(n, start + COMPACT_BLOCK)
             parts, which = compact_views(read_block(vectors, start, stop))
             writers[store.paths.parts].write(parts)
             writers[store.paths.tilemax].write(which)
             if logits is not None:
-                writers[store.paths.logittop].write(compact_logits(read_block(logits, start, stop)))
+                step = COMPACT_BLOCK // 4  # 1,024 photos: each float32 temporary of their logits is 41 MB
+                for a in range(start, stop, step):
+                    b = min(stop, a + step)
+                    writers[store.paths.logittop].write(compact_logits(read_block(logits, a, b)))
             if progress is not None:
                 progress(stop - start)
         for final, writer in writers.items():
             writer.close()
             os.replace(writer.path, final)
+        _fsync_dir(store.paths.embed_dir)  # the renames are on disk before the layout says compact
     finally:
         for writer in writers.values():
             writer.fh.close()
@@ -378,11 +389,25 @@ def compact_project(store: Store, *, progress: Callable[[int], None] | None = No
     store.set_meta(**{"embed.layout": "compact"})
     for path in old:
         path.unlink(missing_ok=True)
-    # Caches only the views layout used or whose values change: the tiled-feature cache, text priors.
-    for path in [*store.vector_cache.folder.glob("pooled-*.npy"), *store.cache.folder.glob("prior*-*.npy")]:
-        path.unlink(missing_ok=True)
+    _drop_views_caches(store)
     after = sum(p.stat().st_size for p in new if p.exists())
     return CompactReport(n, before, after, time.perf_counter() - t0)
+
+
+def _drop_views_caches(store: Store) -> None:
+    """Caches only the views layout used (the tiled-feature cache) or whose values the compact layout changes
+    (text priors): removed when a project becomes compact."""
+    for path in [*store.vector_cache.folder.glob("pooled-*.npy"), *store.cache.folder.glob("prior*-*.npy")]:
+        path.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system syncs a folder
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def store_batch(

@@ -207,12 +207,16 @@ def text_scores_from_logits(logits: np.ndarray, concepts: list[tuple[int, str, f
     if logits.ndim == 2:
         logits = logits[:, None, :]
     out = np.empty(logits.shape[0], dtype=np.float32)
-    if logits.dtype.names:  # (class, log-probability) pairs: the weight of each class, 0 for the others
-        weight = np.zeros(int(max(65536, idx.max() + 1)), dtype=np.float32)
+    if logits.dtype.names:  # compact: each view's top classes, and each class's best over the views
+        weight = np.zeros(65536, dtype=np.float32)  # by class index (uint16)
         weight[idx] = w
         for rows, b in iter_blocks(logits, block=block):
-            p = (weight[b["c"]] * np.exp(b["lp"].astype(np.float32))).sum(axis=2)  # (rows, views)
-            out[rows] = np.log(p.max(axis=1) + 1e-9)
+            # Two lower bounds of the score, the larger kept: the best view's sum over the concepts among its
+            # top classes, and the best single concept in its best view. Exact for a query of one concept,
+            # and for several where a view's top classes hold their probability; never above it.
+            p = (weight[b["c"]] * np.exp(b["lp"].astype(np.float32))).sum(axis=2).max(axis=1)
+            single = (np.exp(b["best"][:, idx].astype(np.float32)) * w).max(axis=1)
+            out[rows] = np.log(np.maximum(p, single) + 1e-9)
         return out
     for rows, b in iter_blocks(logits, block=block):
         z = np.asarray(b, dtype=np.float32)

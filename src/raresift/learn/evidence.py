@@ -22,8 +22,15 @@ import numpy as np
 
 from ..embed.decode import DecodeError, image_size
 from ..store.store import Store
-from ..store.vectors import read_rows
-from .features import DEFAULT_POOLING, PART_WEIGHTS, feature_dim, featurize, signed_sqrt, tile_argmax
+from ..store.vectors import layout_of, read_rows
+from .features import (
+    DEFAULT_POOLING,
+    PART_WEIGHTS,
+    feature_dim,
+    featurize,
+    signed_sqrt,
+    tile_argmax,
+)
 from .head import RareHead
 
 __all__ = ["contributions", "contributions_from_pooled", "evidence", "photo_sizes", "tile_boxes"]
@@ -152,7 +159,7 @@ def evidence(store: Store, head: RareHead | None, image_ids: list[int], *, from_
     ids = np.asarray(image_ids, dtype=np.int64)
     order = np.argsort(ids, kind="stable")
     block = read_rows(vectors, ids[order] - 1)
-    if store.layout == "compact":  # the photo's parts and the tile of each max value: all the split needs
+    if layout_of(vectors) == "compact":  # the photo's parts and the tile of each max value: all the split needs
         which = store.tile_argmax()
         if which is None:
             return {int(i): dict(empty) for i in image_ids}

@@ -20,19 +20,20 @@ import json
 import logging
 import sys
 import threading
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..embed.models import has_text_tower, text_embedding
 from ..errors import InputError, NotReadyError
-from ..settings import check_pool, default
 from ..ray_jobs import check_engine, require_ray
+from ..settings import check_pool, default
 from ..store.cache import exclusive
 from ..store.labels import DEFAULT_CONCEPT
 from ..store.store import EXAMPLE_PREFIX, Store
+from ..store.vectors import layout_of
 from .coldstart import concepts_for, example_scores, explore_levels, text_scores
 from .evidence import evidence
 from .features import (
@@ -153,8 +154,9 @@ def _prior(store: Store, pool_rows: np.ndarray) -> tuple[np.ndarray | None, str 
         if query:
             parts.append(standardise(query_scores(store, mask, query), pool_rows))
         if examples:
-            parts.append(standardise(example_scores(store.vectors(), mask, example_features(store, examples),
-                                                    layout=store.layout), pool_rows))
+            vectors = store.vectors()
+            parts.append(standardise(example_scores(vectors, mask, example_features(store, examples),
+                                                    layout=layout_of(vectors)), pool_rows))
         return parts[0] if len(parts) == 1 else np.nanmax(np.stack(parts), axis=0)
 
     name = "prior" if store.concept == DEFAULT_CONCEPT else f"prior-{store.concept}"  # one slot per concept
@@ -180,7 +182,7 @@ def example_features(store: Store, examples: list[str]) -> np.ndarray:
     """Features of example photos: photos of the project (ids) and photos from outside (``file:HASH``)."""
     vectors = store.vectors()
     rows = [store.image_id(e) - 1 for e in examples if not e.startswith(EXAMPLE_PREFIX)]
-    parts = [gather(vectors, np.array(rows, dtype=np.int64), layout=store.layout)] if rows else []
+    parts = [gather(vectors, np.array(rows, dtype=np.int64), layout=layout_of(vectors))] if rows else []
     outside = [store.example_vectors(e) for e in examples if e.startswith(EXAMPLE_PREFIX)]
     if outside:
         parts.append(featurize(np.stack(outside)))
@@ -208,7 +210,8 @@ def clusters(store: Store) -> list[tuple[np.ndarray, np.ndarray]]:
     def build() -> dict[str, np.ndarray]:
         mask = store.embedded_mask()
         rows = np.flatnonzero(mask)
-        feats = VectorFeatures(store.vectors(), layout=store.layout)
+        vectors = store.vectors()
+        feats = VectorFeatures(vectors, layout=layout_of(vectors))
         levels = explore_levels(RowSubset(feats, rows), seed=0)
         out: dict[str, np.ndarray] = {"levels": np.array(len(levels))}
         for i, (ids, prio) in enumerate(levels):
@@ -296,15 +299,16 @@ def load_session(store: Store, *, warm: bool = True, engine: str = "local", ray_
     knn_sized = _knn_sized(store)
     cache = None if knn_sized else store.vector_cache  # see prepare_scoring
     pooled = None
-    if knn_sized and vectors.ndim == 3 and vectors.shape[1] > 1 and store.layout == "views":
+    layout = layout_of(vectors)
+    if knn_sized and vectors.ndim == 3 and vectors.shape[1] > 1 and layout == "views":
         # Written by prepare_scoring (after embed / init): a round only uses it, never pays for it.
         pooled = pooled_features(vectors, store.vector_cache, build=False)
     remote = None
     if engine == "ray":
         from ..ray_jobs import RayScoring
 
-        remote = RayScoring(store.vectors_path, address=ray_address)
-    features = VectorFeatures(vectors, DEFAULT_POOLING, cache=cache, remote=remote, pooled=pooled, layout=store.layout)
+        remote = RayScoring(vectors.filename, address=ray_address)
+    features = VectorFeatures(vectors, DEFAULT_POOLING, cache=cache, remote=remote, pooled=pooled, layout=layout)
     session = Session(features, labels, pool, prior=None if prior is None else prior[:n], prior_kind=prior_kind,
                       clusters=level, head=head, extra=extra)
     return session, {"labels": labels, "test": test, "mask": mask}, _fingerprint(labels, pool, store)
@@ -486,7 +490,7 @@ def next_batch(
             if strategy == "similar":
                 unlike = [int(i) for i in counter_examples or ()]
                 like = (example_features(store, json.loads(store.meta(store.concept_key(_META_EXAMPLES)) or "[]")),
-                        gather(store.vectors(), np.array(unlike, dtype=np.int64) - 1, layout=store.layout) if unlike
+                        _gather_ids(store, unlike) if unlike
                         else np.zeros((0, 1), dtype=np.float32))
             picks = session.query(n, strategy, rng=rng, candidates=mask, neighbours=_neighbours(store) if knn else None,
                                   similar_to=like)
@@ -520,6 +524,12 @@ def next_batch(
          **where[int(r) + 1]}
         for r, s, p in zip(rows, sources, proba)
     ]
+
+
+def _gather_ids(store: Store, image_ids: list[int]) -> np.ndarray:
+    """Features of the project's photos ``image_ids``."""
+    vectors = store.vectors()
+    return gather(vectors, np.array(image_ids, dtype=np.int64) - 1, layout=layout_of(vectors))
 
 
 def _neighbours(store: Store):

@@ -9,7 +9,8 @@
         logits.npy           (images, views, 1000) ImageNet logits (built-in models only)
         parts.npy            compact layout, instead of vectors.npy: (images, 3, dim) whole photo, tile mean, tile max
         tilemax.npy          compact layout: (images, dim) uint8, the tile each value of the max comes from
-        logittop.npy         compact layout, instead of logits.npy: (images, views, 32) each view's top classes
+        logittop.npy         compact layout, instead of logits.npy: (images,) records, each view's 32 top classes
+                             and each class's best log-probability (raresift.learn.features.compact_logits)
         index.faiss, ...     FAISS index and the caches derived from the vectors
       learn/                 caches of the learning loop (priors, clusters, heads); safe to delete
       examples/              example photos from outside the collection (copies, by content hash)

@@ -445,25 +445,33 @@ class Store:
         photo's feature, :func:`raresift.learn.features.compact_views`)."""
         return self.meta("embed.layout") or "views"
 
-    @property
-    def vectors_path(self) -> Path:
-        """The vector file of the project's layout (``vectors.npy``, or ``parts.npy`` when compact)."""
-        return self.paths.vector_files(self.layout)[0]
-
     def vectors(self) -> np.ndarray:
         """All feature vectors as a read-only memory map, row = id - 1: ``(images, views, dim)``, or in the
-        compact layout ``(images, 3, dim)`` (whole photo, tile mean, tile max; see :attr:`layout`)."""
-        arr = _vectors.open_read(self.vectors_path)
+        compact layout ``(images, 3, dim)`` (whole photo, tile mean, tile max). The map knows its layout
+        (:func:`raresift.store.vectors.layout_of`): use that, not :attr:`layout`, which a `compact` running
+        meanwhile may have changed."""
+        arr, layout = self._open_layout_file(0)
         if arr is None or self.embedding_info() is None:
             raise NotReadyError(f"{self.root} has no embeddings yet; run `raresift embed {self.root}`")
-        return arr
+        return _vectors.tag_layout(arr, layout)
+
+    def _open_layout_file(self, which: int) -> tuple[np.ndarray | None, str]:
+        """The vector (0) or logits (1) file of the project's layout, opened read-only, and that layout. Read
+        twice if it is missing: a `compact` may have switched the layout and removed the old file in between."""
+        for _ in range(2):
+            layout = self.layout
+            arr = _vectors.open_read(self.paths.vector_files(layout)[which])
+            if arr is not None:
+                break
+        return arr, layout
 
     def logits(self) -> np.ndarray | None:
-        """The ImageNet logits ``(images, views, 1000)``, or in the compact layout each view's top classes
-        ``(images, views, 32)`` of ``(class, log-probability)`` pairs; None for models without them."""
+        """The ImageNet logits ``(images, views, 1000)``, or in the compact layout ``(images,)`` records of each
+        view's 32 top classes and each class's best log-probability
+        (:func:`raresift.learn.features.compact_logits`); None for models without them."""
         if self.meta("embed.logits") != "1":
             return None
-        return _vectors.open_read(self.paths.vector_files(self.layout)[1])
+        return self._open_layout_file(1)[0]
 
     def tile_argmax(self) -> np.ndarray | None:
         """Compact layout: ``(images, dim)`` uint8, the tile each value of a photo's max part comes from
@@ -482,19 +490,22 @@ class Store:
             for path in self.paths.vector_files(layout):
                 if path is not None:
                     path.unlink(missing_ok=True)
+        for path in self.paths.embed_dir.glob(".*.compacting.npy"):  # left by a `compact` that was killed
+            path.unlink(missing_ok=True)
 
     def open_vectors_for_writing(self, rows: int, views: int, dim: int, dtype, *, logits: bool,
                                  layout: str = "views") -> tuple[np.ndarray, np.ndarray | None]:
         """The vector file (and logits file) of ``layout`` for writing, with at least ``rows`` rows: ``(rows,
-        views, dim)`` and ``(rows, views, 1000)``, or in the compact layout ``(rows, 3, dim)`` and ``(rows,
-        views, 32)`` top classes (the tile indices: :meth:`open_tiles_for_writing`)."""
+        views, dim)`` and ``(rows, views, 1000)``, or in the compact layout ``(rows, 3, dim)`` and ``rows``
+        records of :func:`raresift.store.vectors.top_logits_dtype` (the tile indices:
+        :meth:`open_tiles_for_writing`)."""
         vec_path, logit_path, _ = self.paths.vector_files(layout)
         vec = _vectors.ensure(vec_path, rows, (views if layout == "views" else 3, dim), dtype)
         lg = None
         if logits and layout == "views":
             lg = _vectors.ensure(logit_path, rows, (views, 1000), np.float16)
         elif logits:
-            lg = _vectors.ensure(logit_path, rows, (views, _vectors.LOGIT_TOP), _vectors.TOP_LOGITS)
+            lg = _vectors.ensure(logit_path, rows, (), _vectors.top_logits_dtype(views))
         return vec, lg
 
     def open_tiles_for_writing(self, rows: int, dim: int) -> np.ndarray:

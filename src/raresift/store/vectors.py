@@ -1,7 +1,8 @@
 """Vector files beside the database: ``.npy`` arrays opened as memory maps, row = image id - 1.
 
-Shapes are ``(rows, views, dim)``: view 0 is the whole photo, views 1.. are its tiles. Files grow
-by copy-and-rename, so a reader holding the old file never sees a half-written one.
+Shapes are ``(rows, views, dim)``: view 0 is the whole photo, views 1.. are its tiles; in the compact
+layout ``(rows, 3, dim)``: the whole photo, the tiles' mean and max (:func:`layout_of` tells which).
+Files grow by copy-and-rename, so a reader holding the old file never sees a half-written one.
 """
 
 from __future__ import annotations
@@ -16,9 +17,15 @@ import numpy as np
 from ..errors import ProjectError
 
 ADD_BLOCK = 16384  # rows read from a vector file at a time while an index is filled
-# The compact layout's logits: each view's LOGIT_TOP most likely classes (raresift.learn.features.compact_logits).
+# The compact layout's logits (raresift.learn.features.compact_logits): each view's LOGIT_TOP most likely
+# classes, and each class's best log-probability over the views.
 LOGIT_TOP = 32
-TOP_LOGITS = np.dtype([("c", "<u2"), ("lp", "<f2")])  # class index, log-probability
+
+
+def top_logits_dtype(views: int, classes: int = 1000, top: int = LOGIT_TOP) -> np.dtype:
+    """One photo's compact logits: ``c`` / ``lp`` (views, top) class indices and float16 log-probabilities of
+    each view's ``top`` most likely classes, ``best`` (classes,) each class's best log-probability."""
+    return np.dtype([("c", "<u2", (views, top)), ("lp", "<f2", (views, top)), ("best", "<f2", (classes,))])
 
 
 READ_BYTES = 64 << 20  # bytes read at a time by whole_rows from a run of consecutive rows
@@ -74,6 +81,19 @@ def read_rows(array: np.ndarray, rows: np.ndarray, *, view: int | None = None) -
 
 
 _IDENTITY = "_raresift_file"  # (device, inode) of the file a map opened by map_file maps
+_LAYOUT = "_raresift_layout"  # the vector layout of a map opened by Store.vectors
+
+
+def tag_layout(array: np.ndarray, layout: str) -> np.ndarray:
+    """Remember on ``array`` (a project's vector map) the layout it was opened in; see :func:`layout_of`."""
+    setattr(array, _LAYOUT, layout)
+    return array
+
+
+def layout_of(array: np.ndarray) -> str:
+    """The layout of a vector map from ``Store.vectors`` (``views`` for any other array): read from the map
+    itself, so a reader holding it is never told another layout by a `compact` that finished meanwhile."""
+    return getattr(array, _LAYOUT, "views")
 
 
 def map_file(path: str | os.PathLike, mode: str = "r") -> np.ndarray:
@@ -179,12 +199,15 @@ def read_block(array: np.ndarray, start: int, stop: int) -> np.ndarray:
         return np.array(array[start:stop])
     try:
         row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
-        want = (stop - start) * row_bytes
         out = np.empty((stop - start, *array.shape[1:]), dtype=array.dtype)
-        got = os.preadv(fd, [memoryview(out.reshape(-1).view(np.uint8))], array.offset + start * row_bytes)
-        if got != want:
-            raise ProjectError(f"{array.filename} was cut short while it was read (rows {start}-{stop} of "
-                               f"{array.shape[0]}); run the command again")
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        done, at = 0, array.offset + start * row_bytes
+        while done < len(buf):  # a read may return less than asked (network file systems): go on from there
+            got = os.preadv(fd, [buf[done:]], at + done)
+            if got <= 0:
+                raise ProjectError(f"{array.filename} was cut short while it was read (rows {start} to {stop - 1} "
+                                   f"of {array.shape[0]}); run the command again")
+            done += got
     finally:
         os.close(fd)
     return out
@@ -197,6 +220,7 @@ class BlockWriter:
     def __init__(self, path: Path, shape: tuple[int, ...], dtype: str | np.dtype):
         arr = create(path, shape, dtype)
         self.path, self.offset, self.dtype, self.tail = Path(path), arr.offset, arr.dtype, tuple(shape[1:])
+        self.rows, self.written = int(shape[0]), 0
         del arr
         self.fh = open(path, "r+b")  # noqa: SIM115  closed by close()
         self.fh.seek(self.offset)
@@ -205,10 +229,15 @@ class BlockWriter:
         block = np.ascontiguousarray(block, dtype=self.dtype)
         if block.shape[1:] != self.tail:
             raise ValueError(f"rows of {block.shape[1:]} written to a file of {self.tail}")
+        if self.written + len(block) > self.rows:
+            raise ValueError(f"{self.written + len(block)} rows written to a file of {self.rows}")
         self.fh.write(memoryview(block.reshape(-1).view(np.uint8)))
+        self.written += len(block)
 
     def close(self) -> None:
-        """Flush and fsync the file."""
+        """Flush and fsync the file; every row must have been written."""
+        if self.written != self.rows:
+            raise ValueError(f"{self.path} got {self.written} of its {self.rows} rows")
         if not self.fh.closed:
             self.fh.flush()
             os.fsync(self.fh.fileno())
