@@ -103,7 +103,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="keep a tiled project's vectors compact (0.27x the disk, the same features and evidence)",
         description="Convert a project whose tiled photos are kept as every view (projects embedded before "
         "the compact layout, or with --layout views) to the compact layout: per photo the whole-photo vector, "
-        "the mean and max over its tiles, and which tile each max value came from. The whole-photo vectors, "
+        "the mean and max over its tiles, which tile each max value came from, and (built-in models) each "
+        "view's top ImageNet classes with each class's best log-probability. The whole-photo vectors and "
         "the labels do not change; where rounds score knn pools the index is rebuilt as ivf-pq (it then "
         "re-ranks from the file rounds read). Safe to stop and run again; an `embed` started meanwhile stops "
         "with a message.",
