@@ -30,7 +30,6 @@ from .learn.features import MatrixFeatures
 from .learn.session import Session, knn_by_default, standardise
 from .learn.strategies import get_strategy
 from .settings import check_pool, default
-from .store.vectors import layout_of
 
 __all__ = ["PROTOCOLS", "SimulationData", "curve_points", "load_truth", "replay", "simulate"]
 
@@ -325,7 +324,7 @@ def simulate(
     """
     check_pool(pool)
     from .learn.coldstart import concepts_for, text_scores
-    from .learn.features import featurize, iter_blocks
+    from .learn.features import gather
     from .learn.loop import clusters as project_clusters
 
     if split not in ("random", "project"):
@@ -368,8 +367,7 @@ def simulate(
         if len(rows) < 10:
             raise NotReadyError(f"only {len(rows)} embedded photos have an answer; a simulation needs more")
         vectors = proj.vectors()
-        layout = layout_of(vectors)
-        X = np.concatenate([featurize(b, layout=layout) for _, b in iter_blocks(vectors, rows=rows)])
+        X = gather(vectors, rows)
         prior = text_scores(proj.store.logits(), mask, query)[rows] if query is not None else None
         extra = None
         if examples or stored_examples:
@@ -379,7 +377,7 @@ def simulate(
             keys = [proj.add_example(e) for e in examples] if examples else stored_examples
             feats = example_features(proj.store, keys)
             extra = (feats, np.ones(len(keys), dtype=np.int64))
-            sim = example_scores(vectors, mask, feats, layout=layout)[rows]
+            sim = example_scores(vectors, mask, feats)[rows]
             prior = sim if prior is None else np.fmax(standardise(prior), standardise(sim))
         clusters = None
         if protocol == "default" and prior is None:  # the project's own clusterings, as `next` explores them

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, NotReadyError
+from ..store.vectors import layout_of
 from .features import BLOCK_ROWS, DEFAULT_POOLING, featurize, iter_blocks
 
 __all__ = ["concepts_for", "example_scores", "example_scores_from_features", "text_scores", "text_scores_from_logits"]
@@ -253,9 +254,10 @@ def example_scores_from_features(X: np.ndarray, examples: np.ndarray) -> np.ndar
 
 
 def example_scores(vectors: np.ndarray, mask: np.ndarray, examples: np.ndarray, *, pooling: str = DEFAULT_POOLING,
-                   layout: str = "views") -> np.ndarray:
-    """Similarity of every row of the vectors (kept in ``layout``) to the example features ``examples`` (nan where
-    not embedded)."""
+                   layout: str | None = None) -> np.ndarray:
+    """Similarity of every row of the vectors (kept in ``layout``, default the map's own,
+    :func:`raresift.store.vectors.layout_of`) to the example features ``examples`` (nan where not embedded)."""
+    layout = layout or layout_of(vectors)
     E = np.asarray(examples, dtype=np.float32)
     out = np.empty(vectors.shape[0], dtype=np.float32)
     for idx, b in iter_blocks(vectors):

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..store.vectors import LOGIT_TOP, read_rows, top_logits_dtype
+from ..store.vectors import LOGIT_TOP, layout_of, read_rows, top_logits_dtype
 
 __all__ = [
     "BLOCK_ROWS",
@@ -146,10 +146,12 @@ def iter_blocks(vectors: np.ndarray, *, rows: np.ndarray | None = None, block: i
         yield idx, read_rows(vectors, idx)
 
 
-def gather(vectors: np.ndarray, rows: np.ndarray, pooling: str = DEFAULT_POOLING, *, layout: str = "views"
+def gather(vectors: np.ndarray, rows: np.ndarray, pooling: str = DEFAULT_POOLING, *, layout: str | None = None
            ) -> np.ndarray:
-    """Features of the given rows (any order), as one float32 matrix."""
+    """Features of the given rows (any order), as one float32 matrix. ``layout``: what ``vectors`` holds (default:
+    the layout the map was opened in, :func:`raresift.store.vectors.layout_of`)."""
     rows = np.asarray(rows, dtype=np.int64)
+    layout = layout or layout_of(vectors)
     if len(rows) == 0:
         views = vectors.shape[1] if vectors.ndim == 3 else 1
         return np.zeros((0, feature_dim(views, vectors.shape[-1], pooling)), dtype=np.float32)
@@ -210,14 +212,15 @@ class VectorFeatures:
     read-only project), every block is featurised. With ``remote`` (a
     :class:`raresift.ray_jobs.RayScoring`), :meth:`linear` runs as a Ray Data job over shards of the
     vector file instead (``next --engine ray``), featurising each block with the same code. ``layout``
-    says what the vector file holds (:data:`LAYOUTS`: every view, or the compact parts).
+    says what the vector file holds (:data:`LAYOUTS`: every view, or the compact parts; default: the layout
+    the map was opened in, :func:`raresift.store.vectors.layout_of`).
     """
 
     def __init__(self, vectors: np.ndarray, pooling: str = DEFAULT_POOLING, *, cache=None, remote=None,
-                 pooled: np.ndarray | None = None, layout: str = "views"):
+                 pooled: np.ndarray | None = None, layout: str | None = None):
         self.vectors = vectors
         self.pooling = pooling
-        self.layout = layout
+        self.layout = layout or layout_of(vectors)
         self.cache = cache
         self.remote = remote
         # Tiled photos at scale: every photo's feature, featurised once (float16, :func:`pooled_features`).
@@ -376,8 +379,8 @@ def compact_logits(block: np.ndarray, top: int = LOGIT_TOP) -> np.ndarray:
     return out
 
 
-def pooled_features(vectors: np.ndarray, cache, pooling: str = DEFAULT_POOLING, *, build: bool = True,
-                    layout: str = "views") -> np.ndarray | None:
+def pooled_features(vectors: np.ndarray, cache, pooling: str = DEFAULT_POOLING, *, build: bool = True
+                    ) -> np.ndarray | None:
     """Every photo's feature (:func:`featurize`) as a float16 ``(rows, feature_dim)`` memory map, written
     once per vector generation: for tiled photos kept as views at scale, a round then reads 3 x dim values
     a photo (7.7 KB at 1280-d) instead of featurising 10 views (25.6 KB) from the vector file. (Kept
@@ -385,14 +388,14 @@ def pooled_features(vectors: np.ndarray, cache, pooling: str = DEFAULT_POOLING, 
     With ``build=False``, the file if it is there, else None."""
     views = vectors.shape[1] if vectors.ndim == 3 else 1
     shape = (vectors.shape[0], feature_dim(views, vectors.shape[-1], pooling))
-    parts = (vectors.shape, pooling, tuple(sorted(PART_WEIGHTS.items())))  # compact: other shape, other key
+    parts = (vectors.shape, pooling, tuple(sorted(PART_WEIGHTS.items())))
     if not build:
         return cache.existing("pooled", parts)
 
     def write(tmp) -> None:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
         for rows, block in iter_blocks(vectors):
-            out[rows[0] : rows[-1] + 1] = featurize(block, pooling, layout=layout).astype(np.float16)
+            out[rows[0] : rows[-1] + 1] = featurize(block, pooling, layout=layout_of(vectors)).astype(np.float16)
         out.flush()
         del out
 

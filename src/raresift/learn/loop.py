@@ -154,9 +154,8 @@ def _prior(store: Store, pool_rows: np.ndarray) -> tuple[np.ndarray | None, str 
         if query:
             parts.append(standardise(query_scores(store, mask, query), pool_rows))
         if examples:
-            vectors = store.vectors()
-            parts.append(standardise(example_scores(vectors, mask, example_features(store, examples),
-                                                    layout=layout_of(vectors)), pool_rows))
+            parts.append(standardise(example_scores(store.vectors(), mask, example_features(store, examples)),
+                                     pool_rows))
         return parts[0] if len(parts) == 1 else np.nanmax(np.stack(parts), axis=0)
 
     name = "prior" if store.concept == DEFAULT_CONCEPT else f"prior-{store.concept}"  # one slot per concept
@@ -180,9 +179,8 @@ def query_scores(store: Store, mask: np.ndarray, query: str) -> np.ndarray:
 
 def example_features(store: Store, examples: list[str]) -> np.ndarray:
     """Features of example photos: photos of the project (ids) and photos from outside (``file:HASH``)."""
-    vectors = store.vectors()
-    rows = [store.image_id(e) - 1 for e in examples if not e.startswith(EXAMPLE_PREFIX)]
-    parts = [gather(vectors, np.array(rows, dtype=np.int64), layout=layout_of(vectors))] if rows else []
+    ids = [store.image_id(e) for e in examples if not e.startswith(EXAMPLE_PREFIX)]
+    parts = [_gather_ids(store, ids)] if ids else []
     outside = [store.example_vectors(e) for e in examples if e.startswith(EXAMPLE_PREFIX)]
     if outside:
         parts.append(featurize(np.stack(outside)))
@@ -210,8 +208,7 @@ def clusters(store: Store) -> list[tuple[np.ndarray, np.ndarray]]:
     def build() -> dict[str, np.ndarray]:
         mask = store.embedded_mask()
         rows = np.flatnonzero(mask)
-        vectors = store.vectors()
-        feats = VectorFeatures(vectors, layout=layout_of(vectors))
+        feats = VectorFeatures(store.vectors())
         levels = explore_levels(RowSubset(feats, rows), seed=0)
         out: dict[str, np.ndarray] = {"levels": np.array(len(levels))}
         for i, (ids, prio) in enumerate(levels):
@@ -299,8 +296,7 @@ def load_session(store: Store, *, warm: bool = True, engine: str = "local", ray_
     knn_sized = _knn_sized(store)
     cache = None if knn_sized else store.vector_cache  # see prepare_scoring
     pooled = None
-    layout = layout_of(vectors)
-    if knn_sized and vectors.ndim == 3 and vectors.shape[1] > 1 and layout == "views":
+    if knn_sized and vectors.ndim == 3 and vectors.shape[1] > 1 and layout_of(vectors) == "views":
         # Written by prepare_scoring (after embed / init): a round only uses it, never pays for it.
         pooled = pooled_features(vectors, store.vector_cache, build=False)
     remote = None
@@ -308,7 +304,7 @@ def load_session(store: Store, *, warm: bool = True, engine: str = "local", ray_
         from ..ray_jobs import RayScoring
 
         remote = RayScoring(vectors.filename, address=ray_address)
-    features = VectorFeatures(vectors, DEFAULT_POOLING, cache=cache, remote=remote, pooled=pooled, layout=layout)
+    features = VectorFeatures(vectors, DEFAULT_POOLING, cache=cache, remote=remote, pooled=pooled)
     session = Session(features, labels, pool, prior=None if prior is None else prior[:n], prior_kind=prior_kind,
                       clusters=level, head=head, extra=extra)
     return session, {"labels": labels, "test": test, "mask": mask}, _fingerprint(labels, pool, store)
@@ -527,9 +523,8 @@ def next_batch(
 
 
 def _gather_ids(store: Store, image_ids: list[int]) -> np.ndarray:
-    """Features of the project's photos ``image_ids``."""
-    vectors = store.vectors()
-    return gather(vectors, np.array(image_ids, dtype=np.int64) - 1, layout=layout_of(vectors))
+    """Features of the project's photos ``image_ids`` (any order)."""
+    return gather(store.vectors(), np.array(image_ids, dtype=np.int64) - 1)
 
 
 def _neighbours(store: Store):
