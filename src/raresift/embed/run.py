@@ -26,7 +26,7 @@ from ..learn.features import check_layout, compact_logits, compact_views
 from ..ray_jobs import check_engine
 from ..settings import default
 from ..store.store import Store
-from ..store.vectors import BlockWriter, read_block, top_logits_dtype
+from ..store.vectors import BlockWriter, fsync_path, read_block, top_logits_dtype
 from .batches import decode_item, model_chunk, run_model
 from .decode import DEFAULT_MAX_PIXELS, RESIZE_MODES, Views
 from .models import (
@@ -190,10 +190,7 @@ def embed_project(
             raise InputError(f"{model} scores a text query on every view of a photo, which --layout compact does not "
                              "keep; use --layout views")
     wanted = {"embed.model": model, "embed.tiles": str(tiles), "embed.resize": resize}
-    kept = [p for p in store.paths.vector_files(store.layout) if p is not None]
-    if store.meta("embed.logits") != "1":
-        kept = [p for p in kept if p not in (store.paths.logits, store.paths.logittop)]
-    if store.embedding_info() is None or not all(p.exists() for p in kept):
+    if store.embedding_info() is None or not all(p.exists() for p in store.layout_files(store.layout)):
         # Vectors without saved settings (killed before they were saved), or settings without vectors
         # (killed while discarding them, or a deleted file): neither can be trusted, start over.
         store.reset_embeddings()
@@ -341,8 +338,8 @@ def compact_project(store: Store, *, progress: Callable[[int], None] | None = No
     old = [p for p in store.paths.vector_files("views") if p is not None]
     new = [p for p in store.paths.vector_files("compact") if p is not None]
     if info["layout"] == "compact":
-        needed = [store.paths.parts, store.paths.tilemax] + ([store.paths.logittop] if info["logits"] else [])
-        if all(p.exists() for p in needed):  # finish a run killed after the switch; else keep what is left
+        # Finish a run killed after the switch, where its files are all there (else keep what is left).
+        if all(p.exists() for p in store.layout_files("compact")):
             for path in old:
                 path.unlink(missing_ok=True)
             _drop_views_caches(store)
@@ -380,7 +377,8 @@ def compact_project(store: Store, *, progress: Callable[[int], None] | None = No
         for final, writer in writers.items():
             writer.close()
             os.replace(writer.path, final)
-        _fsync_dir(store.paths.embed_dir)  # the renames are on disk before the layout says compact
+        with contextlib.suppress(OSError):  # not every file system syncs a folder
+            fsync_path(store.paths.embed_dir)  # the renames are on disk before the layout says compact
     finally:
         for writer in writers.values():
             writer.fh.close()
@@ -399,15 +397,6 @@ def _drop_views_caches(store: Store) -> None:
     (text priors): removed when a project becomes compact."""
     for path in [*store.vector_cache.folder.glob("pooled-*.npy"), *store.cache.folder.glob("prior*-*.npy")]:
         path.unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every file system syncs a folder
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def store_batch(

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import InputError, NotReadyError
 from ..store.vectors import layout_of
-from .features import BLOCK_ROWS, DEFAULT_POOLING, featurize, iter_blocks
+from .features import BLOCK_ROWS, DEFAULT_POOLING, featurize, iter_blocks, log_sum_exp
 
 __all__ = ["concepts_for", "example_scores", "example_scores_from_features", "text_scores", "text_scores_from_logits"]
 
@@ -221,8 +221,7 @@ def text_scores_from_logits(logits: np.ndarray, concepts: list[tuple[int, str, f
         return out
     for rows, b in iter_blocks(logits, block=block):
         z = np.asarray(b, dtype=np.float32)
-        m = z.max(axis=2, keepdims=True)
-        lse = m[..., 0] + np.log(np.exp(z - m).sum(axis=2))
+        lse = log_sum_exp(z)
         p = (np.exp(z[..., idx] - lse[..., None]) * w).sum(axis=2)  # (rows, views)
         out[rows] = np.log(p.max(axis=1) + 1e-9)
     return out

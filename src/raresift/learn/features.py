@@ -50,6 +50,7 @@ __all__ = [
     "gather",
     "iter_blocks",
     "linear_scores",
+    "log_sum_exp",
     "pooled_features",
     "signed_sqrt",
     "sqrt_features",
@@ -357,6 +358,12 @@ def compact_views(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return parts, tile_argmax(block)
 
 
+def log_sum_exp(z: np.ndarray) -> np.ndarray:
+    """``log(sum(exp(z)))`` over the last axis, without overflow: the normaliser of softmax log-probabilities."""
+    m = z.max(axis=-1, keepdims=True)
+    return m[..., 0] + np.log(np.exp(z - m).sum(axis=-1))
+
+
 def compact_logits(block: np.ndarray, top: int = LOGIT_TOP) -> np.ndarray:
     """``(rows, views, classes)`` logits as the compact layout keeps them: ``(rows,)`` records of
     :func:`raresift.store.vectors.top_logits_dtype`, each view's ``top`` most likely classes (class index,
@@ -369,8 +376,7 @@ def compact_logits(block: np.ndarray, top: int = LOGIT_TOP) -> np.ndarray:
         z = z[:, None, :]
     rows, views, classes = z.shape
     top = min(top, classes)
-    m = z.max(axis=2, keepdims=True)
-    logp = z - (m + np.log(np.exp(z - m).sum(axis=2, keepdims=True)))
+    logp = z - log_sum_exp(z)[..., None]
     idx = np.argpartition(-logp, top - 1, axis=2)[..., :top]
     out = np.empty(rows, dtype=top_logits_dtype(views, classes, top))
     out["c"] = idx

@@ -473,6 +473,13 @@ class Store:
             return None
         return self._open_layout_file(1)[0]
 
+    def layout_files(self, layout: str) -> list[Path]:
+        """The files an embedding kept in ``layout`` is made of: the vectors, the tile indices (compact) and the
+        logits (models that have them)."""
+        vectors, logits, tiles = self.paths.vector_files(layout)
+        files = [vectors] if tiles is None else [vectors, tiles]
+        return files + [logits] if self.meta("embed.logits") == "1" else files
+
     def tile_argmax(self) -> np.ndarray | None:
         """Compact layout: ``(images, dim)`` uint8, the tile each value of a photo's max part comes from
         (:func:`raresift.learn.features.tile_argmax`); None in the views layout."""

@@ -31,6 +31,11 @@ def top_logits_dtype(views: int, classes: int = 1000, top: int = LOGIT_TOP) -> n
 READ_BYTES = 64 << 20  # bytes read at a time by whole_rows from a run of consecutive rows
 
 
+def _row_bytes(array: np.ndarray) -> int:
+    """Bytes of one row of ``array`` (one photo: all its views)."""
+    return array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
+
+
 def whole_rows(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Whole-photo vectors (view 0) of ``rows`` as float32 (reads only those rows of a memory map; a run of
     consecutive rows with :func:`read_block`, so a pass over the file does not map it into the process)."""
@@ -40,8 +45,7 @@ def whole_rows(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
         part = read_rows(vectors, rows, view=0 if vectors.ndim == 3 else None)
         return np.ascontiguousarray(part, dtype=np.float32)
     out = np.empty((len(rows), vectors.shape[-1]), dtype=np.float32)
-    row_bytes = vectors.dtype.itemsize * int(np.prod(vectors.shape[1:], dtype=np.int64))
-    step = max(1, READ_BYTES // max(1, row_bytes))
+    step = max(1, READ_BYTES // max(1, _row_bytes(vectors)))
     first = int(rows[0])
     for start in range(0, len(rows), step):
         block = read_block(vectors, first + start, first + min(len(rows), start + step))
@@ -65,7 +69,7 @@ def read_rows(array: np.ndarray, rows: np.ndarray, *, view: int | None = None) -
     if fd is None:
         return np.asarray(array[rows] if view is None else array[rows, view])
     try:
-        row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
+        row_bytes = _row_bytes(array)
         shape = array.shape[1:] if view is None else array.shape[2:]
         out = np.empty((len(rows), *shape), dtype=array.dtype)
         size = out.dtype.itemsize * int(np.prod(shape, dtype=np.int64))
@@ -168,7 +172,7 @@ def ensure(path: Path, rows: int, tail: tuple[int, ...], dtype: str | np.dtype) 
             grown[start : start + len(block)] = block  # grown is longer: bound the slice by the block
         grown.flush()
         del grown, current
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
         return map_file(path, "r+")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +181,7 @@ def ensure(path: Path, rows: int, tail: tuple[int, ...], dtype: str | np.dtype) 
     _preallocate(tmp)
     arr.flush()
     del arr
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
     return map_file(path, "r+")
 
@@ -198,7 +202,7 @@ def read_block(array: np.ndarray, start: int, stop: int) -> np.ndarray:
     if fd is None:
         return np.array(array[start:stop])
     try:
-        row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
+        row_bytes = _row_bytes(array)
         out = np.empty((stop - start, *array.shape[1:]), dtype=array.dtype)
         buf = memoryview(out.reshape(-1).view(np.uint8))
         done, at = 0, array.offset + start * row_bytes
@@ -270,7 +274,8 @@ def _preallocate(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: its entries, e.g. renames into it, are on disk)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
