@@ -92,49 +92,48 @@ def write_truth(path: Path, truth: dict[str, int]) -> Path:
     return path
 
 
+def _embedded(root: Path, images: Path, **embed_options) -> Path:
+    """A project at ``root / "project"`` of the photos under ``images``, embedded with the real model."""
+    from raresift import Project
+
+    with Project.create(root / "project", images=images) as project:
+        project.add_images()
+        project.embed(batch_size=16, **embed_options)
+    return root / "project"
+
+
+def _private_copy(template: tuple[Path, Path, dict[str, int]], tmp_path: Path) -> tuple[Path, Path, dict[str, int]]:
+    src, images, truth = template
+    dst = tmp_path / "project"
+    shutil.copytree(src, dst)
+    return dst, images, truth
+
+
 @pytest.fixture(scope="session")
 def embedded_template(tmp_path_factory) -> tuple[Path, Path, dict[str, int]]:
     """A project of 40 generated photos (6 rare), embedded once per session with the real model."""
-    from raresift import Project
-
     root = tmp_path_factory.mktemp("embedded")
-    images = root / "images"
-    truth = make_collection(images, n=40, n_rare=6)
-    with Project.create(root / "project", images=images) as project:
-        project.add_images()
-        project.embed(batch_size=16)
-    return root / "project", images, truth
+    truth = make_collection(root / "images", n=40, n_rare=6)
+    return _embedded(root, root / "images"), root / "images", truth
 
 
 @pytest.fixture
 def embedded_project(embedded_template, tmp_path) -> tuple[Path, Path, dict[str, int]]:
     """A private copy of the embedded template: (project folder, images folder, answer key)."""
-    src, images, truth = embedded_template
-    dst = tmp_path / "project"
-    shutil.copytree(src, dst)
-    return dst, images, truth
+    return _private_copy(embedded_template, tmp_path)
 
 
 @pytest.fixture(scope="session")
 def embedded_views_template(embedded_template, tmp_path_factory) -> tuple[Path, Path, dict[str, int]]:
     """The photos of :func:`embedded_template` embedded with ``layout="views"`` (every view kept)."""
-    from raresift import Project
-
     _, images, truth = embedded_template
-    root = tmp_path_factory.mktemp("embedded-views")
-    with Project.create(root / "project", images=images) as project:
-        project.add_images()
-        project.embed(batch_size=16, layout="views")
-    return root / "project", images, truth
+    return _embedded(tmp_path_factory.mktemp("embedded-views"), images, layout="views"), images, truth
 
 
 @pytest.fixture
 def embedded_views_project(embedded_views_template, tmp_path) -> tuple[Path, Path, dict[str, int]]:
     """A private copy of :func:`embedded_views_template`."""
-    src, images, truth = embedded_views_template
-    dst = tmp_path / "project"
-    shutil.copytree(src, dst)
-    return dst, images, truth
+    return _private_copy(embedded_views_template, tmp_path)
 
 
 @pytest.fixture
