@@ -34,6 +34,7 @@ split across variants), the mean number of labels until the first positive, and 
 Usage:
     python benchmarks/coldstart_caltech.py --work /work/devdata/coldstart            # ~1 h on one core
     python benchmarks/coldstart_caltech.py --work DIR --images DIR --repeats 2 --seed 0 --variants shipped,kmeans-collection --skip-starts
+    python benchmarks/coldstart_caltech.py --work DIR --tiles 3 --variants shipped     # on raresift's default tiles
 
 ``--work`` holds the project (``WORK/caltech``), the answer keys (``WORK/keys``) and the results
 of every simulated class and variant (``WORK/results``, keyed by the settings and the variant's
@@ -63,7 +64,7 @@ from threadpoolctl import threadpool_limits
 import raresift.learn.session as session_module
 from raresift import Project
 from raresift.learn.coldstart import cluster_features, cluster_levels, concepts_for, explore_levels, explore_picks
-from raresift.learn.features import featurize, iter_blocks
+from raresift.learn.features import PART_WEIGHTS, featurize, iter_blocks
 from raresift.learn.loop import clusters as project_clusters
 from raresift.simulate import SimulationData, load_truth, replay, simulate
 
@@ -75,8 +76,8 @@ PREFERRED = Path("/work/shared/datasets/caltech101/101_ObjectCategories")
 
 
 # ---------------------------------------------------------------------------------------- setup
-def ensure_project(project: Path, images: Path) -> None:
-    """``raresift init`` + ``raresift embed --tiles 0`` (the embed resumes where it stopped)."""
+def ensure_project(project: Path, images: Path, tiles: int = 0) -> None:
+    """``raresift init`` + ``raresift embed --tiles TILES`` (the embed resumes where it stopped)."""
     cli = [sys.executable, "-m", "raresift"]
     if not (project / "raresift.sqlite").exists():
         subprocess.run(cli + ["init", str(project), "--images", str(images)], check=True)
@@ -84,11 +85,11 @@ def ensure_project(project: Path, images: Path) -> None:
         todo = int((~p.embedded_mask()).sum())
         info = p.embedding_info()
     if todo or info is None:
-        subprocess.run(cli + ["embed", str(project), "--tiles", "0", "--no-progress"], check=True)
+        subprocess.run(cli + ["embed", str(project), "--tiles", str(tiles), "--no-progress"], check=True)
     with Project.open(project) as p:
         info = p.embedding_info()
-    if info.get("tiles") not in (0, None) or info.get("views", 1) != 1:
-        raise SystemExit(f"{project} was embedded with tiles ({info}); this benchmark wants --tiles 0")
+    if (info.get("tiles") or 0) != tiles:
+        raise SystemExit(f"{project} was embedded with tiles={info.get('tiles')}; this run wants --tiles {tiles}")
 
 
 def choose_classes(ids: list[str], n: int, min_photos: int, seed: int) -> tuple[list[str], list[str]]:
@@ -597,12 +598,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default=None, help="comma-separated explorer names (default: all)")
     ap.add_argument("--skip-starts", action="store_true", help="only the explorers (part 2)")
+    ap.add_argument("--tiles", type=int, default=0,
+                    help="the project's tiles: 0 = whole photo only (WORK/caltech), N = raresift's default "
+                         "N x N tiles, kept compact (WORK/caltech-tilesN)")
     ap.add_argument("--fresh", action="store_true", help="recompute everything, ignoring stored results")
     args = ap.parse_args(argv)
     t0 = time.time()
     threadpool_limits(1)  # a fair share of a shared machine
-    project = args.work / "caltech"
-    ensure_project(project, args.images)
+    project = args.work / ("caltech" if not args.tiles else f"caltech-tiles{args.tiles}")
+    ensure_project(project, args.images, args.tiles)
     cache = Cache(args.work / "results", args.fresh)
     with Project.open(project) as p:
         mask = p.embedded_mask()
@@ -613,8 +617,12 @@ def main(argv: list[str] | None = None) -> int:
     keys = {c: make_key(c, ids, args.images, args.work / "keys", args.seed, args.positives) for c in classes}
     settings = {"budget": args.budget, "repeats": args.repeats, "seed": args.seed, "positives": args.positives,
                 "photos": n_photos}
+    if args.tiles:  # (whole-photo results stored before this option keep their keys)
+        settings["tiles"] = args.tiles
+        settings["part_weights"] = dict(PART_WEIGHTS)
     print(f"# Cold starts on Caltech-101: {args.positives} photos of a class among the other classes' photos\n")
-    print(f"Project: {n_photos} photos embedded with `raresift embed --tiles 0` (whole photo only). Per class the "
+    how = "--tiles 0` (whole photo only)" if not args.tiles else f"--tiles {args.tiles}` (raresift's default layout)"
+    print(f"Project: {n_photos} photos embedded with `raresift embed {how}. Per class the "
           f"answer key holds every photo of the other classes (0) and {args.positives} of the class (1); one more "
           f"photo of the class is the outside example. Sessions: `simulate(protocol='default', budget={args.budget}, "
           f"repeats={args.repeats}, seed={args.seed}, k=None)`.\n")

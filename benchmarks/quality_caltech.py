@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,59 @@ def _points(runs: list[dict]) -> dict[int, tuple[float, float]]:
     return {k: (float(np.mean([a for a, _ in v])), float(np.nanmean([b for _, b in v]))) for k, v in by.items()}
 
 
+@dataclass
+class CaltechData:
+    """What the sessions replay: every embedded photo's feature, ImageNet logits and class folder,
+    and the project's own clusterings (the ones `raresift next` explores)."""
+
+    X: np.ndarray
+    logits: np.ndarray
+    folder: np.ndarray
+    clusters: list
+
+
+def load(project: Path, images: Path = DEFAULT_IMAGES) -> CaltechData:
+    """Open (or make and embed) the project and featurise its photos with today's feature settings."""
+    with _open(project, images) as p:
+        rows = np.flatnonzero(p.embedded_mask())
+        ids = [p.image_ids()[r] for r in rows]
+        layout = p.store.layout
+        X = np.concatenate([featurize(b, layout=layout) for _, b in iter_blocks(p.vectors(), rows=rows)])
+        logits = np.asarray(p.imagenet_logits()[rows])
+        clusters = [(ids_[rows], dist[rows]) for ids_, dist in project_clusters(p.store)]
+    return CaltechData(X, logits, np.array([i.split("/")[0] for i in ids]), clusters)
+
+
+def run_classes(data: CaltechData, classes: list[str], *, repeats: int, plain_repeats: int = 0, seed: int = 0,
+                t0: float | None = None, seed_protocol: bool = True):
+    """Each class the rare class in turn: ``seed`` and ``default`` sessions (and the plain strategies),
+    as ``{class: {method: {labels: (precision@K, AP)}}}``, and which classes have an ImageNet concept."""
+    t0 = time.time() if t0 is None else t0
+    results: dict[str, dict[str, dict[int, tuple[float, float]]]] = {}
+    has_concept: dict[str, bool] = {}
+    for i, c in enumerate(classes, 1):
+        y = (data.folder == c).astype(np.int64)
+        concepts = concepts_for(c.replace("_", " "))
+        has_concept[c] = bool(concepts)
+        prior = text_scores_from_logits(data.logits, concepts) if concepts else None
+        rng = lambda r: np.random.default_rng(seed + r)
+        res = {}
+        if seed_protocol:
+            res["seed"] = _points([replay(SimulationData(data.X, y), protocol="seed", rng=rng(r), k=None)
+                                   for r in range(repeats)])
+        res["default"] = _points([replay(SimulationData(data.X, y, prior, clusters=None if concepts else data.clusters),
+                                         protocol="default", rng=rng(r), k=None, budget=400)
+                                  for r in range(repeats)])
+        for s in PLAIN if plain_repeats else ():
+            res[s] = _points([replay(SimulationData(data.X, y), protocol="default", strategy=s, rng=rng(r), k=None,
+                                     budget=200) for r in range(plain_repeats)])
+        results[c] = res
+        seed_txt = f"seed@400 {res['seed'][400][0]:.2f}, " if seed_protocol else ""
+        print(f"[{i}/{len(classes)} {time.time() - t0:.0f}s] {c}: {seed_txt}"
+              f"default@100 {res['default'][100][0]:.2f} @400 {res['default'][400][0]:.2f}", file=sys.stderr)
+    return results, has_concept
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--project", type=Path, required=True, help="embedded Caltech-101 project, or where to make one")
@@ -67,45 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.time()
     threadpool_limits(1)  # a fair share of a machine that others use too
-    with _open(args.project, args.images) as project:
-        mask = project.embedded_mask()
-        rows = np.flatnonzero(mask)
-        ids = [project.image_ids()[r] for r in rows]
-        layout = project.store.layout
-        X = np.concatenate([featurize(b, layout=layout) for _, b in iter_blocks(project.vectors(), rows=rows)])
-        logits = np.asarray(project.imagenet_logits()[rows])
-        # the project's own clusterings, the ones `raresift next` explores
-        clusters = [(ids_[rows], dist[rows]) for ids_, dist in project_clusters(project.store)]
-    folder = np.array([p.split("/")[0] for p in ids])
-    names, counts = np.unique(folder, return_counts=True)
+    data = load(args.project, args.images)
+    names, counts = np.unique(data.folder, return_counts=True)
     if args.classes:
         classes = args.classes.split(",")
     else:
-        classes = [c for c, n in sorted(zip(names, counts), key=lambda t: t[1]) if n < args.share * len(ids)]
-    print(f"Caltech-101: {len(ids)} photos, {len(classes)} rare classes (< {args.share:.0%}); "
+        classes = [c for c, n in sorted(zip(names, counts), key=lambda t: t[1]) if n < args.share * len(data.folder)]
+    print(f"Caltech-101: {len(data.folder)} photos, {len(classes)} rare classes (< {args.share:.0%}); "
           f"{args.repeats} sessions per class (plain strategies: {args.plain_repeats})", file=sys.stderr)
-    results: dict[str, dict[str, dict[int, tuple[float, float]]]] = {}
-    has_concept: dict[str, bool] = {}
-    for i, c in enumerate(classes, 1):
-        y = (folder == c).astype(np.int64)
-        query = c.replace("_", " ")
-        concepts = concepts_for(query)
-        has_concept[c] = bool(concepts)
-        prior = text_scores_from_logits(logits, concepts) if concepts else None
-        rng = lambda r: np.random.default_rng(args.seed + r)
-        res = {
-            "seed": _points([replay(SimulationData(X, y), protocol="seed", rng=rng(r), k=None)
-                             for r in range(args.repeats)]),
-            "default": _points([replay(SimulationData(X, y, prior, clusters=None if concepts else clusters),
-                                       protocol="default", rng=rng(r), k=None, budget=400)
-                                for r in range(args.repeats)]),
-        }
-        for s in PLAIN if args.plain_repeats else ():
-            res[s] = _points([replay(SimulationData(X, y), protocol="default", strategy=s, rng=rng(r), k=None,
-                                     budget=200) for r in range(args.plain_repeats)])
-        results[c] = res
-        print(f"[{i}/{len(classes)} {time.time() - t0:.0f}s] {c}: seed@400 {res['seed'][400][0]:.2f}, "
-              f"default@100 {res['default'][100][0]:.2f} @400 {res['default'][400][0]:.2f}", file=sys.stderr)
+    results, has_concept = run_classes(data, classes, repeats=args.repeats, plain_repeats=args.plain_repeats,
+                                       seed=args.seed, t0=t0)
     _report(results, has_concept, dict(zip(names, counts)), args, time.time() - t0)
     return 0
 
