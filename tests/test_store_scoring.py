@@ -280,5 +280,18 @@ def test_tiled_features_cached_at_knn_scale_score_as_featurised(embedded_views_p
         assert np.array_equal(pooled_features(p.vectors(), p.store.vector_cache), cached.pooled)
         again = next(p.store.paths.embed_dir.glob("pooled-*.npy")).stat()
         assert (again.st_ino, again.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)  # built once
+        # The feature settings changed since (an upgrade): the next round writes the cache for the new
+        # ones once, in place of the old, and reads it from then on.
+        from raresift.learn.features import PART_WEIGHTS
+
+        before = plain[rows]
+        monkeypatch.setitem(PART_WEIGHTS, "whole", 0.5)
+        rewritten = load_session(p.store)[0].features
+        assert rewritten.pooled is not None
+        files = list(p.store.paths.embed_dir.glob("pooled-*.npy"))
+        assert len(files) == 1 and files[0].stat().st_ino != written.st_ino
+        np.testing.assert_allclose(rewritten[rows], VectorFeatures(p.vectors())[rows], atol=2e-3)
+        assert not np.allclose(rewritten[rows], before, atol=2e-3)
+        monkeypatch.setitem(PART_WEIGHTS, "whole", 1.0)
         p.label([(path, v) for path, v in sorted(truth.items())[:12]] + [(path, 1) for path, v in truth.items() if v][:2])
         assert len(p.next(5, seed=0)) == 5
