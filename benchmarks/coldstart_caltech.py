@@ -442,7 +442,11 @@ def explorers() -> list[Explorer]:
 
     return [
         Explorer("shipped", "raresift's explorer (`explore_levels` fitted on the simulated collection only, "
-                 "`explore_picks`): HDBSCAN groups smallest first, then n/20 k-means clusters in stratified order",
+                 "`explore_picks`): HDBSCAN groups smallest first, then n/20 k-means clusters in stratified order; "
+                 "on the whole photo's vectors (of a tiled photo's feature, its whole-photo part)",
+                 lambda ctx: explore_levels(whole_part(ctx["X"]), seed=0), explore_picks),
+        Explorer("tiled-feature", "the same on the head's whole feature (whole photo, tiles' mean and max: "
+                 "what raresift explored before December 2 2026; on a whole-photo project the same as shipped)",
                  lambda ctx: explore_levels(ctx["X"], seed=0), explore_picks),
         Explorer("shipped-random-order", "the same with the k-means clusters in random order (stratified=False)",
                  lambda ctx: explore_levels(ctx["X"], seed=0, stratified=False), explore_picks),
@@ -485,6 +489,15 @@ def explorers() -> list[Explorer]:
                  lambda ctx: [hdb_level(ctx), hdb_level(ctx, leaf=True), singletons(traversal(ctx))],
                  explore_by_priority),
     ]
+
+
+def whole_part(X: np.ndarray, dim: int = 1280) -> np.ndarray:
+    """The whole photo's part of tiled features (whole, mean, max; Lite2's 1280-d each), unit length; whole-photo
+    features as they are."""
+    if X.shape[1] != 3 * dim:
+        return X
+    part = np.ascontiguousarray(X[:, :dim], dtype=np.float32)
+    return part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
 
 
 def _as_priority(levels: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -202,13 +202,17 @@ def clusters(store: Store) -> list[tuple[np.ndarray, np.ndarray]]:
     small HDBSCAN groups, then k-means clusters; group id and priority per row), cached.
 
     Fitted on the embedded rows only with seed 0 (a property of the collection, the same for every
-    round, simulation and surface); rows not embedded are in no group (-1).
+    round, simulation and surface); rows not embedded are in no group (-1). Fitted on the whole-photo
+    vectors (signed square root, unit length), not the tiles' parts of the head's feature: what a
+    photo shows as a whole groups photos of one kind, where the tiles add the clutter around them
+    (60 Caltech-101 classes cut to 1 in 450, tiled projects, no hint: 6.75 of about 11.5 found after
+    100 labels against 5.53 with the head's feature, 9.01 against 8.64 after 300; ``benchmarks/RESULTS.md``).
     """
 
     def build() -> dict[str, np.ndarray]:
         mask = store.embedded_mask()
         rows = np.flatnonzero(mask)
-        feats = VectorFeatures(store.vectors())
+        feats = VectorFeatures(store.vectors(), "whole")
         levels = explore_levels(RowSubset(feats, rows), seed=0)
         out: dict[str, np.ndarray] = {"levels": np.array(len(levels))}
         for i, (ids, prio) in enumerate(levels):
@@ -218,7 +222,7 @@ def clusters(store: Store) -> list[tuple[np.ndarray, np.ndarray]]:
             out[f"ids{i}"], out[f"prio{i}"] = full_ids, full_prio
         return out
 
-    arrays = store.cache.arrays("clusters", ("explore-3", DEFAULT_POOLING, PART_WEIGHTS), build)
+    arrays = store.cache.arrays("clusters", ("explore-4", "whole"), build)
     return [(arrays[f"ids{i}"], arrays[f"prio{i}"]) for i in range(int(arrays["levels"]))]
 
 
