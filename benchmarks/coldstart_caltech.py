@@ -64,7 +64,7 @@ from threadpoolctl import threadpool_limits
 import raresift.learn.session as session_module
 from raresift import Project
 from raresift.learn.coldstart import cluster_features, cluster_levels, concepts_for, explore_levels, explore_picks
-from raresift.learn.features import PART_WEIGHTS, featurize, iter_blocks
+from raresift.learn.features import PART_WEIGHTS, gather
 from raresift.learn.loop import clusters as project_clusters
 from raresift.simulate import SimulationData, load_truth, replay, simulate
 
@@ -574,7 +574,7 @@ def class_data(project: Path, key: Path) -> tuple[np.ndarray, np.ndarray, list]:
         mask = p.embedded_mask()
         y_all, _ = load_truth(p.image_ids(), truth=key)
         rows = np.flatnonzero(mask[: len(y_all)] & (y_all >= 0))
-        X = np.concatenate([featurize(b, layout=p.store.layout) for _, b in iter_blocks(p.vectors(), rows=rows)])
+        X = gather(p.vectors(), rows)
         levels = [(ids[rows], dist[rows]) for ids, dist in project_clusters(p.store)]
     return X, y_all[rows].astype(np.int64), levels
 

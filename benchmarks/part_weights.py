@@ -74,9 +74,7 @@ def caltech(project: Path, weights: list[float], repeats: int, classes: list[str
         _set_whole(w)
         t0 = time.time()
         data = quality_caltech.load(project)
-        if not classes:  # every class under 1% of the photos, as quality_caltech.py does by default
-            names, counts = np.unique(data.folder, return_counts=True)
-            classes = [c for c, n in sorted(zip(names, counts), key=lambda t: t[1]) if n < 0.01 * len(data.folder)]
+        classes = classes or quality_caltech.rare_classes(data.folder)  # as quality_caltech.py does by default
         results, has_concept = quality_caltech.run_classes(data, classes, repeats=repeats, t0=t0)
         out.append((w, results, has_concept))
     print(f"\n**Caltech-101**, {len(classes)} classes, {repeats} sessions each: precision@K, mean over classes\n")

@@ -29,7 +29,7 @@ from threadpoolctl import threadpool_limits
 
 from raresift import Project
 from raresift.learn.coldstart import concepts_for, text_scores_from_logits
-from raresift.learn.features import featurize, iter_blocks
+from raresift.learn.features import gather
 from raresift.learn.loop import clusters as project_clusters
 from raresift.simulate import SimulationData, replay
 
@@ -72,15 +72,20 @@ def load(project: Path, images: Path = DEFAULT_IMAGES) -> CaltechData:
     with _open(project, images) as p:
         rows = np.flatnonzero(p.embedded_mask())
         ids = [p.image_ids()[r] for r in rows]
-        layout = p.store.layout
-        X = np.concatenate([featurize(b, layout=layout) for _, b in iter_blocks(p.vectors(), rows=rows)])
+        X = gather(p.vectors(), rows)
         logits = np.asarray(p.imagenet_logits()[rows])
         clusters = [(ids_[rows], dist[rows]) for ids_, dist in project_clusters(p.store)]
     return CaltechData(X, logits, np.array([i.split("/")[0] for i in ids]), clusters)
 
 
+def rare_classes(folder: np.ndarray, share: float = 0.01) -> list[str]:
+    """The classes (folders) under ``share`` of the photos, smallest first."""
+    names, counts = np.unique(folder, return_counts=True)
+    return [c for c, n in sorted(zip(names, counts), key=lambda t: t[1]) if n < share * len(folder)]
+
+
 def run_classes(data: CaltechData, classes: list[str], *, repeats: int, plain_repeats: int = 0, seed: int = 0,
-                t0: float | None = None, seed_protocol: bool = True):
+                t0: float | None = None):
     """Each class the rare class in turn: ``seed`` and ``default`` sessions (and the plain strategies),
     as ``{class: {method: {labels: (precision@K, AP)}}}``, and which classes have an ImageNet concept."""
     t0 = time.time() if t0 is None else t0
@@ -92,10 +97,8 @@ def run_classes(data: CaltechData, classes: list[str], *, repeats: int, plain_re
         has_concept[c] = bool(concepts)
         prior = text_scores_from_logits(data.logits, concepts) if concepts else None
         rng = lambda r: np.random.default_rng(seed + r)
-        res = {}
-        if seed_protocol:
-            res["seed"] = _points([replay(SimulationData(data.X, y), protocol="seed", rng=rng(r), k=None)
-                                   for r in range(repeats)])
+        res = {"seed": _points([replay(SimulationData(data.X, y), protocol="seed", rng=rng(r), k=None)
+                                for r in range(repeats)])}
         res["default"] = _points([replay(SimulationData(data.X, y, prior, clusters=None if concepts else data.clusters),
                                          protocol="default", rng=rng(r), k=None, budget=400)
                                   for r in range(repeats)])
@@ -103,8 +106,7 @@ def run_classes(data: CaltechData, classes: list[str], *, repeats: int, plain_re
             res[s] = _points([replay(SimulationData(data.X, y), protocol="default", strategy=s, rng=rng(r), k=None,
                                      budget=200) for r in range(plain_repeats)])
         results[c] = res
-        seed_txt = f"seed@400 {res['seed'][400][0]:.2f}, " if seed_protocol else ""
-        print(f"[{i}/{len(classes)} {time.time() - t0:.0f}s] {c}: {seed_txt}"
+        print(f"[{i}/{len(classes)} {time.time() - t0:.0f}s] {c}: seed@400 {res['seed'][400][0]:.2f}, "
               f"default@100 {res['default'][100][0]:.2f} @400 {res['default'][400][0]:.2f}", file=sys.stderr)
     return results, has_concept
 
@@ -123,10 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     threadpool_limits(1)  # a fair share of a machine that others use too
     data = load(args.project, args.images)
     names, counts = np.unique(data.folder, return_counts=True)
-    if args.classes:
-        classes = args.classes.split(",")
-    else:
-        classes = [c for c, n in sorted(zip(names, counts), key=lambda t: t[1]) if n < args.share * len(data.folder)]
+    classes = args.classes.split(",") if args.classes else rare_classes(data.folder, args.share)
     print(f"Caltech-101: {len(data.folder)} photos, {len(classes)} rare classes (< {args.share:.0%}); "
           f"{args.repeats} sessions per class (plain strategies: {args.plain_repeats})", file=sys.stderr)
     results, has_concept = run_classes(data, classes, repeats=args.repeats, plain_repeats=args.plain_repeats,

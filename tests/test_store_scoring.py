@@ -284,14 +284,14 @@ def test_tiled_features_cached_at_knn_scale_score_as_featurised(embedded_views_p
         # ones once, in place of the old, and reads it from then on.
         from raresift.learn.features import PART_WEIGHTS
 
-        before = plain[rows]
-        monkeypatch.setitem(PART_WEIGHTS, "whole", 0.5)
+        before, whole = plain[rows], PART_WEIGHTS["whole"]
+        monkeypatch.setitem(PART_WEIGHTS, "whole", whole / 2)
         rewritten = load_session(p.store)[0].features
         assert rewritten.pooled is not None
         files = list(p.store.paths.embed_dir.glob("pooled-*.npy"))
         assert len(files) == 1 and files[0].stat().st_ino != written.st_ino
         np.testing.assert_allclose(rewritten[rows], VectorFeatures(p.vectors())[rows], atol=2e-3)
         assert not np.allclose(rewritten[rows], before, atol=2e-3)
-        monkeypatch.setitem(PART_WEIGHTS, "whole", 1.0)
+        monkeypatch.setitem(PART_WEIGHTS, "whole", whole)
         p.label([(path, v) for path, v in sorted(truth.items())[:12]] + [(path, 1) for path, v in truth.items() if v][:2])
         assert len(p.next(5, seed=0)) == 5

@@ -301,15 +301,13 @@ def load_session(store: Store, *, warm: bool = True, engine: str = "local", ray_
     cache = None if knn_sized else store.vector_cache  # see prepare_scoring
     pooled = None
     if knn_sized and vectors.ndim == 3 and vectors.shape[1] > 1 and layout_of(vectors) == "views":
-        # Written by prepare_scoring (after embed / init): a round only uses it. Missing (its writing
+        # Written by prepare_scoring (after embed / init), so a round only reads it. Missing (its writing
         # failed, or the feature settings changed since, as PART_WEIGHTS did in December 2026), the
         # round writes it once rather than featurise every view of its pool in every round.
-        pooled = pooled_features(vectors, store.vector_cache, build=False)
-        if pooled is None:
-            try:
-                pooled = pooled_features(vectors, store.vector_cache)
-            except OSError as exc:
-                log.warning("the feature cache was not written (%s); rounds featurise the views", exc)
+        try:
+            pooled = pooled_features(vectors, store.vector_cache)
+        except OSError as exc:
+            log.warning("the feature cache was not written (%s); rounds featurise the views", exc)
     remote = None
     if engine == "ray":
         from ..ray_jobs import RayScoring
