@@ -484,11 +484,27 @@ def explorers() -> list[Explorer]:
                  explore_by_priority),
         Explorer("hdbscan+farthest", "HDBSCAN clusters smallest first, then the farthest-point order",
                  lambda ctx: [hdb_level(ctx), singletons(traversal(ctx))], explore_by_priority),
+        Explorer("shipped+concepts", "the shipped levels with a level between them: photos grouped by the whole "
+                 "photo's most likely ImageNet class (groups of 3 or more, smallest first, the most confident photo)",
+                 lambda ctx: (lambda lv: [lv[0], concept_level(ctx, 3), *lv[1:]])(explore_levels(whole_part(ctx["X"]), seed=0)),
+                 explore_picks),
+        Explorer("concepts+shipped", "the ImageNet-class groups first (as shipped+concepts), then the shipped levels",
+                 lambda ctx: [concept_level(ctx, 3), *explore_levels(whole_part(ctx["X"]), seed=0)], explore_picks),
         Explorer("hdbscan+leaf+farthest", "HDBSCAN clusters smallest first, then its leaf clusters smallest first, "
                  "then the farthest-point order",
                  lambda ctx: [hdb_level(ctx), hdb_level(ctx, leaf=True), singletons(traversal(ctx))],
                  explore_by_priority),
     ]
+
+
+def concept_level(ctx: dict, min_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One level for ``explore_picks``: the rows grouped by the whole photo's most likely ImageNet class (groups
+    of at least ``min_size`` rows, smallest first, ties at random), the most confident row of each first."""
+    top, logp = ctx["concepts"]
+    count = np.bincount(top, minlength=int(top.max()) + 1)
+    ids = np.where(count[top] >= min_size, top, -1).astype(np.int64)
+    order = count + 0.5 * np.random.default_rng(0).random(len(count))
+    return ids, _ranked_groups(ids, order, -logp.astype(np.float64)).astype(np.float32)
 
 
 def whole_part(X: np.ndarray, dim: int = 1280) -> np.ndarray:
@@ -509,7 +525,7 @@ def _as_priority(levels: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.n
     return out
 
 
-def context(X: np.ndarray, project_levels: list) -> dict:
+def context(X: np.ndarray, project_levels: list, concepts: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """What explorers may precompute from: the collection's features (never the answer key), memoised."""
     memo: dict = {}
 
@@ -530,7 +546,8 @@ def context(X: np.ndarray, project_levels: list) -> dict:
             memo[("pca", d)] = PCA(d, random_state=0).fit_transform(X).astype(np.float32)
         return memo[("pca", d)]
 
-    return {"X": X, "project_levels": project_levels, "memo": memo, "kmeans": kmeans, "knn": knn_, "pca": pca}
+    return {"X": X, "project_levels": project_levels, "memo": memo, "kmeans": kmeans, "knn": knn_, "pca": pca,
+            "concepts": concepts}
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -553,7 +570,18 @@ def replay_explorer(data: SimulationData, pick: Callable, *, repeats: int, seed:
         for r in range(repeats):
             runs.append(replay(data, protocol="default", rng=np.random.default_rng(seed + r), k=None, budget=budget))
     return {"found": [{str(p["labels"]): p["found"] for p in run["points"]} for run in runs],
-            "first": [first_hit(run, data.y, budget) for run in runs]}
+            "first": [first_hit(run, data.y, budget) for run in runs],
+            "after": [found_after_first(run, data.y, budget) for run in runs]}
+
+
+def found_after_first(run: dict, y: np.ndarray, budget: int, within: int = 100) -> int | None:
+    """Positives found within ``within`` labels after the first one (None when none was found): how well the
+    head follows up a positive, whatever it took to find it."""
+    first = first_hit(run, y, budget)
+    if first > budget:
+        return None
+    found = np.cumsum(y[np.concatenate([np.asarray(r["rows"], dtype=np.int64) for r in run["rounds"]])])
+    return int(found[min(first - 1 + within, len(found) - 1)])
 
 
 def first_hit(run: dict, y: np.ndarray, budget: int) -> int:
@@ -567,16 +595,29 @@ def first_hit(run: dict, y: np.ndarray, budget: int) -> int:
     return budget + 1
 
 
-def class_data(project: Path, key: Path) -> tuple[np.ndarray, np.ndarray, list]:
-    """X and y of the simulated collection as ``simulate`` builds them (embedded rows in the key), and the
-    project's own k-means levels restricted to those rows (what ``simulate`` explores)."""
+def class_data(project: Path, key: Path) -> tuple[np.ndarray, np.ndarray, list, tuple[np.ndarray, np.ndarray]]:
+    """X and y of the simulated collection as ``simulate`` builds them (embedded rows in the key), the
+    project's own k-means levels restricted to those rows (what ``simulate`` explores), and each row's
+    whole-photo most likely ImageNet class and its log-probability (the compact layout's records)."""
     with Project.open(project) as p:
         mask = p.embedded_mask()
         y_all, _ = load_truth(p.image_ids(), truth=key)
         rows = np.flatnonzero(mask[: len(y_all)] & (y_all >= 0))
         X = gather(p.vectors(), rows)
         levels = [(ids[rows], dist[rows]) for ids, dist in project_clusters(p.store)]
-    return X, y_all[rows].astype(np.int64), levels
+        logits = p.imagenet_logits()
+        if logits is not None and logits.dtype.names:
+            rec = np.asarray(logits[rows])
+            concepts = (rec["c"][:, 0, 0].astype(np.int64), rec["lp"][:, 0, 0].astype(np.float32))
+        elif logits is not None:
+            z = np.asarray(logits[rows, 0, :], dtype=np.float32)  # the whole photo's view
+            top = z.argmax(axis=1)
+            best = z[np.arange(len(z)), top]
+            lse = best + np.log(np.exp(z - best[:, None]).sum(axis=1))
+            concepts = (top.astype(np.int64), (best - lse).astype(np.float32))
+        else:
+            concepts = None
+    return X, y_all[rows].astype(np.int64), levels, concepts
 
 
 def mean_table(rows: list[tuple[str, list[dict]]], pool: float, first: dict[str, list[int]] | None = None) -> str:
@@ -645,8 +686,8 @@ def main(argv: list[str] | None = None) -> int:
     pool = {}
     data = {}
     for c in classes:
-        X, y, levels = class_data(project, keys[c][0])
-        data[c] = (X, y, levels)
+        X, y, levels, concepts = class_data(project, keys[c][0])
+        data[c] = (X, y, levels, concepts)
         pool[c] = [pool_positives(y, args.seed + r) for r in range(args.repeats)]
     photos = {c: len(data[c][1]) for c in classes}
     mean_pool = float(np.mean([v for c in classes for v in pool[c]]))
@@ -703,10 +744,11 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [e for e in chosen if e.name in names]
     results: dict[str, list[dict]] = {e.name: [] for e in chosen}
     firsts: dict[str, list[int]] = {e.name: [] for e in chosen}
+    afters: dict[str, list[int]] = {e.name: [] for e in chosen}
     by_class: dict[str, dict[str, list[dict]]] = {e.name: {} for e in chosen}
     for c in classes:
-        X, y, levels = data[c]
-        ctx = context(X, levels)
+        X, y, levels, concepts = data[c]
+        ctx = context(X, levels, concepts)
         for e in chosen:
             src = inspect.getsource(e.build) + (inspect.getsource(e.pick) if e.pick is not None else "")
             code = hashlib.sha1((src + e.about).encode()).hexdigest()
@@ -723,11 +765,14 @@ def main(argv: list[str] | None = None) -> int:
             res = cache.get(f"explore-{c}-{e.name}", [settings, c, e.name, code, str(keys[c][0])], run)
             results[e.name] += res["found"]
             firsts[e.name] += res["first"]
+            afters[e.name] += [a for a in res.get("after", []) if a is not None]
             by_class[e.name][c] = res["found"]
         print(f"<!-- {c} done, {time.time() - t0:.0f} s -->", file=sys.stderr)
     print("## Explorers without any hint: mean positives found after N labels\n")
     print("Means over sessions (classes x repeats); the same test split per class and repeat for every variant.\n")
     print(mean_table([(e.name, results[e.name]) for e in chosen], mean_pool, firsts))
+    print("\nFound within 100 labels after the first positive (sessions that found one): "
+          + ", ".join(f"{e.name} {np.mean(afters[e.name]):.2f}" for e in chosen if afters[e.name]) + ".")
     print("\n| variant | what it does |\n|---|---|")
     for e in chosen:
         print(f"| {e.name} | {e.about} |")
