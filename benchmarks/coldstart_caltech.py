@@ -64,7 +64,7 @@ from threadpoolctl import threadpool_limits
 import raresift.learn.session as session_module
 from raresift import Project
 from raresift.learn.coldstart import cluster_features, cluster_levels, concepts_for, explore_levels, explore_picks
-from raresift.learn.features import PART_WEIGHTS, gather
+from raresift.learn.features import PART_WEIGHTS, gather, log_sum_exp
 from raresift.learn.loop import clusters as project_clusters
 from raresift.simulate import SimulationData, load_truth, replay, simulate
 
@@ -444,7 +444,7 @@ def explorers() -> list[Explorer]:
         Explorer("shipped", "raresift's explorer (`explore_levels` fitted on the simulated collection only, "
                  "`explore_picks`): HDBSCAN groups smallest first, then n/20 k-means clusters in stratified order; "
                  "on the whole photo's vectors (of a tiled photo's feature, its whole-photo part)",
-                 lambda ctx: explore_levels(whole_part(ctx["X"]), seed=0), explore_picks),
+                 lambda ctx: ctx["shipped"](), explore_picks),
         Explorer("tiled-feature", "the same on the head's whole feature (whole photo, tiles' mean and max: "
                  "what raresift explored before December 2 2026; on a whole-photo project the same as shipped)",
                  lambda ctx: explore_levels(ctx["X"], seed=0), explore_picks),
@@ -486,10 +486,9 @@ def explorers() -> list[Explorer]:
                  lambda ctx: [hdb_level(ctx), singletons(traversal(ctx))], explore_by_priority),
         Explorer("shipped+concepts", "the shipped levels with a level between them: photos grouped by the whole "
                  "photo's most likely ImageNet class (groups of 3 or more, smallest first, the most confident photo)",
-                 lambda ctx: (lambda lv: [lv[0], concept_level(ctx, 3), *lv[1:]])(explore_levels(whole_part(ctx["X"]), seed=0)),
-                 explore_picks),
+                 lambda ctx: [ctx["shipped"]()[0], concept_level(ctx, 3), *ctx["shipped"]()[1:]], explore_picks),
         Explorer("concepts+shipped", "the ImageNet-class groups first (as shipped+concepts), then the shipped levels",
-                 lambda ctx: [concept_level(ctx, 3), *explore_levels(whole_part(ctx["X"]), seed=0)], explore_picks),
+                 lambda ctx: [concept_level(ctx, 3), *ctx["shipped"]()], explore_picks),
         Explorer("hdbscan+leaf+farthest", "HDBSCAN clusters smallest first, then its leaf clusters smallest first, "
                  "then the farthest-point order",
                  lambda ctx: [hdb_level(ctx), hdb_level(ctx, leaf=True), singletons(traversal(ctx))],
@@ -546,8 +545,14 @@ def context(X: np.ndarray, project_levels: list, concepts: tuple[np.ndarray, np.
             memo[("pca", d)] = PCA(d, random_state=0).fit_transform(X).astype(np.float32)
         return memo[("pca", d)]
 
+    def shipped():
+        # raresift's explorer fitted on the collection's whole-photo vectors: several variants build on it
+        if "shipped" not in memo:
+            memo["shipped"] = explore_levels(whole_part(X), seed=0)
+        return memo["shipped"]
+
     return {"X": X, "project_levels": project_levels, "memo": memo, "kmeans": kmeans, "knn": knn_, "pca": pca,
-            "concepts": concepts}
+            "concepts": concepts, "shipped": shipped}
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -569,15 +574,14 @@ def replay_explorer(data: SimulationData, pick: Callable, *, repeats: int, seed:
     with exploring_with(pick):
         for r in range(repeats):
             runs.append(replay(data, protocol="default", rng=np.random.default_rng(seed + r), k=None, budget=budget))
-    return {"found": [{str(p["labels"]): p["found"] for p in run["points"]} for run in runs],
-            "first": [first_hit(run, data.y, budget) for run in runs],
-            "after": [found_after_first(run, data.y, budget) for run in runs]}
+    firsts = [first_hit(run, data.y, budget) for run in runs]
+    return {"found": [{str(p["labels"]): p["found"] for p in run["points"]} for run in runs], "first": firsts,
+            "after": [found_after_first(run, data.y, first, budget) for run, first in zip(runs, firsts)]}
 
 
-def found_after_first(run: dict, y: np.ndarray, budget: int, within: int = 100) -> int | None:
-    """Positives found within ``within`` labels after the first one (None when none was found): how well the
-    head follows up a positive, whatever it took to find it."""
-    first = first_hit(run, y, budget)
+def found_after_first(run: dict, y: np.ndarray, first: int, budget: int, within: int = 100) -> int | None:
+    """Positives found within ``within`` labels after the first one (at label ``first``, :func:`first_hit`; None
+    when none was found): how well the head follows up a positive, whatever it took to find it."""
     if first > budget:
         return None
     found = np.cumsum(y[np.concatenate([np.asarray(r["rows"], dtype=np.int64) for r in run["rounds"]])])
@@ -612,9 +616,7 @@ def class_data(project: Path, key: Path) -> tuple[np.ndarray, np.ndarray, list, 
         elif logits is not None:
             z = np.asarray(logits[rows, 0, :], dtype=np.float32)  # the whole photo's view
             top = z.argmax(axis=1)
-            best = z[np.arange(len(z)), top]
-            lse = best + np.log(np.exp(z - best[:, None]).sum(axis=1))
-            concepts = (top.astype(np.int64), (best - lse).astype(np.float32))
+            concepts = (top.astype(np.int64), (z[np.arange(len(z)), top] - log_sum_exp(z)).astype(np.float32))
         else:
             concepts = None
     return X, y_all[rows].astype(np.int64), levels, concepts

@@ -170,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     with Project.open(args.project) as p:
-        y_all, _ = load_truth(p.image_ids(), truth=args.truth)
-        rows = np.flatnonzero(p.embedded_mask()[: len(y_all)] & (y_all >= 0))
         ids = p.image_ids()
+        y_all, _ = load_truth(ids, truth=args.truth)
+        rows = np.flatnonzero(p.embedded_mask()[: len(y_all)] & (y_all >= 0))
         root = Path(p.images_root)
         info = p.embedding_info()
         stored = np.asarray(p.vectors()[rows, 0, :], dtype=np.float32)
@@ -184,22 +184,22 @@ def main(argv: list[str] | None = None) -> int:
     cache_blocks = args.blocks if args.cache_blocks is None else args.cache_blocks
     if cache_blocks < args.blocks:
         raise SystemExit("--cache-blocks must be at least --blocks")
-    frozen, tuned = split_model(model, cache_blocks)
+    tuned = split_model(model, args.blocks)[1]
     if args.cache is not None and args.cache.exists():
         maps = np.load(args.cache, mmap_mode="r")
     else:
-        first = None
+        frozen = split_model(model, cache_blocks)[0]
+        maps = None
         with torch.inference_mode():
             for i, r in enumerate(rows):
                 fm = frozen(to_input(load_views(root / ids[r], views))).numpy().astype(np.float16)
-                if first is None:
-                    first = np.lib.format.open_memmap(args.cache, mode="w+", dtype=np.float16,
-                                                      shape=(len(rows), *fm.shape)) if args.cache else \
-                        np.empty((len(rows), *fm.shape), dtype=np.float16)
-                first[i] = fm
+                if maps is None:  # the shape is known from the first photo on
+                    shape = (len(rows), *fm.shape)
+                    maps = np.lib.format.open_memmap(args.cache, mode="w+", dtype=np.float16, shape=shape) \
+                        if args.cache else np.empty(shape, dtype=np.float16)
+                maps[i] = fm
                 if i % 200 == 0:
                     print(f"frozen pass {i}/{len(rows)} {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-        maps = first
     if cache_blocks > args.blocks:  # the frozen blocks between the cache and the tuned ones, once
         between = model._blocks[len(model._blocks) - cache_blocks : len(model._blocks) - args.blocks]
         n, v = maps.shape[:2]
@@ -211,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
                     x = b(x)
                 parts.append(x.numpy().astype(np.float16).reshape(-1, v, *x.shape[1:]))
         maps = np.concatenate(parts)
-        frozen, tuned = split_model(model, args.blocks)
     t_frozen = time.time() - t0
     base = pooled(tuned, maps)
     cos = (base[:, 0] * stored).sum(1) / (np.linalg.norm(base[:, 0], axis=1) * np.linalg.norm(stored, axis=1))
