@@ -98,11 +98,13 @@ def onnx_frozen(blocks: int, threads: int):
     """raresift's own ONNX graph of Lite2 (``lite_onnx``), with the map before the last ``blocks`` blocks as an
     extra output: the frozen pass at ONNX Runtime's speed (about 8x PyTorch eager here). Returns a function
     of uint8 views (n, 260, 260, 3) -> float32 maps (n, c, h, w)."""
+    import tempfile
+
     import onnx
-    import onnxruntime as ort
 
     from raresift.embed.lite_onnx import ARCHITECTURES, BUILTIN_MODELS, blocks as layout, build_model, \
         read_torch_weights, weights_file
+    from raresift.embed.runtime import onnx_session
 
     name = "efficientnet-lite2"
     graph = build_model(read_torch_weights(weights_file(name)), ARCHITECTURES[name], size=BUILTIN_MODELS[name].size,
@@ -110,10 +112,10 @@ def onnx_frozen(blocks: int, threads: int):
     first = len(layout(ARCHITECTURES[name])) - blocks
     node = next(n for n in graph.graph.node if n.name.startswith(f"_blocks.{first}."))
     graph.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(graph.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as tmp:  # raresift's session options (threads, optimisation) take a file
+        path = Path(tmp) / f"{name}-cut.onnx"
+        onnx.save_model(graph, str(path))
+        sess = onnx_session(path, threads)
     return lambda views: sess.run([node.input[0]], {"image": views})[0]
 
 
@@ -148,6 +150,12 @@ def pooled(tuned, maps, batch: int = 256) -> np.ndarray:
         for s in range(0, len(flat), batch):
             out[s : s + batch] = tuned(torch.from_numpy(flat[s : s + batch]).float()).numpy()
     return out.reshape(n, v, 1280)
+
+
+def split(s: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(test, pool) rows of split ``s``: as ``quality_flowers.ceiling`` and simulate's repeat s (seed 0) draw it."""
+    perm = np.random.default_rng(s).permutation(n)
+    return np.sort(perm[: round(0.4 * n)]), np.sort(perm[round(0.4 * n):])
 
 
 def p_at(z: np.ndarray, y: np.ndarray, k: int = 50) -> float:
@@ -319,8 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     out = []
     for s in range(args.splits):
         ts = time.time()
-        perm = np.random.default_rng(s).permutation(len(y))
-        test, pool = perm[: round(0.4 * len(y))], np.sort(perm[round(0.4 * len(y)):])
+        test, pool = split(s, len(y))
         frozen_p = p_at(RareHead(random_state=0).fit(X0[pool], y[pool]).decision_function(X0[test]), y[test])
         net, linear = train(tuned, maps, y, pool, epochs=args.epochs, lr=args.lr, batch=args.batch, seed=s)
         X1 = featurize(pooled(net, maps))
@@ -348,8 +355,7 @@ def workflow(args, sessions, prior, tuned, maps, y, X0, t0) -> int:
     counts = [int(a) for a in args.at.split(",")]
     res = {n: [] for n in counts}
     for s, order in enumerate(sessions):
-        perm = np.random.default_rng(s).permutation(len(y))  # the split of simulate's repeat s (seed 0)
-        test = np.sort(perm[: round(0.4 * len(y))])
+        test = split(s, len(y))[0]
         for n in counts:
             if len(order) < n:
                 raise SystemExit(f"session {s} labelled only {len(order)} photos, fewer than {n}")
