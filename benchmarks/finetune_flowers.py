@@ -50,7 +50,8 @@ import quality_flowers  # noqa: E402
 
 from raresift import Project  # noqa: E402
 from raresift.embed.decode import Views, load_views  # noqa: E402
-from raresift.learn.features import PART_WEIGHTS, featurize  # noqa: E402
+from raresift.learn.tune import cut_session, train_tail  # noqa: E402
+from raresift.learn.features import featurize  # noqa: E402
 from raresift.learn.head import RareHead  # noqa: E402
 from raresift.simulate import load_truth  # noqa: E402
 
@@ -94,49 +95,11 @@ def split_model(model, blocks: int):
     return Frozen().eval(), Tuned().eval()
 
 
-def onnx_frozen(blocks: int, threads: int):
-    """raresift's own ONNX graph of Lite2 (``lite_onnx``), with the map before the last ``blocks`` blocks as an
-    extra output: the frozen pass at ONNX Runtime's speed (about 8x PyTorch eager here). Returns a function
-    of uint8 views (n, 260, 260, 3) -> float32 maps (n, c, h, w)."""
-    import tempfile
-
-    import onnx
-
-    from raresift.embed.lite_onnx import ARCHITECTURES, BUILTIN_MODELS, blocks as layout, build_model, \
-        read_torch_weights, weights_file
-    from raresift.embed.runtime import onnx_session
-
-    name = "efficientnet-lite2"
-    graph = build_model(read_torch_weights(weights_file(name)), ARCHITECTURES[name], size=BUILTIN_MODELS[name].size,
-                        name=name)
-    first = len(layout(ARCHITECTURES[name])) - blocks
-    node = next(n for n in graph.graph.node if n.name.startswith(f"_blocks.{first}."))
-    graph.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
-    with tempfile.TemporaryDirectory() as tmp:  # raresift's session options (threads, optimisation) take a file
-        path = Path(tmp) / f"{name}-cut.onnx"
-        onnx.save_model(graph, str(path))
-        sess = onnx_session(path, threads)
-    return lambda views: sess.run([node.input[0]], {"image": views})[0]
-
-
 def to_input(views: np.ndarray):
     import torch
 
     x = torch.from_numpy(views).permute(0, 3, 1, 2).float()
     return (x - 127.0) / 128.0  # what raresift's graph does (lite_onnx)
-
-
-def torch_feature(v):
-    """raresift's feature of (photos, views, 1280) pooled vectors, differentiable (see ``featurize``)."""
-    import torch
-
-    s = torch.sign(v) * torch.sqrt(torch.abs(v) + 1e-12)
-    unit = lambda t: t / (t.norm(dim=1, keepdim=True) + 1e-12)  # noqa: E731
-    w = np.array([PART_WEIGHTS[k] for k in ("whole", "mean", "max")], dtype=np.float64)
-    w = w / np.sqrt((w**2).sum())
-    parts = [unit(s[:, 0]) * float(w[0]), unit(s[:, 1:].mean(dim=1)) * float(w[1]),
-             unit(s[:, 1:].max(dim=1).values) * float(w[2])]
-    return torch.cat(parts, dim=1)
 
 
 def pooled(tuned, maps, batch: int = 256) -> np.ndarray:
@@ -160,34 +123,6 @@ def split(s: int, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def p_at(z: np.ndarray, y: np.ndarray, k: int = 50) -> float:
     return float(y[np.argsort(-z, kind="stable")[:k]].mean())
-
-
-def train(tuned, maps, y, pool, *, epochs: int, lr: float, batch: int, seed: int):
-    """The tuned part and a linear layer trained on rows ``pool`` of the maps with labels ``y[pool]``."""
-    import torch
-
-    torch.manual_seed(seed)
-    model = copy.deepcopy(tuned)
-    model.eval()  # batch norm keeps its ImageNet statistics (batches of a few photos)
-    linear = torch.nn.Linear(3 * 1280, 1)
-    pos = float(y[pool].sum())
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(pool) - pos) / max(pos, 1.0)))
-    opt = torch.optim.AdamW([{"params": model.parameters(), "lr": lr},
-                             {"params": linear.parameters(), "lr": 10 * lr}], weight_decay=1e-4)
-    rng = np.random.default_rng(seed)
-    v = maps.shape[1]
-    for _ in range(epochs):
-        for s in range(0, len(pool), batch):
-            idx = np.sort(rng.choice(pool, size=min(batch, len(pool)), replace=False))
-            x = torch.from_numpy(maps[idx].reshape(len(idx) * v, *maps.shape[2:])).float()
-            if rng.random() < 0.5:
-                x = torch.flip(x, dims=[3])  # mirror the maps: a cheap stand-in for flipping the photos
-            f = torch_feature(model(x).reshape(len(idx), v, 1280))
-            loss = loss_fn(linear(f).squeeze(1), torch.from_numpy(y[idx].astype(np.float32)))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model, linear
 
 
 def workflow_labels(trace: dict, rows: np.ndarray, splits: int, query: str) -> list[list[int]]:
@@ -288,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         maps = np.load(args.cache, mmap_mode="r")
     else:
         if args.frozen_pass == "onnx":
-            run = onnx_frozen(cache_blocks, args.threads)
+            run = cut_session("efficientnet-lite2", cache_blocks, args.threads)
         else:
             frozen = split_model(model, cache_blocks)[0]
 
@@ -329,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         ts = time.time()
         test, pool = split(s, len(y))
         frozen_p = p_at(RareHead(random_state=0).fit(X0[pool], y[pool]).decision_function(X0[test]), y[test])
-        net, linear = train(tuned, maps, y, pool, epochs=args.epochs, lr=args.lr, batch=args.batch, seed=s)
+        net, linear, _ = train_tail(tuned, maps, y, pool, epochs=args.epochs, lr=args.lr, batch=args.batch, seed=s)
         X1 = featurize(pooled(net, maps))
         tuned_p = p_at(RareHead(random_state=0).fit(X1[pool], y[pool]).decision_function(X1[test]), y[test])
         with torch.inference_mode():
@@ -362,7 +297,7 @@ def workflow(args, sessions, prior, tuned, maps, y, X0, t0) -> int:
             ts = time.time()
             lab = np.sort(np.array(order[:n]))
             frozen_p = session_precision(X0, y, lab, test, prior)
-            net, _ = train(tuned, maps, y, lab, epochs=args.epochs, lr=args.lr, batch=args.batch, seed=s)
+            net, _, _ = train_tail(tuned, maps, y, lab, epochs=args.epochs, lr=args.lr, batch=args.batch, seed=s)
             tuned_p = session_precision(featurize(pooled(net, maps)), y, lab, test, prior)
             res[n].append((frozen_p, tuned_p))
             print(f"split {s}, {n} labels ({int(y[lab].sum())} positives): frozen {frozen_p:.2f}, tuned {tuned_p:.2f} "

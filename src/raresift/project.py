@@ -164,6 +164,14 @@ class Project:
             prepare_scoring(self.store)
         return report
 
+    def tune(self, **options: Any):
+        """Fine-tune the last block of the built-in model on this concept's pool labels and write the tuned model
+        to ``models/``; see :func:`raresift.learn.tune.tune_project`. The vectors do not change until
+        :meth:`embed` runs with ``model=report.model, reembed=True`` (``raresift tune`` does both)."""
+        from .learn.tune import tune_project
+
+        return tune_project(self.store, **options)
+
     def compact(self, **options: Any):
         """Keep the tiled photos' vectors compact; see :func:`raresift.embed.run.compact_project`. Then writes
         what rounds at scale read (as after `embed`)."""

@@ -80,7 +80,13 @@ def load_model(name: str = DEFAULT_MODEL, *, backend: str = "auto", threads: int
     if path.suffix.lower() == ".onnx":
         if not path.is_file():
             raise EmbeddingError(f"model file {path} does not exist")
-        return _UserOnnx(path, threads)
+        try:
+            sess = onnx_session(path, threads)
+        except Exception as exc:
+            raise EmbeddingError(f"cannot load {path} as an ONNX model: {str(exc).splitlines()[0]}") from exc
+        if _is_own_graph(sess):  # a graph raresift built (`raresift tune`): uint8 photos in, logits out
+            return _OwnGraph(str(path), path, sess)
+        return _UserOnnx(path, threads, sess)
     raise EmbeddingError(
         f"unknown model {name!r}; expected one of {', '.join(BUILTIN_MODELS)}, open_clip:ARCH, timm:NAME "
         "or a path to an .onnx file"
@@ -219,23 +225,34 @@ def exported_onnx_path(name: str, *, feature_map: bool = False) -> Path:
 
 def _builtin_onnx(name: str, threads: int) -> Embedder:
     path = exported_onnx_path(name)
-    sess = onnx_session(path, threads)
+    return _OwnGraph(name, path, onnx_session(path, threads))
 
-    class _OrtBuiltin:
-        backend = "onnxruntime"
-        has_logits = True
 
-        def __init__(self):
-            self.name = name
-            self.size = BUILTIN_MODELS[name].size
-            self.dim = sess.get_outputs()[0].shape[1]
-            self.path = path
+def _is_own_graph(sess) -> bool:
+    """Whether an ONNX Runtime session runs a graph :mod:`raresift.embed.lite_onnx` built (a built-in model, or
+    one ``raresift tune`` wrote): uint8 ``image`` in, ``features`` and ``logits`` out."""
+    inputs = sess.get_inputs()
+    outputs = {o.name for o in sess.get_outputs()}
+    return (len(inputs) == 1 and inputs[0].name == "image" and inputs[0].type == "tensor(uint8)"
+            and {"features", "logits"} <= outputs)
 
-        def __call__(self, batch: np.ndarray):
-            feats, logits = sess.run(["features", "logits"], {"image": np.ascontiguousarray(batch, dtype=np.uint8)})
-            return feats, logits
 
-    return _OrtBuiltin()
+class _OwnGraph:
+    """A graph raresift built, in ONNX Runtime: a built-in model, or a tuned one (``raresift tune``)."""
+
+    backend = "onnxruntime"
+    has_logits = True
+
+    def __init__(self, name: str, path: Path, sess):
+        self.name = name
+        self.path = path
+        self.sess = sess
+        self.size = int(sess.get_inputs()[0].shape[1])
+        self.dim = int(sess.get_outputs()[0].shape[1])
+
+    def __call__(self, batch: np.ndarray):
+        feats, logits = self.sess.run(["features", "logits"], {"image": np.ascontiguousarray(batch, dtype=np.uint8)})
+        return feats, logits
 
 
 class _TorchBuiltin:
@@ -271,9 +288,9 @@ class _UserOnnx:
     backend = "onnxruntime"
     has_logits = False
 
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, sess=None):
         try:
-            self.sess = onnx_session(path, threads)
+            self.sess = sess if sess is not None else onnx_session(path, threads)
         except Exception as exc:
             raise EmbeddingError(f"cannot load {path} as an ONNX model: {str(exc).splitlines()[0]}") from exc
         self.name = str(path)
