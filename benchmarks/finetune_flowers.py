@@ -50,7 +50,7 @@ import quality_flowers  # noqa: E402
 
 from raresift import Project  # noqa: E402
 from raresift.embed.decode import Views, load_views  # noqa: E402
-from raresift.learn.tune import cut_session, train_tail  # noqa: E402
+from raresift.learn.tune import training_rows, cut_session, train_tail  # noqa: E402
 from raresift.learn.features import featurize  # noqa: E402
 from raresift.learn.head import RareHead  # noqa: E402
 from raresift.simulate import load_truth  # noqa: E402
@@ -297,10 +297,21 @@ def workflow(args, sessions, prior, tuned, maps, y, X0, t0) -> int:
             ts = time.time()
             lab = np.sort(np.array(order[:n]))
             frozen_p = session_precision(X0, y, lab, test, prior)
-            net, _, _ = train_tail(tuned, maps, y, lab, epochs=args.epochs, lr=args.lr, batch=args.batch, seed=s)
+            # What `raresift tune` trains on: the labelled photos, and while the positives outnumber the negative
+            # labels, as many unlabelled pool photos as negatives (none at 200 labels, where negatives outnumber).
+            known = np.full(len(y), -1, dtype=np.int8)
+            known[lab] = y[lab]
+            in_pool = np.ones(len(y), dtype=bool)
+            in_pool[test] = False
+            rows_t, y_t, weak = training_rows(known, in_pool, (known == -1) & in_pool, None, 2000,
+                                               np.random.default_rng(s))
+            y_train = np.zeros(len(y), dtype=np.int64)
+            y_train[rows_t] = y_t
+            net, _, _ = train_tail(tuned, maps, y_train, rows_t, epochs=args.epochs, lr=args.lr, batch=args.batch,
+                                   seed=s)
             tuned_p = session_precision(featurize(pooled(net, maps)), y, lab, test, prior)
             res[n].append((frozen_p, tuned_p))
-            print(f"split {s}, {n} labels ({int(y[lab].sum())} positives): frozen {frozen_p:.2f}, tuned {tuned_p:.2f} "
+            print(f"split {s}, {n} labels ({int(y[lab].sum())} positives, {weak} weak negatives): frozen {frozen_p:.2f}, tuned {tuned_p:.2f} "
                   f"({time.time() - ts:.0f} s)", flush=True)
     print("\n| labels | blocks tuned | epochs | lr | splits | frozen | tuned | tuned - frozen |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -177,12 +177,12 @@ def test_weak_negatives_make_up_for_few_negative_labels():
     pool = np.ones(100, dtype=bool)
     pool[60:] = False  # the test split
     unlabelled = (labels == -1) & pool
-    rows, y, weak = tune._training_rows(labels, pool, unlabelled, None, 2000, np.random.default_rng(0))
+    rows, y, weak = tune.training_rows(labels, pool, unlabelled, None, 2000, np.random.default_rng(0))
     assert weak == 9 and len(rows) == 24 and y.sum() == 12
     extra = rows[(y == 0) & (labels[rows] == -1)]
     assert len(extra) == 9 and extra.min() >= 16 and extra.max() < 60
     assert list(np.sort(rows[y == 1])) == list(range(12))
-    rows, y, weak = tune._training_rows(labels, pool, unlabelled, 0, 2000, np.random.default_rng(0))
+    rows, y, weak = tune.training_rows(labels, pool, unlabelled, 0, 2000, np.random.default_rng(0))
     assert weak == 0 and len(rows) == 15
-    rows, y, weak = tune._training_rows(labels, pool, unlabelled, 500, 2000, np.random.default_rng(0))
+    rows, y, weak = tune.training_rows(labels, pool, unlabelled, 500, 2000, np.random.default_rng(0))
     assert weak == int(unlabelled.sum()) == 44  # never more than there are

@@ -45,8 +45,8 @@ from ..embed.lite_onnx import ARCHITECTURES, BUILTIN_MODELS, blocks as block_lay
     read_torch_weights, weights_file
 from ..embed.runtime import default_threads, onnx_session
 
-__all__ = ["TUNED_PROP", "TuneReport", "base_model", "cut_session", "torch_feature", "train_tail", "tune_project",
-           "tuned_info", "write_tuned"]
+__all__ = ["TUNED_PROP", "TuneReport", "base_model", "cut_session", "torch_feature", "train_tail", "training_rows",
+           "tune_project", "tuned_info", "write_tuned"]
 
 TUNED_PROP = "raresift.tuned"  # metadata of a tuned graph: JSON with its base model and how it was tuned
 MAP_CHUNK = 64  # views per call of the frozen part
@@ -258,7 +258,7 @@ def write_tuned(base: str, state: dict[str, np.ndarray], record: dict, target: P
     return target
 
 
-def _training_rows(labels: np.ndarray, pool: np.ndarray, unlabelled: np.ndarray, weak: int | None, max_photos: int,
+def training_rows(labels: np.ndarray, pool: np.ndarray, unlabelled: np.ndarray, weak: int | None, max_photos: int,
                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
     """``(rows, y, weak negatives)`` to train on: every labelled pool photo (at most ``max_photos``, positives
     first) and ``weak`` unlabelled pool photos drawn at random as negatives (None: as many as the positives
@@ -319,7 +319,7 @@ def tune_project(store, *, blocks: int = 1, epochs: int = 12, lr: float = 3e-4, 
     threads = threads or default_threads()
     torch.set_num_threads(threads)
     rng = np.random.default_rng(seed)
-    rows, y_rows, _ = _training_rows(labels, pool, unlabelled, weak_negatives, max_photos, rng)
+    rows, y_rows, _ = training_rows(labels, pool, unlabelled, weak_negatives, max_photos, rng)
 
     t0 = time.perf_counter()
     views = Views(size=BUILTIN_MODELS[base].size, tiles=int(info["tiles"]), resize=info["resize"] or "crop")
@@ -328,9 +328,15 @@ def tune_project(store, *, blocks: int = 1, epochs: int = 12, lr: float = 3e-4, 
     root = os.fsencode(store.images_root)
     maps: np.ndarray | None = None
     kept: list[int] = []
+    ahead = 4 * max(1, threads)  # photos decoded ahead of the network: bounded memory (2 MB a tiled photo)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as decoders:
-        work = decoders.map(lambda r: decode_item(root, bytes(fs[int(r) + 1]), views, max_pixels), rows)
-        for k, (r, (arr, err)) in enumerate(zip(rows, work)):
+        def decoded():
+            for start in range(0, len(rows), ahead):
+                chunk = rows[start : start + ahead]
+                yield from zip(chunk, decoders.map(
+                    lambda r: decode_item(root, bytes(fs[int(r) + 1]), views, max_pixels), chunk))
+
+        for k, (r, (arr, err)) in enumerate(decoded()):
             if err is None:
                 fm = np.concatenate([frozen(arr[i : i + MAP_CHUNK]) for i in range(0, len(arr), MAP_CHUNK)])
                 if maps is None:
