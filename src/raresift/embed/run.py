@@ -98,6 +98,13 @@ def _embed_lock(store: Store):
         os.close(fd)  # releases the lock
 
 
+def check_no_embed_running(store: Store) -> None:
+    """Raise the one-line InputError of a running `embed` now, before minutes of other work that ends in one
+    (``raresift tune`` trains, then embeds)."""
+    with _embed_lock(store):
+        pass
+
+
 def _one_run_at_a_time(func):
     @functools.wraps(func)
     def wrapper(store: Store, *args, **kwargs):

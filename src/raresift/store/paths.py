@@ -43,6 +43,11 @@ class ProjectPaths:
         return self.root / "embeddings"
 
     @property
+    def models_dir(self) -> Path:
+        """Models ``raresift tune`` wrote (ONNX graphs)."""
+        return self.root / "models"
+
+    @property
     def vectors(self) -> Path:
         return self.embed_dir / "vectors.npy"
 
