@@ -189,3 +189,23 @@ def test_weak_negatives_make_up_for_few_negative_labels():
     assert weak == 0 and len(rows) == 15
     rows, y, weak = tune.training_rows(labels, pool, unlabelled, 500, 2000, np.random.default_rng(0))
     assert weak == int(unlabelled.sum()) == 44  # never more than there are
+
+
+def test_with_positive_labels_only_unlabelled_photos_train_as_negatives(labelled_template, tmp_path):
+    """Early on `next` asks for likely positives: a concept with positives only still tunes, on unlabelled pool
+    photos as negatives (never test photos), and the model is written without touching the vectors."""
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(labelled_template, project)
+    with Project.open(project) as p:
+        labels = p.store.label_array()
+        positives = [int(i) + 1 for i in np.flatnonzero(labels == 1)]
+    with Project.open(project, concept="only-positives") as p:
+        p.label([(i, 1) for i in positives])
+        pool = ~p.store.test_mask()
+        report = p.tune(min_positives=3, epochs=1)
+        assert report.positives == int(((labels == 1) & pool).sum()) and report.negatives == 0
+        assert report.weak_negatives == report.positives  # as many as the positives outnumber the negatives
+        assert p.embedding_info()["model"] == BASE  # Project.tune writes the model only
+    assert tune.tuned_info(report.model)["concept"] == "only-positives"
