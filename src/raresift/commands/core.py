@@ -273,6 +273,21 @@ def cmd_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed_with_bar(project: Project, no_progress: bool, **options):
+    """``project.embed(**options)`` with a progress bar over the photos it embeds (shown once it knows how many)."""
+    bar = None
+
+    def on_start(total: int) -> None:
+        nonlocal bar
+        bar = _bar(total, "embedding", disable=no_progress)
+
+    try:
+        return project.embed(on_start=on_start, progress=lambda n: bar.update(n) if bar else None, **options)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from ..embed.run import DEFAULT_RESIZE, DEFAULT_TILES
 
@@ -283,22 +298,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
         same = info is not None and not args.reembed and info["model"] == model
         tiles = args.tiles if args.tiles is not None else (info["tiles"] if same else DEFAULT_TILES)
         resize = args.resize or (info["resize"] if same and info["resize"] else DEFAULT_RESIZE)
-        bar = None
-
-        def on_start(total: int) -> None:
-            nonlocal bar
-            bar = _bar(total, "embedding", disable=args.no_progress)
-
-        try:
-            report = project.embed(
-                model=model, tiles=tiles, resize=resize, batch_size=args.batch_size,
-                workers=args.workers, backend=args.backend, reembed=args.reembed, retry_errors=args.retry_errors,
-                limit=args.limit, layout=args.layout,
-                engine=args.engine, ray_address=args.ray_address, on_start=on_start, progress=lambda n: bar.update(n) if bar else None,
-            )
-        finally:
-            if bar is not None:
-                bar.close()
+        report = _embed_with_bar(
+            project, args.no_progress, model=model, tiles=tiles, resize=resize, batch_size=args.batch_size,
+            workers=args.workers, backend=args.backend, reembed=args.reembed, retry_errors=args.retry_errors,
+            limit=args.limit, layout=args.layout, engine=args.engine, ray_address=args.ray_address,
+        )
         rate = report.embedded / report.seconds if report.seconds > 0 else 0.0
         print(
             f"embedded {report.embedded} photos ({report.errors} unreadable, see `raresift errors`) "
@@ -331,8 +335,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
         weak = None if args.weak_negatives == "auto" else _count(args.weak_negatives, "--weak-negatives")
         try:
-            report = project.tune(weak_negatives=weak, blocks=args.blocks, epochs=args.epochs, lr=args.lr, min_positives=args.min_positives,
-                                  max_photos=args.max_photos, seed=args.seed, threads=args.threads, progress=progress)
+            report = project.tune(weak_negatives=weak, blocks=args.blocks, epochs=args.epochs, lr=args.lr,
+                                  min_positives=args.min_positives, max_photos=args.max_photos, seed=args.seed,
+                                  threads=args.threads, progress=progress)
         finally:
             for bar in bars.values():
                 bar.close()
@@ -343,20 +348,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         embedded = None
         if not args.no_embed:
             info = project.embedding_info()
-            bar = None
-
-            def on_start(total: int) -> None:
-                nonlocal bar
-                bar = _bar(total, "embedding", disable=args.no_progress)
-
-            try:
-                er = project.embed(model=report.model, tiles=info["tiles"], resize=info["resize"] or DEFAULT_RESIZE,
-                                   reembed=True,
-                                   layout=info["layout"], threads=args.threads, on_start=on_start,
-                                   progress=lambda n: bar.update(n) if bar else None)
-            finally:
-                if bar is not None:
-                    bar.close()
+            er = _embed_with_bar(project, args.no_progress, model=report.model, tiles=info["tiles"],
+                                 resize=info["resize"] or DEFAULT_RESIZE, reembed=True, layout=info["layout"],
+                                 threads=args.threads)
             embedded = er.embedded
             print(f"embedded {er.embedded} photos with the tuned model in {er.seconds:.1f} s ({er.errors} unreadable); "
                   f"{er.remaining} pending", file=sys.stderr)

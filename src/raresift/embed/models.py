@@ -86,7 +86,7 @@ def load_model(name: str = DEFAULT_MODEL, *, backend: str = "auto", threads: int
             raise EmbeddingError(f"cannot load {path} as an ONNX model: {str(exc).splitlines()[0]}") from exc
         if _is_own_graph(sess):  # a graph raresift built (`raresift tune`): uint8 photos in, logits out
             return _OwnGraph(str(path), path, sess)
-        return _UserOnnx(path, threads, sess)
+        return _UserOnnx(path, sess)
     raise EmbeddingError(
         f"unknown model {name!r}; expected one of {', '.join(BUILTIN_MODELS)}, open_clip:ARCH, timm:NAME "
         "or a path to an .onnx file"
@@ -288,11 +288,8 @@ class _UserOnnx:
     backend = "onnxruntime"
     has_logits = False
 
-    def __init__(self, path: Path, threads: int, sess=None):
-        try:
-            self.sess = sess if sess is not None else onnx_session(path, threads)
-        except Exception as exc:
-            raise EmbeddingError(f"cannot load {path} as an ONNX model: {str(exc).splitlines()[0]}") from exc
+    def __init__(self, path: Path, sess):
+        self.sess = sess  # opened by load_model, which tells a graph raresift built from a user's file
         self.name = str(path)
         inp = self.sess.get_inputs()[0]
         self.input_name = inp.name
