@@ -209,3 +209,26 @@ def test_retry_errors_embeds_a_file_fixed_since(tmp_path):
         assert (report.embedded, report.errors) == (1, 0)
         s = project.status()
         assert (s["embedded"], s["errors"]) == (3, 0)
+
+
+def test_atomic_file_replaces_on_success_and_leaves_the_target_on_error(tmp_path):
+    import os
+
+    from raresift.embed.runtime import atomic_file
+
+    target = tmp_path / "models" / "m.onnx"
+    with atomic_file(target) as tmp:
+        assert os.path.dirname(tmp) == str(target.parent) and tmp.endswith(".onnx")
+        with open(tmp, "wb") as fh:
+            fh.write(b"first")
+    assert target.read_bytes() == b"first"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not the private mode mkstemp gives
+    with pytest.raises(RuntimeError, match="half written"):
+        with atomic_file(target) as tmp:
+            with open(tmp, "wb") as fh:
+                fh.write(b"sec")
+            raise RuntimeError("half written")
+    assert target.read_bytes() == b"first"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m.onnx"]  # no temporary file left behind

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Protocol
 
@@ -25,7 +24,7 @@ import numpy as np
 from ..errors import EmbeddingError
 from ..settings import default
 from .lite_onnx import BUILTIN_MODELS
-from .runtime import cache_dir, default_threads, onnx_session
+from .runtime import atomic_file, cache_dir, default_threads, onnx_session
 
 log = logging.getLogger(__name__)
 
@@ -211,15 +210,8 @@ def exported_onnx_path(name: str, *, feature_map: bool = False) -> Path:
     target = cache_dir() / f"{name}-{_weights_digest(weights)}-v{_EXPORT_VERSION}{suffix}.onnx"
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".onnx", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_file(target) as tmp:  # a concurrent builder never sees half a file
         lite_onnx.export_builtin(name, tmp, feature_map=feature_map)
-        os.replace(tmp, target)  # atomic: a concurrent builder never sees half a file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 

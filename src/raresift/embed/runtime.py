@@ -1,12 +1,15 @@
 """What every model runner shares: the cache folder of exported model files, the thread count, an ONNX
-Runtime session with raresift's settings (CUDA where the machine has it)."""
+Runtime session with raresift's settings (CUDA where the machine has it), writing a model file atomically."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["cache_dir", "default_threads", "onnx_session"]
+__all__ = ["atomic_file", "cache_dir", "default_threads", "onnx_session"]
 
 
 def cache_dir() -> Path:
@@ -38,3 +41,22 @@ def onnx_session(path: Path, threads: int):
 def _providers(ort) -> list[str]:
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path) -> Iterator[str]:
+    """A temporary path beside ``target`` to write; on a clean exit it replaces ``target`` in one step (a
+    concurrent reader or writer never sees half a file), with the permissions a new file gets; on an error it
+    is removed and ``target`` is left as it was."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

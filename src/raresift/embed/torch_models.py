@@ -34,7 +34,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,7 +259,7 @@ def weights_digest(path: str | os.PathLike) -> str:
     path = os.path.realpath(path)
     st = os.stat(path)
     key = f"{path}\0{st.st_size}\0{st.st_mtime_ns}"
-    from .runtime import cache_dir
+    from .runtime import atomic_file, cache_dir
 
     book = cache_dir() / "weights-sha256.json"
     try:
@@ -278,12 +277,8 @@ def weights_digest(path: str | os.PathLike) -> str:
         known = {}
     known[key] = digest
     known = dict(list(known.items())[-256:])  # the latest files only
-    with contextlib.suppress(OSError):  # a read-only cache only costs the hash next time
-        book.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".weights-sha256-", dir=book.parent)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(known, fh)
-        os.replace(tmp, book)
+    with contextlib.suppress(OSError), atomic_file(book) as tmp:  # a read-only cache only costs the hash next time
+        Path(tmp).write_text(json.dumps(known))
     return digest
 
 
@@ -643,15 +638,14 @@ def export_onnx(built: _Built, target: Path) -> Path:
     import onnxruntime as ort
     import torch
 
+    from .runtime import atomic_file
+
     size = int(built.settings["size"])
     has_logits = bool(built.settings["logits"])
     outputs = ["features", "logits"] if has_logits else ["features"]
     rng = np.random.default_rng(0)
     probe = rng.integers(0, 256, size=(2, size, size, 3), dtype=np.uint8)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".onnx", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_file(target) as tmp:  # a concurrent exporter never sees half a file
         # Traced with autograd on: under no_grad, nn.MultiheadAttention takes its fused fast path, an op the
         # exporter does not know. The exporter's own diagnostics (a dump of the graph) stay off the terminal.
         with _quiet(), torch.enable_grad(), contextlib.redirect_stdout(io.StringIO()), \
@@ -676,10 +670,6 @@ def export_onnx(built: _Built, target: Path) -> Path:
         cos = _row_cosines(got[0], expected[0])
         if cos.min() < COSINE_MIN:
             raise EmbeddingError(f"the ONNX export differs from PyTorch (cosine {cos.min():.6f})")
-        os.replace(tmp, target)  # atomic: a concurrent exporter never sees half a file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 

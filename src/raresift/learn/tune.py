@@ -44,7 +44,7 @@ from ..embed.decode import DEFAULT_MAX_PIXELS, Views
 from ..embed.lite_onnx import ARCHITECTURES, BUILTIN_MODELS, blocks as block_layout, build_model, \
     read_torch_weights, weights_file
 from ..embed.run import DEFAULT_RESIZE, check_no_embed_running
-from ..embed.runtime import default_threads, onnx_session
+from ..embed.runtime import atomic_file, default_threads, onnx_session
 
 __all__ = ["TUNED_PROP", "TuneReport", "base_model", "cut_session", "torch_feature", "train_tail", "training_rows",
            "tune_project", "tuned_info", "write_tuned"]
@@ -249,18 +249,8 @@ def write_tuned(base: str, state: dict[str, np.ndarray], record: dict, target: P
     props = {p.key: p.value for p in model.metadata_props}
     props[TUNED_PROP] = json.dumps({"base": base, **record}, sort_keys=True)
     onnx.helper.set_model_props(model, props)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".onnx", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_file(target) as tmp:
         onnx.save_model(model, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # a file of the project like the others (mkstemp makes it private)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
