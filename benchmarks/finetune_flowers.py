@@ -177,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--query", default="insect or spider", help="with --workflow: the sessions' text query")
     ap.add_argument("--budget", type=int, default=200, help="with --workflow: labels per session (default 200)")
     ap.add_argument("--at", default="200", help="with --workflow: label counts, comma-separated (default 200)")
+    ap.add_argument("--neg-ratio", type=float, default=None,
+                    help="with --workflow: add unlabelled pool photos as weak negatives until the negatives are this "
+                         "many times the positives (default: `raresift tune`'s own rule, as many as the positives "
+                         "outnumber the negative labels)")
     ap.add_argument("--trace", type=Path, default=None,
                     help="with --workflow: keep the replayed sessions in this JSON file and reuse it")
     args = ap.parse_args(argv)
@@ -303,7 +307,9 @@ def workflow(args, sessions, prior, tuned, maps, y, X0, t0) -> int:
             known[lab] = y[lab]
             in_pool = np.ones(len(y), dtype=bool)
             in_pool[test] = False
-            rows_t, y_t, weak = training_rows(known, in_pool, (known == -1) & in_pool, None, 2000,
+            n_pos, n_neg = int((known == 1).sum()), int((known == 0).sum())
+            want = None if args.neg_ratio is None else max(0, round(args.neg_ratio * n_pos) - n_neg)
+            rows_t, y_t, weak = training_rows(known, in_pool, (known == -1) & in_pool, want, 2000,
                                                np.random.default_rng(s))
             y_train = np.zeros(len(y), dtype=np.int64)
             y_train[rows_t] = y_t
